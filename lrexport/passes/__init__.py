@@ -1,0 +1,1 @@
+"""Compiler passes over the traced graph (see :mod:`lrexport.passes.base`)."""
