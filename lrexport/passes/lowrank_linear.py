@@ -13,30 +13,15 @@ Contract
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 
 from lrexport.errors import PassError
+from lrexport.factorize.registry import Factors
 from lrexport.passes.base import PassResult
 from lrexport.trace.export import TracedGraph, add_input, del_attr, set_attr
 
 aten = torch.ops.aten
-
-
-@dataclass
-class Factors:
-    """``W ≈ U @ V`` with ``U [m, r]`` and ``V [r, n]``; any prefix of r is best at its rank."""
-
-    U: torch.Tensor
-    V: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.V.shape[0]
-
-    def truncate(self, r: int) -> Factors:
-        return Factors(self.U[:, :r].contiguous(), self.V[:r].contiguous())
 
 
 def linear_nodes(tg: TracedGraph) -> dict[str, torch.fx.Node]:

@@ -90,21 +90,9 @@ def _check_inputs(query, key, value, key_cache, value_cache, past_len, num_heads
         raise ShapeError(f"attention: past_len must be [B={query.shape[0]}], got {tuple(past_len.shape)}")
 
 
-@torch.library.custom_op("lrexport::attention", mutates_args=())
-def attention(
-    query_BSQ: torch.Tensor,
-    key_BSK: torch.Tensor,
-    value_BSK: torch.Tensor,
-    key_cache_BPK: torch.Tensor,
-    value_cache_BPK: torch.Tensor,
-    past_len_B: torch.Tensor,
-    cos_Pd: torch.Tensor,
-    sin_Pd: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    window: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_reference(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, cos_Pd, sin_Pd,
+                        num_heads, num_kv_heads, window, scale):
+    """The op's semantics in plain PyTorch (differentiable; any float dtype)."""
     _check_inputs(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, num_heads, num_kv_heads)
     B, S, _ = query_BSQ.shape
     P = key_cache_BPK.shape[1]
@@ -123,6 +111,47 @@ def attention(
         q_BSHD.transpose(1, 2), keys_BHPD, vals_BHPD, attn_mask=mask, scale=scale, enable_gqa=True
     )
     return out.transpose(1, 2).reshape(B, S, num_heads * D), kc, vc
+
+
+@torch.library.custom_op("lrexport::attention", mutates_args=())
+def attention(
+    query_BSQ: torch.Tensor,
+    key_BSK: torch.Tensor,
+    value_BSK: torch.Tensor,
+    key_cache_BPK: torch.Tensor,
+    value_cache_BPK: torch.Tensor,
+    past_len_B: torch.Tensor,
+    cos_Pd: torch.Tensor,
+    sin_Pd: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_reference(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, cos_Pd,
+                               sin_Pd, num_heads, num_kv_heads, window, scale)
+
+
+_DIFF_ARGS = 5  # query, key, value, key_cache, value_cache
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.attrs = inputs[8:]
+
+
+def _backward(ctx, grad_out, grad_kc, grad_vc):
+    """Recompute the reference under autograd and pull the output gradients back."""
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_(True) for t in saved[:_DIFF_ARGS]]
+        outs = attention_reference(*xs, *saved[_DIFF_ARGS:], *ctx.attrs)
+        pairs = [(o, g) for o, g in zip(outs, (grad_out, grad_kc, grad_vc)) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], xs, [g for _, g in pairs], allow_unused=True)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 @attention.register_fake

@@ -1,0 +1,49 @@
+"""Fisher-proportional allocation (Palu): parameters kept in proportion to each
+projection's weight Fisher information, capped at dense and redistributed (water-filling)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from lrexport.allocate.registry import ALLOCATORS, AllocContext, align_down, budget_for, check_alloc_args, finish
+from lrexport.config import register_config
+from lrexport.errors import ConfigError
+
+
+@register_config
+@dataclass(frozen=True)
+class PaluFisher:
+    ratio: float
+    align: int = 1
+    min_rank: int = 1
+
+    def __post_init__(self):
+        check_alloc_args(self.ratio, self.align, self.min_rank)
+
+
+@ALLOCATORS.register(PaluFisher)
+def _palu(cfg: PaluFisher, ctx: AllocContext):
+    t0 = time.perf_counter()
+    budget = budget_for(cfg.ratio, ctx)
+    if sum(p.fisher_w for p in ctx.infos) <= 0:
+        raise ConfigError("PaluFisher needs weight Fisher information (calibrate with fisher=True)")
+    free = {p.name: p for p in ctx.infos}
+    share: dict[str, float] = {}
+    remaining = float(budget)
+    while free:  # water-filling: cap at dense, give the excess to the others
+        total = sum(p.fisher_w for p in free.values()) or 1.0
+        capped = {k: p for k, p in free.items() if remaining * p.fisher_w / total >= p.dense}
+        if not capped:
+            for k, p in free.items():
+                share[k] = remaining * p.fisher_w / total
+            break
+        for k, p in capped.items():
+            share[k] = float(p.dense)
+            remaining -= p.dense
+            del free[k]
+    ranks: dict[str, int | None] = {}
+    for p in ctx.infos:
+        r = align_down(int(share[p.name] / p.per_rank), cfg.align)
+        ranks[p.name] = None if r > p.max_lowrank else max(r, cfg.min_rank)
+    return finish(ranks, ctx, budget, t0)

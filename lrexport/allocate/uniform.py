@@ -1,0 +1,31 @@
+"""Uniform allocation (SVD-LLM): every projection keeps the same fraction of its parameters."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from lrexport.allocate.registry import ALLOCATORS, AllocContext, align_down, budget_for, check_alloc_args, finish
+from lrexport.config import register_config
+
+
+@register_config
+@dataclass(frozen=True)
+class Uniform:
+    ratio: float  # fraction of the projections' parameters to remove
+    align: int = 1
+    min_rank: int = 1
+
+    def __post_init__(self):
+        check_alloc_args(self.ratio, self.align, self.min_rank)
+
+
+@ALLOCATORS.register(Uniform)
+def _uniform(cfg: Uniform, ctx: AllocContext):
+    t0 = time.perf_counter()
+    keep = 1.0 - cfg.ratio
+    ranks = {}
+    for p in ctx.infos:
+        r = align_down(int(keep * p.dense / p.per_rank), cfg.align)
+        ranks[p.name] = min(max(r, cfg.min_rank), p.max_lowrank)
+    return finish(ranks, ctx, budget_for(cfg.ratio, ctx), t0)

@@ -1,0 +1,168 @@
+"""The Python API: keyword-only functions over typed configs. The CLI is a thin layer on it.
+
+    from lrexport import api
+    from lrexport.allocate import Flrc
+    res = api.compress(model=None, weights=api.WeightCompression(allocation=Flrc(ratio=0.2)))
+    res.compressed.save("out/smollm2-flrc20")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrexport.allocate import AllocContext, Flrc, PaluFisher, ProjectionInfo, Strs, Uniform, allocate
+from lrexport.allocate.strs_eval import LayerwisePerplexity
+from lrexport.calib.data import SelfCalibration, TextCalibration, text_windows
+from lrexport.calib.stats import CalibStats, collect_stats
+from lrexport.compile import CompressedModel, compile_model, load_compressed
+from lrexport.config import register_config
+from lrexport.errors import ConfigError
+from lrexport.factorize import Decomposition, FisherWhitenSvd, factorize
+from lrexport.models.default import resolve_model_path
+from lrexport.models.load import LoadedModel, load_model
+from lrexport.models.spec import PROJECTIONS
+from lrexport.plan import Plan, WeightPlan
+from lrexport.runtime import Sampling, TorchBackend, generate
+from lrexport.schedule import Schedule
+from lrexport.trace.export import trace
+from lrexport.util import cache_dir, file_digest, json_digest, progress
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = (Uniform, PaluFisher, Flrc, Strs)
+
+
+@register_config
+@dataclass(frozen=True)
+class WeightCompression:
+    """FLRC weight compression: which projections, how to factorize them, how to allocate rank."""
+
+    allocation: Uniform | PaluFisher | Flrc | Strs
+    factorization: Any = FisherWhitenSvd()
+    targets: tuple[str, ...] = PROJECTIONS
+    strs_windows: int = 4  # STRS only: calibration windows its perplexity probes use
+
+    def __post_init__(self):
+        if not isinstance(self.allocation, ALLOCATIONS):
+            raise ConfigError(f"unknown allocation {type(self.allocation).__name__}; "
+                              f"known: {', '.join(a.__name__ for a in ALLOCATIONS)}")
+        bad = [t for t in self.targets if t not in PROJECTIONS]
+        if bad or not self.targets:
+            raise ConfigError(f"targets must be a non-empty subset of {PROJECTIONS}, got {self.targets}")
+
+
+@dataclass
+class CompressionResult:
+    compressed: CompressedModel
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: CalibStats | None = None
+
+
+def load(model: str | Path | None = None, *, max_len: int = 2048, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model folder / .gguf file, or the default model when ``model`` is None."""
+    return load_model(resolve_model_path(model), max_len=max_len, dtype=dtype)
+
+
+def _model_fingerprint(lm: LoadedModel) -> dict:
+    if lm.folder is not None:
+        files = sorted(lm.folder.glob("*.safetensors"))
+        return {"config": file_digest(lm.folder / "config.json"),
+                "weights": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]}
+    return {"source": lm.source}
+
+
+def calibration_windows(lm: LoadedModel, cfg: SelfCalibration | TextCalibration, graph=None) -> torch.Tensor:
+    """Token windows ``[N, L]`` for calibration: from a file, or sampled from the model itself."""
+    if isinstance(cfg, TextCalibration):
+        return text_windows(cfg, lm.tokenizer)
+    bos = lm.spec.bos_token_id if lm.spec.bos_token_id is not None else 0
+    backend = TorchBackend(graph or trace(lm.model))
+    res = generate(backend, [[bos]] * cfg.num_windows, max_new_tokens=cfg.window - 1,
+                   sampling=Sampling(temperature=cfg.temperature, seed=cfg.seed))
+    return torch.tensor([[bos] + t for t in res.tokens], dtype=torch.int64)
+
+
+def calibrate(lm: LoadedModel, cfg: SelfCalibration | TextCalibration, *, fisher: bool = True, use_cache: bool = True,
+              graph=None) -> CalibStats:
+    """Collect (or read from the cache) the statistics of one streaming calibration pass."""
+    key = json_digest({"model": _model_fingerprint(lm), "data": cfg.fingerprint(), "fisher": fisher, "v": 1})
+    path = cache_dir() / "calib" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        log.info("calibration statistics from cache %s", path)
+        return CalibStats.load(path)
+    windows = calibration_windows(lm, cfg, graph)
+    stats = collect_stats(lm.model, windows, fisher=fisher)
+    if use_cache:
+        stats.save(path)
+    return stats
+
+
+def decompose(lm: LoadedModel, wc: WeightCompression, stats: CalibStats) -> dict[str, Decomposition]:
+    names = [n for n in lm.spec.linear_names() if n.rsplit(".", 1)[1] in wc.targets]
+    mods = dict(lm.model.named_modules())
+    return {n: factorize(mods[n].weight, wc.factorization, stats, n)
+            for n in progress(names, desc="factorize", unit="linear")}
+
+
+def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCompression | None = None,
+             calibration: SelfCalibration | TextCalibration | None = None, schedule: Schedule | None = None,
+             max_len: int = 2048, use_cache: bool = True) -> CompressionResult:
+    """Load (or take) a model, trace it once, calibrate, factorize, allocate and apply the passes."""
+    t_start = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load(model, max_len=max_len)
+    timings: dict[str, float] = {"load_s": time.perf_counter() - t_start}
+    if schedule is not None and weights is None:
+        raise ConfigError("a progressive schedule needs weight compression (weights=...)")
+    t = time.perf_counter()
+    graph = trace(lm.model)
+    timings["trace_s"] = time.perf_counter() - t
+    calibration = calibration or SelfCalibration()
+    plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len, schedule=schedule,
+                dtype=str(lm.model.model.embed_tokens.weight.dtype).removeprefix("torch."))
+    factors, stats = {}, None
+    if weights is not None:
+        t = time.perf_counter()
+        stats = calibrate(lm, calibration, fisher=True, use_cache=use_cache, graph=graph)
+        timings["calibrate_s"] = time.perf_counter() - t
+        timings["fisher_s"] = stats.seconds_fisher
+        plan.calibration = {**calibration.fingerprint(), "tokens": stats.tokens}
+        t = time.perf_counter()
+        decomps = decompose(lm, weights, stats)
+        timings["factorize_s"] = time.perf_counter() - t
+        infos = [ProjectionInfo(name=n, m=d.shape[0], n=d.shape[1], sigma2=d.sigma2, loss_weight=d.loss_weight,
+                                fisher_w=stats.fisher_w.get(n, 0.0)) for n, d in decomps.items()]
+        ctx = AllocContext(infos=infos)
+        if isinstance(weights.allocation, Strs):
+            windows = calibration_windows(lm, calibration, graph)[: weights.strs_windows]
+            ctx.evaluate = LayerwisePerplexity(lm.model, windows, decomps)
+        alloc = allocate(weights.allocation, ctx)
+        timings["alloc_s"] = alloc.seconds
+        factors = {n: decomps[n].factors(r) for n, r in alloc.ranks.items()}
+        dtype = lm.model.model.embed_tokens.weight.dtype
+        factors = {n: type(f)(f.U.to(dtype), f.V.to(dtype)) for n, f in factors.items()}
+        plan.weights = WeightPlan(factorization=weights.factorization, allocation=weights.allocation,
+                                  ranks=alloc.ranks, params_kept=alloc.params_kept, params_total=alloc.total_dense,
+                                  alloc_seconds=alloc.seconds)
+        del decomps
+    t = time.perf_counter()
+    cm = compile_model(lm.model, plan, factors, tokenizer=lm.tokenizer, graph=graph)
+    timings["passes_s"] = time.perf_counter() - t
+    timings["compress_s"] = time.perf_counter() - t_start
+    return CompressionResult(compressed=cm, timings=timings, stats=stats)
+
+
+def open_model(model: str | Path | CompressedModel | None, *, max_len: int = 2048) -> CompressedModel:
+    """A compressed folder, a plain model (as an uncompressed graph), or the default model."""
+    if isinstance(model, CompressedModel):
+        return model
+    if model is not None and (Path(model) / "lrexport.json").is_file():
+        return load_compressed(model)
+    lm = load(model, max_len=max_len)
+    plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len)
+    return compile_model(lm.model, plan, {}, tokenizer=lm.tokenizer)

@@ -1,0 +1,216 @@
+"""Calibration statistics and the one streaming pass that collects them.
+
+For every linear of the decoder layers the pass collects:
+
+* ``gram[key]`` -- ``XᵀX`` of the linear's input over all calibration tokens, float64.
+  q/k/v share one input (key ``...self_attn.qkv``), gate/up share one (``...mlp.gate_up``).
+* ``abs_mean[key]`` -- mean ``|x|`` per input channel (ASVD's activation scaling).
+* ``fisher_out[fqn]`` -- ``Σ_t (∂L/∂y_t)²`` per output channel (the diagonal empirical
+  Fisher of the linear's output), with ``L`` the summed next-token NLL of a window.
+* ``fisher_w[fqn]`` -- ``Σ_windows ||∂L/∂W||²``, the weight Fisher total (Palu's score).
+
+The pass runs layer by layer: all windows go through layer ``l`` before layer ``l+1``
+is touched, hidden states are kept between layers, and the backward pass recomputes
+each layer from its stored input. Only one layer needs to be resident at a time.
+Hooks are removed when the pass ends, also on error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lrexport.models.llama import LlamaLR
+from lrexport.util import atomic_write_bytes, progress
+
+log = logging.getLogger(__name__)
+
+
+def input_key(fqn: str) -> str:
+    """The Gram-matrix key of a linear: linears that read the same input share one."""
+    if fqn.endswith(("q_proj", "k_proj", "v_proj")):
+        return fqn.rsplit(".", 1)[0] + ".qkv"
+    if fqn.endswith(("gate_proj", "up_proj")):
+        return fqn.rsplit(".", 1)[0] + ".gate_up"
+    return fqn
+
+
+@dataclass
+class CalibStats:
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher_w: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    windows: int = 0
+    seconds_forward: float = 0.0
+    seconds_fisher: float = 0.0
+
+    @property
+    def has_fisher(self) -> bool:
+        return bool(self.fisher_out)
+
+    def gram_of(self, fqn: str) -> torch.Tensor:
+        return self.gram[input_key(fqn)]
+
+    def abs_mean_of(self, fqn: str) -> torch.Tensor:
+        return self.abs_mean[input_key(fqn)]
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save
+
+        tensors = {f"gram/{k}": v.contiguous() for k, v in self.gram.items()}
+        tensors |= {f"abs_mean/{k}": v.contiguous() for k, v in self.abs_mean.items()}
+        tensors |= {f"fisher_out/{k}": v.contiguous() for k, v in self.fisher_out.items()}
+        tensors |= {f"fisher_w/{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.fisher_w.items()}
+        meta = {"tokens": str(self.tokens), "windows": str(self.windows),
+                "seconds_forward": str(self.seconds_forward), "seconds_fisher": str(self.seconds_fisher)}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibStats:
+        from safetensors import safe_open
+
+        s = cls()
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                kind, name = k.split("/", 1)
+                t = f.get_tensor(k)
+                if kind == "fisher_w":
+                    s.fisher_w[name] = float(t.item())
+                else:
+                    getattr(s, kind)[name] = t
+        s.tokens, s.windows = int(meta.get("tokens", 0)), int(meta.get("windows", 0))
+        s.seconds_forward = float(meta.get("seconds_forward", 0.0))
+        s.seconds_fisher = float(meta.get("seconds_fisher", 0.0))
+        return s
+
+
+def _linears(layer: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Linear]:
+    return {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def _forward_layer_collect(layer, prefix, hidden, model, stats, zeros_B):
+    """Run every batch through one layer, accumulating Gram and |x| per input key."""
+    handles = []
+    seen: set[str] = set()
+
+    def make_hook(key):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            stats.gram[key] = stats.gram.get(key, 0) + x.T @ x
+            stats.abs_mean[key] = stats.abs_mean.get(key, 0) + x.abs().sum(0)
+        return hook
+
+    try:
+        for fqn, lin in _linears(layer, prefix).items():
+            key = input_key(fqn)
+            if key in seen:
+                continue
+            seen.add(key)
+            handles.append(lin.register_forward_pre_hook(make_hook(key)))
+        out = []
+        for h in hidden:
+            B, S, _ = h.shape
+            kc, vc = (torch.zeros(B, S, model.spec.kv_dim, dtype=h.dtype) for _ in range(2))
+            out.append(layer(h, zeros_B[:B], kc, vc, model.rope_cos, model.rope_sin)[0])
+        return out
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def _backward_layer(layer, prefix, inputs, grads_out, model, stats, zeros_B):
+    """Recompute one layer per window and backpropagate; accumulate Fisher statistics."""
+    linears = _linears(layer, prefix)
+    handles = []
+
+    def make_hook(fqn):
+        def fwd_hook(_mod, _args, out):
+            def grad_hook(g):
+                acc = g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                stats.fisher_out[fqn] = stats.fisher_out.get(fqn, 0) + acc
+            out.register_hook(grad_hook)
+        return fwd_hook
+
+    params = [p for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    grads_in = []
+    try:
+        for fqn, lin in linears.items():
+            handles.append(lin.register_forward_hook(make_hook(fqn)))
+        for h, g in zip(inputs, grads_out):
+            for b in range(h.shape[0]):  # one window at a time: per-sample weight Fisher
+                x = h[b:b + 1].detach().requires_grad_(True)
+                kc, vc = (torch.zeros(1, x.shape[1], model.spec.kv_dim, dtype=x.dtype) for _ in range(2))
+                with torch.enable_grad():
+                    y = layer(x, zeros_B[:1], kc, vc, model.rope_cos, model.rope_sin)[0]
+                    y.backward(g[b:b + 1])
+                grads_in.append(x.grad.detach())
+                for fqn, lin in linears.items():
+                    stats.fisher_w[fqn] = stats.fisher_w.get(fqn, 0.0) + float(lin.weight.grad.double().pow(2).sum())
+                    lin.weight.grad = None
+                for p in params:
+                    p.grad = None
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p in params:
+            p.requires_grad_(False)
+    # regroup per-window input grads into the batches of `inputs`
+    out, i = [], 0
+    for h in inputs:
+        out.append(torch.cat(grads_in[i:i + h.shape[0]]))
+        i += h.shape[0]
+    return out
+
+
+def collect_stats(model: LlamaLR, windows: torch.Tensor, *, fisher: bool = True, batch_size: int = 4) -> CalibStats:
+    """One streaming pass over ``windows [N, L]``: Gram matrices, |x| and (optionally) Fisher."""
+    stats = CalibStats(windows=int(windows.shape[0]), tokens=int(windows.numel()))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    zeros_B = torch.zeros(max(batch_size, 1), dtype=torch.int64)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hidden = [model.model.embed_tokens(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    boundaries = [hidden]
+    layers = list(model.model.layers)
+    for li, layer in enumerate(progress(layers, desc="calibrate: forward", unit="layer")):
+        hidden = _forward_layer_collect(layer, f"model.layers.{li}", hidden, model, stats, zeros_B)
+        if fisher:
+            boundaries.append(hidden)
+    for k in stats.abs_mean:
+        stats.abs_mean[k] = stats.abs_mean[k] / stats.tokens
+    stats.seconds_forward = time.perf_counter() - t0
+    if not fisher:
+        return stats
+    t1 = time.perf_counter()
+    grads = []
+    targets = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    for h, ids in zip(boundaries[-1], targets):
+        x = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model.lm_head(model.model.norm(x)).float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            loss.backward()
+        grads.append(x.grad.detach())
+    bar = progress(total=len(layers), desc="calibrate: fisher", unit="layer")
+    for li in reversed(range(len(layers))):
+        grads = _backward_layer(layers[li], f"model.layers.{li}", boundaries[li], grads, model, stats, zeros_B)
+        boundaries[li + 1] = None  # free what is no longer needed
+        bar.update(1)
+    bar.close()
+    stats.seconds_fisher = time.perf_counter() - t1
+    log.info("calibration: %d tokens, forward %.1fs, fisher %.1fs", stats.tokens, stats.seconds_forward,
+             stats.seconds_fisher)
+    return stats

@@ -1,0 +1,143 @@
+"""Compile a plan onto a traced model, and save / load the compressed result.
+
+A compressed model on disk is a folder:
+
+* ``lrexport.json`` -- the plan (:class:`lrexport.plan.Plan`);
+* ``config.json`` -- the source architecture (Hugging Face config);
+* ``weights.safetensors`` -- every tensor the compressed graph needs: the dense weights
+  it keeps and, for each low-rank linear, ``<fqn>.lowrank_u [m, r]`` and
+  ``<fqn>.lowrank_v [r, n]``;
+* the tokenizer files.
+
+Loading re-traces the architecture and re-applies the plan's passes with the saved
+factors, so the loaded graph computes exactly what the saved one did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrexport.errors import PlanError
+from lrexport.factorize.registry import Factors
+from lrexport.models.llama import LlamaLR, build_model
+from lrexport.models.load import load_tokenizer
+from lrexport.models.spec import ModelSpec, spec_from_hf_config
+from lrexport.passes.base import PassResult
+from lrexport.passes.lowrank_linear import LowRankLinearPass
+from lrexport.plan import Plan
+from lrexport.runtime.torch_backend import TorchBackend
+from lrexport.trace.export import TracedGraph, trace
+from lrexport.util import atomic_dir
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class CompressedModel:
+    """A transformed graph with its plan, factors and tokenizer."""
+
+    graph: TracedGraph
+    plan: Plan
+    spec: ModelSpec
+    factors: dict[str, Factors]
+    dense_state: dict[str, torch.Tensor]  # the weights the graph keeps dense
+    tokenizer: Any = None
+    pass_results: list[PassResult] = field(default_factory=list)
+
+    def backend(self) -> TorchBackend:
+        """A generation/eval backend that also knows the parameter accounting."""
+        return TorchBackend(self.graph, **param_accounting(self.spec, self.plan, self.graph.rank_names))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the folder atomically (an interrupted save leaves no complete-looking folder)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tensors = {k: v.detach().contiguous() for k, v in self.dense_state.items()}
+        for fqn, f in self.factors.items():
+            tensors[f"{fqn}.lowrank_u"] = f.U.detach().contiguous()
+            tensors[f"{fqn}.lowrank_v"] = f.V.detach().contiguous()
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "lrexport"})
+            (tmp / "config.json").write_text(json.dumps(self.plan.model, indent=2, default=str))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
+            self.plan.save(tmp / "lrexport.json")  # written last: its presence marks a complete folder
+        return folder
+
+
+def param_accounting(spec: ModelSpec, plan: Plan, rank_names: list[str]) -> dict[str, Any]:
+    """Parameter counts for ``avg_active_params``: cost per rank unit of each run-time-rank
+    linear, the projection parameters that are always active, and the dense total."""
+    total = spec.projection_params()
+    ranks = plan.weights.ranks if plan.weights else {}
+    shapes = {n: spec.projection_shape(n.rsplit(".", 1)[1]) for n in spec.linear_names()}
+    static = sum(m * n for name, (m, n) in shapes.items() if name not in ranks)
+    static += sum(r * sum(shapes[name]) for name, r in ranks.items() if name not in rank_names)
+    return {"rank_cost": [sum(shapes[n]) for n in rank_names], "dense_params": static, "total_params": total}
+
+
+def apply_plan(graph: TracedGraph, plan: Plan, factors: dict[str, Factors]) -> list[PassResult]:
+    """Run the plan's passes over ``graph`` (in place)."""
+    results = []
+    if plan.weights is not None:
+        want = set(plan.weights.ranks)
+        if want != set(factors):
+            raise PlanError(f"the plan names {len(want)} low-rank linears, the factors {len(factors)}")
+        for name, r in plan.weights.ranks.items():
+            if factors[name].rank != r:
+                raise PlanError(f"{name}: the plan's rank is {r}, its factors have rank {factors[name].rank}")
+        results.append(LowRankLinearPass(factors, rank_input=plan.schedule is not None)(graph))
+    return results
+
+
+def dense_state_of(model: LlamaLR, replaced: set[str]) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    skip = {f"{n}.weight" for n in replaced}
+    if model.spec.tie_word_embeddings:
+        skip.add("lm_head.weight")
+    return {k: v for k, v in sd.items() if k not in skip}
+
+
+def compile_model(model: LlamaLR, plan: Plan, factors: dict[str, Factors], tokenizer=None,
+                  graph: TracedGraph | None = None) -> CompressedModel:
+    """Trace ``model`` (unless ``graph`` is its trace already) and apply ``plan``."""
+    graph = graph or trace(model)
+    results = apply_plan(graph, plan, factors)
+    return CompressedModel(graph=graph, plan=plan, spec=model.spec, factors=factors,
+                           dense_state=dense_state_of(model, set(factors)), tokenizer=tokenizer,
+                           pass_results=results)
+
+
+def load_compressed(folder: str | Path) -> CompressedModel:
+    """Load a folder written by :meth:`CompressedModel.save`."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    plan = Plan.load(folder)
+    wf = folder / WEIGHTS_FILE
+    if not wf.is_file():
+        raise PlanError(f"{folder}: no {WEIGHTS_FILE}")
+    tensors = load_file(str(wf))
+    spec = spec_from_hf_config(plan.model)
+    ranks = plan.weights.ranks if plan.weights else {}
+    factors = {}
+    for name in ranks:
+        try:
+            factors[name] = Factors(tensors.pop(f"{name}.lowrank_u"), tensors.pop(f"{name}.lowrank_v"))
+        except KeyError as e:
+            raise PlanError(f"{wf}: missing factor {e} of {name}") from e
+    dtype = getattr(torch, plan.dtype)
+    for name in ranks:  # placeholders for the replaced weights; the pass removes them
+        m, n = spec.projection_shape(name.rsplit(".", 1)[1])
+        tensors[f"{name}.weight"] = torch.zeros(m, n, dtype=dtype)
+    model = build_model(spec, tensors, max_len=plan.max_len, dtype=dtype)
+    return compile_model(model, plan, factors, tokenizer=load_tokenizer(folder))

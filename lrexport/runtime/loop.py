@@ -1,0 +1,121 @@
+"""The one generation loop. It owns the caches, the sampling and the progressive schedule,
+and drives any backend (the PyTorch graph or an ONNX Runtime session) through ``step``.
+
+A batch of prompts of different lengths is right-padded for the prefill; every row then
+decodes at its own position (``past_len``), so padding never reaches a real token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lrexport.errors import CacheOverflowError, ConfigError
+from lrexport.runtime.sampling import Sampling, sample
+from lrexport.schedule import Schedule, active_params
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What the loop needs from a backend."""
+
+    max_len: int
+    rank_max: list[int]  # stored rank of each run-time-rank linear (empty: no rank input)
+    rank_cost: list[int]  # parameters per unit of rank of each of them (m + n)
+    dense_params: int  # projection parameters that stay dense
+    total_params: int  # projection parameters of the uncompressed model
+
+    def new_caches(self, batch: int, capacity: int) -> Any: ...
+
+    def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: Any,
+             ranks: list[int] | None) -> tuple[torch.Tensor, Any]: ...
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (stop token included if hit)
+    finish_reasons: list[str]  # "stop" or "length"
+    active_fractions: list[float] = field(default_factory=list)  # per decode step, of the dense projections
+    prefill_fraction: float = 1.0
+
+    @property
+    def avg_active_params(self) -> float:
+        """Activated projection parameters averaged over the decode steps (prefill fraction if none)."""
+        if not self.active_fractions:
+            return self.prefill_fraction
+        return sum(self.active_fractions) / len(self.active_fractions)
+
+
+def _fraction(backend: Backend, ranks: list[int] | None) -> float:
+    if not backend.total_params:
+        return 1.0
+    r = ranks if ranks is not None else backend.rank_max
+    return active_params(r, backend.rank_cost, backend.dense_params) / backend.total_params
+
+
+def generate(
+    backend: Backend,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+    schedule: Schedule | None = None,
+    pad_id: int = 0,
+    on_token: Callable[[int, list[int | None]], None] | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` for each prompt; ``on_token(step, ids)`` streams them
+    (``None`` for rows that already stopped)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lens = [len(p) for p in prompts]
+    need = max(lens) + max_new_tokens
+    if need > backend.max_len:
+        raise CacheOverflowError(
+            f"a prompt of {max(lens)} tokens plus max_new_tokens={max_new_tokens} needs {need} positions, "
+            f"more than the model's maximum length {backend.max_len}")
+    B = len(prompts)
+    caches = backend.new_caches(B, need)
+    use_ranks = bool(backend.rank_max) and schedule is not None
+    gen = torch.Generator().manual_seed(sampling.seed)
+    stops = set(int(s) for s in stop_ids)
+
+    ids = torch.full((B, max(lens)), pad_id, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+    pos = torch.tensor(lens, dtype=torch.int64)
+    ranks = schedule.ranks(0, backend.rank_max) if use_ranks else None
+    logits, caches = backend.step(ids, torch.zeros(B, dtype=torch.int64), caches, ranks)
+    last = logits[torch.arange(B), pos - 1]
+    result = GenerationResult(tokens=[[] for _ in range(B)], finish_reasons=["length"] * B,
+                              prefill_fraction=_fraction(backend, ranks))
+    done = [False] * B
+    for step in range(1, max_new_tokens + 1):
+        nxt = sample(last, sampling, gen)
+        emitted: list[int | None] = []
+        for b in range(B):
+            if done[b]:
+                emitted.append(None)
+                continue
+            t = int(nxt[b])
+            result.tokens[b].append(t)
+            emitted.append(t)
+            if t in stops:
+                done[b], result.finish_reasons[b] = True, "stop"
+        if on_token is not None:
+            on_token(step, emitted)
+        if all(done) or step == max_new_tokens:
+            break
+        ranks = schedule.ranks(step, backend.rank_max) if use_ranks else None
+        result.active_fractions.append(_fraction(backend, ranks))
+        logits, caches = backend.step(nxt[:, None], pos, caches, ranks)
+        pos = pos + 1
+        last = logits[:, -1]
+    return result
