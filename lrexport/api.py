@@ -166,3 +166,92 @@ def open_model(model: str | Path | CompressedModel | None, *, max_len: int = 204
     lm = load(model, max_len=max_len)
     plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len)
     return compile_model(lm.model, plan, {}, tokenizer=lm.tokenizer)
+
+
+def stop_ids(cm: CompressedModel) -> list[int]:
+    """The model's stop tokens: its config's eos ids plus the tokenizer's eos."""
+    ids = set(cm.spec.eos_token_ids)
+    tok = cm.tokenizer
+    if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+        ids.add(int(tok.eos_token_id))
+    return sorted(ids)
+
+
+def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True, batch_size: int = 8):
+    """A ``GenerateFn`` (greedy) over the compressed graph, applying the plan's schedule.
+
+    ``schedule=True`` uses the plan's schedule, ``None``/``False`` none, or pass another one.
+    Also records the activated-parameter fractions of every decode step in ``fn.active``.
+    """
+    backend = cm.backend()
+    sched = cm.plan.schedule if schedule is True else (schedule or None)
+    stops = stop_ids(cm)
+
+    def fn(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            res = generate(backend, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=stops,
+                           schedule=sched)
+            fn.active.extend(res.active_fractions or [res.prefill_fraction])
+            out.extend(res.tokens)
+        return out
+
+    fn.active = []  # type: ignore[attr-defined]
+    return fn
+
+
+def evaluate(*, model: str | Path | CompressedModel | None = None, ppl: bool = True, ppl_window: int = 512,
+             ppl_windows: int | None = 40, xsum: int = 0, zeroshot_tasks: tuple[str, ...] = (),
+             zeroshot_limit: int | None = None, data_dir: str | Path | None = None,
+             schedule: Schedule | None | bool = True, reference_predictions: list[str] | None = None) -> dict[str, Any]:
+    """Perplexity, XSum ROUGE-L and zero-shot accuracy of a (compressed) model, as a dict."""
+    from lrexport import eval as ev
+
+    cm = open_model(model)
+    if cm.tokenizer is None:
+        raise ConfigError("evaluation needs a tokenizer; the model folder has none")
+    backend = cm.backend()
+    out: dict[str, Any] = {}
+    if ppl:
+        text = ev.wikitext_test_text(data_dir=data_dir)
+        r = ev.perplexity(backend, cm.tokenizer, text, window=ppl_window, num_windows=ppl_windows)
+        out["ppl"] = {"ppl": r.ppl, "window": r.window, "windows": r.windows, "tokens": r.tokens}
+    if xsum:
+        gen = generate_fn(cm, schedule=schedule)
+        pairs = ev.xsum_pairs(n=xsum, data_dir=data_dir)
+        r = ev.xsum_rouge(gen, cm.tokenizer, pairs=pairs, n=xsum)
+        out["xsum"] = {"rougeL": r.rougeL, "n": r.n, "prompt_format": r.prompt_format,
+                       "predictions": r.predictions,
+                       "avg_active_params": sum(gen.active) / max(len(gen.active), 1)}
+        if reference_predictions is not None:
+            out["xsum"]["rougeL_fidelity"] = ev.rouge_l(r.predictions, reference_predictions[: len(r.predictions)])
+    if zeroshot_tasks:
+        out["zeroshot"] = ev.zeroshot(backend, cm.tokenizer, tuple(zeroshot_tasks), limit=zeroshot_limit,
+                                      data_dir=data_dir)
+    return out
+
+
+def chat_prompt(tokenizer, text: str, *, chat: bool | None = None) -> list[int]:
+    """Token ids of a prompt; wrapped in the chat template when the tokenizer has one (or ``chat``)."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return tokenizer(rendered, add_special_tokens=False).input_ids
+    return tokenizer(text).input_ids
+
+
+def generate_text(*, model: str | Path | CompressedModel | None = None, prompts: list[str], max_new_tokens: int = 64,
+                  sampling: Sampling = Sampling(), schedule: Schedule | None | bool = True, chat: bool | None = None,
+                  on_token=None):
+    """Generate text for ``prompts``; returns ``(texts, GenerationResult)``."""
+    cm = open_model(model)
+    if cm.tokenizer is None:
+        raise ConfigError("text generation needs a tokenizer; the model folder has none")
+    ids = [chat_prompt(cm.tokenizer, p, chat=chat) for p in prompts]
+    sched = cm.plan.schedule if schedule is True else (schedule or None)
+    pad = cm.tokenizer.pad_token_id if cm.tokenizer.pad_token_id is not None else 0
+    res = generate(cm.backend(), ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids(cm),
+                   schedule=sched, pad_id=pad, on_token=on_token)
+    texts = [cm.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
+    return texts, res

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lrexport.allocate.flrc import Flrc
 from lrexport.allocate.palu import PaluFisher
-from lrexport.allocate.registry import AllocContext, Allocation, ProjectionInfo, allocate
+from lrexport.allocate.registry import Allocation, AllocContext, ProjectionInfo, allocate
 from lrexport.allocate.strs import Strs
 from lrexport.allocate.uniform import Uniform
 

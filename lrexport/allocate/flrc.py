@@ -19,7 +19,12 @@ import time
 from dataclasses import dataclass
 
 from lrexport.allocate.registry import (
-    ALLOCATORS, AllocContext, ProjectionInfo, budget_for, check_alloc_args, finish,
+    ALLOCATORS,
+    AllocContext,
+    ProjectionInfo,
+    budget_for,
+    check_alloc_args,
+    finish,
 )
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
@@ -49,11 +54,11 @@ def candidates(p: ProjectionInfo, align: int, min_rank: int) -> list[tuple[int |
 def lower_hull(pts: list[tuple[int | None, int, float]]) -> list[int]:
     """Indices of the lower convex hull of (cost, loss) points sorted by cost."""
     hull: list[int] = []
-    for i, (_, c, l) in enumerate(pts):
+    for i, (_, c, loss) in enumerate(pts):
         while len(hull) >= 2:
             (_, c1, l1), (_, c2, l2) = pts[hull[-2]], pts[hull[-1]]
             # drop the middle point if it lies on or above the chord to the new point
-            if (l2 - l1) * (c - c1) >= (l - l1) * (c2 - c1):
+            if (l2 - l1) * (c - c1) >= (loss - l1) * (c2 - c1):
                 hull.pop()
             else:
                 break

@@ -87,7 +87,8 @@ def read_text(path: str | Path) -> str:
     return p.read_text(encoding="utf-8")
 
 
-def windows_from_ids(ids: list[int] | torch.Tensor, num_windows: int, window: int, *, what: str = "text") -> torch.Tensor:
+def windows_from_ids(ids: list[int] | torch.Tensor, num_windows: int, window: int, *,
+                     what: str = "text") -> torch.Tensor:
     """``[num_windows, window]`` int64 windows spread evenly over ``ids``."""
     ids = torch.as_tensor(ids, dtype=torch.int64).flatten()
     n = ids.numel()

@@ -2,7 +2,8 @@
 
 For every linear of the decoder layers the pass collects:
 
-* ``gram[key]`` -- ``XᵀX`` of the linear's input over all calibration tokens, float64.
+* ``gram[key]`` -- ``XᵀX`` of the linear's input over all calibration tokens, accumulated
+  in float64 (each batch's product is taken in the activations' own dtype).
   q/k/v share one input (key ``...self_attn.qkv``), gate/up share one (``...mlp.gate_up``).
 * ``abs_mean[key]`` -- mean ``|x|`` per input channel (ASVD's activation scaling).
 * ``fisher_out[fqn]`` -- ``Σ_t (∂L/∂y_t)²`` per output channel (the diagonal empirical
@@ -79,7 +80,7 @@ class CalibStats:
         s = cls()
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 kind, name = k.split("/", 1)
                 t = f.get_tensor(k)
                 if kind == "fisher_w":
@@ -104,9 +105,10 @@ def _forward_layer_collect(layer, prefix, hidden, model, stats, zeros_B):
 
     def make_hook(key):
         def hook(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            stats.gram[key] = stats.gram.get(key, 0) + x.T @ x
-            stats.abs_mean[key] = stats.abs_mean.get(key, 0) + x.abs().sum(0)
+            # per-batch products in the activations' dtype, accumulated in float64
+            x = args[0].reshape(-1, args[0].shape[-1])
+            stats.gram[key] = stats.gram.get(key, 0) + (x.T @ x).double()
+            stats.abs_mean[key] = stats.abs_mean.get(key, 0) + x.abs().sum(0).double()
         return hook
 
     try:
@@ -201,7 +203,8 @@ def collect_stats(model: LlamaLR, windows: torch.Tensor, *, fisher: bool = True,
         x = h.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model.lm_head(model.model.norm(x)).float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   reduction="sum")
             loss.backward()
         grads.append(x.grad.detach())
     bar = progress(total=len(layers), desc="calibrate: fisher", unit="layer")

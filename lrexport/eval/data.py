@@ -59,7 +59,8 @@ def default_data_dir() -> Path:
                             "(the one holding wikitext2/, summarization/ and zeroshot/)")
         return path
     repo = Path(__file__).resolve().parents[2]
-    candidates = [repo.parent / "shared" / "data", Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    candidates = [repo.parent / "shared" / "data", Path.cwd() / "shared" / "data",
+                  Path.cwd().parent / "shared" / "data"]
     for cand in candidates:
         if cand.is_dir():
             return cand.resolve()

@@ -110,7 +110,9 @@ class LlamaLR(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h, kc, vc = layer(h, past_len_B, caches[2 * i], caches[2 * i + 1], self.rope_cos, self.rope_sin)
             new_caches += [kc, vc]
-        logits = self.lm_head(self.model.norm(h)).float()
+        logits = self.lm_head(self.model.norm(h))
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         return (logits, *new_caches)
 
     def empty_caches(self, batch: int, capacity: int, *, dtype: torch.dtype | None = None,

@@ -1,0 +1,216 @@
+"""The ``lrexport`` command line: a thin layer over :mod:`lrexport.api`.
+
+    lrexport compress [--model PATH] --ratio 0.2 --alloc flrc --schedule linear:1.0:0.7:48 --out DIR
+    lrexport eval DIR --ppl-windows 40 --xsum 200 --zeroshot arc_easy,piqa
+    lrexport generate DIR --prompt "..." --max-new-tokens 64
+    lrexport inspect DIR --png ranks.png
+    lrexport demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lrexport.allocate import Flrc, PaluFisher, Strs, Uniform
+from lrexport.calib.data import SelfCalibration, TextCalibration
+from lrexport.errors import ConfigError, LrexportError
+from lrexport.factorize import Asvd, FisherWhitenSvd, PlainSvd, WhitenSvd
+from lrexport.runtime.sampling import Sampling
+from lrexport.schedule import Constant, Cosine, Linear, Schedule, Steps
+
+log = logging.getLogger("lrexport")
+
+ALLOCATORS = {"flrc": Flrc, "uniform": Uniform, "palu": PaluFisher, "strs": Strs}
+METHODS = {"fwsvd": FisherWhitenSvd, "whiten": WhitenSvd, "asvd": Asvd, "svd": PlainSvd}
+
+
+def parse_schedule(text: str | None, *, min_rank: int = 8, align: int = 1) -> Schedule | None:
+    """``none`` | ``constant:F`` | ``linear:START:END:STEPS`` | ``cosine:START:END:STEPS`` |
+    ``steps:T1=F1,T2=F2,...``"""
+    if text is None or text == "none":
+        return None
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "constant":
+            form = Constant(float(rest))
+        elif kind in ("linear", "cosine"):
+            start, end, steps = rest.split(":")
+            form = (Linear if kind == "linear" else Cosine)(float(start), float(end), int(steps))
+        elif kind == "steps":
+            pts = tuple((int(t), float(f)) for t, f in (p.split("=") for p in rest.split(",")))
+            form = Steps(pts)
+        else:
+            raise ConfigError(f"unknown schedule {kind!r}: use none, constant, linear, cosine or steps")
+    except ValueError as e:
+        raise ConfigError(f"cannot parse schedule {text!r} ({e}); examples: linear:1.0:0.6:64, "
+                          "steps:1=1.0,16=0.8,32=0.6") from e
+    return Schedule(form=form, min_rank=min_rank, align=align)
+
+
+def _calibration(args) -> SelfCalibration | TextCalibration:
+    if args.calib == "self":
+        return SelfCalibration(num_windows=args.calib_windows, window=args.calib_window)
+    return TextCalibration(path=args.calib, num_windows=args.calib_windows, window=args.calib_window)
+
+
+def cmd_compress(args) -> int:
+    from lrexport import api
+
+    method = METHODS[args.method]()
+    alloc = ALLOCATORS[args.alloc](ratio=args.ratio, align=args.align)
+    weights = api.WeightCompression(allocation=alloc, factorization=method)
+    res = api.compress(model=args.model, weights=weights, calibration=_calibration(args),
+                       schedule=parse_schedule(args.schedule, align=args.align), max_len=args.max_len,
+                       use_cache=not args.no_cache)
+    cm = res.compressed
+    for r in cm.pass_results:
+        print(r.summary())
+    w = cm.plan.weights
+    print(f"kept {w.params_kept:,} of {w.params_total:,} projection parameters "
+          f"({w.params_kept / w.params_total:.1%}); {len(w.ranks)} low-rank linears")
+    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
+    cm.save(args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lrexport import api
+
+    tasks = tuple(t for t in (args.zeroshot or "").split(",") if t)
+    out = api.evaluate(model=args.model, ppl=not args.no_ppl, ppl_window=args.ppl_window,
+                       ppl_windows=args.ppl_windows, xsum=args.xsum, zeroshot_tasks=tasks,
+                       zeroshot_limit=args.zeroshot_limit, data_dir=args.data,
+                       schedule=True if args.schedule is None else parse_schedule(args.schedule))
+    if "ppl" in out:
+        p = out["ppl"]
+        print(f"wikitext-2 perplexity {p['ppl']:.3f}  ({p['windows']} windows of {p['window']} tokens)")
+    if "xsum" in out:
+        x = out["xsum"]
+        print(f"xsum rouge-L {x['rougeL']:.4f}  (n={x['n']}, avg active params {x['avg_active_params']:.3f})")
+    for task, r in out.get("zeroshot", {}).items():
+        print(f"{task:11s} acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  (n={r['n']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lrexport import api
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stream = len(args.prompt) == 1 and not args.no_stream
+    cm = api.open_model(args.model)
+
+    def on_token(step, ids):
+        if ids[0] is not None:
+            sys.stdout.write(cm.tokenizer.decode([ids[0]], skip_special_tokens=True))
+            sys.stdout.flush()
+
+    texts, res = api.generate_text(model=cm, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+                                   sampling=sampling, schedule=not args.no_schedule,
+                                   on_token=on_token if stream else None)
+    if stream:
+        print()
+    else:
+        for p, t in zip(args.prompt, texts):
+            print(f"### {p}\n{t}\n")
+    print(f"[{sum(map(len, res.tokens))} tokens, avg active params {res.avg_active_params:.3f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from lrexport.inspect import plot_plan, summarize
+
+    print(summarize(args.model))
+    if args.png:
+        plot_plan(args.model, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lrexport.demo import run_demo
+
+    return run_demo(ratio=args.ratio, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrexport",
+                                description="Low-rank compression and ONNX export of Llama-family LLMs")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a model's weights with FLRC (or a baseline)")
+    c.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0,1)")
+    c.add_argument("--alloc", choices=sorted(ALLOCATORS), default="flrc")
+    c.add_argument("--method", choices=sorted(METHODS), default="fwsvd")
+    c.add_argument("--align", type=int, default=1, help="round ranks to a multiple of this (1, 8, 16, 32)")
+    c.add_argument("--schedule", default="none", help="progressive decoding: none | constant:F | linear:S:E:N | "
+                   "cosine:S:E:N | steps:T=F,...")
+    c.add_argument("--calib", default="self", help="'self' (model-generated text) or a .txt/.jsonl file")
+    c.add_argument("--calib-windows", type=int, default=32)
+    c.add_argument("--calib-window", type=int, default=512)
+    c.add_argument("--max-len", type=int, default=2048, help="longest sequence the compressed model serves")
+    c.add_argument("--no-cache", action="store_true", help="do not read or write cached calibration statistics")
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity, XSum ROUGE-L and zero-shot accuracy")
+    e.add_argument("model", nargs="?", default=None, help="compressed folder, HF folder or .gguf (default model)")
+    e.add_argument("--no-ppl", action="store_true")
+    e.add_argument("--ppl-window", type=int, default=512)
+    e.add_argument("--ppl-windows", type=int, default=40)
+    e.add_argument("--xsum", type=int, default=0, help="number of XSum pairs to summarize (0: skip)")
+    e.add_argument("--zeroshot", default="", help="comma list of: arc_easy, piqa, winogrande, hellaswag")
+    e.add_argument("--zeroshot-limit", type=int, default=None)
+    e.add_argument("--schedule", default=None, help="override the plan's schedule for generation ('none' disables)")
+    e.add_argument("--data", default=None, help="evaluation data folder (default: ../shared/data or $LREXPORT_DATA)")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text (streams tokens for one prompt)")
+    g.add_argument("model", nargs="?", default=None)
+    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-schedule", action="store_true", help="run at the stored ranks, ignoring the schedule")
+    g.add_argument("--no-stream", action="store_true")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("inspect", help="print a compressed model's plan; plot its ranks")
+    i.add_argument("model")
+    i.add_argument("--png", default=None, help="write a heatmap of rank per layer and projection")
+    i.set_defaults(fn=cmd_inspect)
+
+    d = sub.add_parser("demo", help="compress the default model, evaluate briefly, generate side by side")
+    d.add_argument("--ratio", type=float, default=0.2)
+    d.add_argument("--out", default="out/demo")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except LrexportError as e:
+        print(f"lrexport: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrexport: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The CLI end to end on a tiny model folder, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lrexport import api
+from lrexport.cli import main, parse_schedule
+from lrexport.errors import ConfigError
+from lrexport.schedule import Cosine, Steps
+from tests.tiny import tiny_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_compress_inspect_generate_eval(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LREXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cm"
+    rc = main(["compress", "--model", str(folder), "--ratio", "0.3", "--alloc", "flrc", "--schedule",
+               "linear:1.0:0.5:8", "--calib-windows", "4", "--calib-window", "32", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "lowrank_linear: changed" in text and "saved" in text
+    plan = json.loads((out / "lrexport.json").read_text())
+    assert plan["format"] == "lrexport-plan" and plan["weights"]["allocation"]["type"] == "Flrc"
+    assert abs(plan["weights"]["params_kept"] / plan["weights"]["params_total"] - 0.7) < 0.005
+    assert list((tmp_path / "cache" / "calib").glob("*.safetensors"))  # statistics were cached
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    rc = main(["inspect", str(out), "--png", str(tmp_path / "ranks.png")])
+    assert rc == 0 and (tmp_path / "ranks.png").stat().st_size > 1000
+    assert "Flrc" in capsys.readouterr().out
+    rc = main(["generate", str(out), "--prompt", "The game", "--prompt", "A", "--max-new-tokens", "5"])
+    assert rc == 0
+    # the compressed folder and the API agree on the generated text
+    texts, res = api.generate_text(model=str(out), prompts=["The game", "A"], max_new_tokens=5)
+    printed = capsys.readouterr().out
+    assert all(t in printed for t in texts) and res.avg_active_params < 0.7
+
+
+def test_cli_errors(folder, tmp_path, capsys):
+    base = ["compress", "--model", str(folder), "--out", str(tmp_path / "x"), "--calib-windows", "2",
+            "--calib-window", "16"]
+    assert main(base + ["--ratio", "1.5"]) == 2
+    assert "ratio must be in (0, 1)" in capsys.readouterr().err
+    assert main(base + ["--ratio", "0.2", "--calib", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert main(["compress", "--model", str(tmp_path / "nope"), "--ratio", "0.2", "--out", "x"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(base + ["--ratio", "0.2", "--schedule", "zigzag:1"]) == 2
+    assert "unknown schedule 'zigzag'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--ratio", "0.2", "--method", "magic"])
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_parse_schedule():
+    s = parse_schedule("cosine:1.0:0.6:32")
+    assert isinstance(s.form, Cosine) and s.form.steps == 32
+    s = parse_schedule("steps:1=1.0,16=0.8")
+    assert isinstance(s.form, Steps) and s.form.points == ((1, 1.0), (16, 0.8))
+    assert parse_schedule("none") is None
+    with pytest.raises(ConfigError, match="linear:1.0:0.6:64"):
+        parse_schedule("linear:1.0")
+    with pytest.raises(ConfigError, match="start must be in"):
+        parse_schedule("linear:0:0.5:4")
+
+
+def test_unsupported_architecture_folder(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert main(["compress", "--model", str(tmp_path / "m"), "--ratio", "0.2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "LlamaForCausalLM" in err
+
