@@ -181,22 +181,27 @@ def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True,
     """A ``GenerateFn`` (greedy) over the compressed graph, applying the plan's schedule.
 
     ``schedule=True`` uses the plan's schedule, ``None``/``False`` none, or pass another one.
-    Also records the activated-parameter fractions of every decode step in ``fn.active``.
+    ``fn.avg_active()`` is the activated-parameter fraction pooled over every decode step of
+    every prompt so far, and ``fn.steps`` the number of decode steps of each prompt.
     """
     backend = cm.backend()
     sched = cm.plan.schedule if schedule is True else (schedule or None)
     stops = stop_ids(cm)
+    acc = {"sum": 0.0, "n": 0, "prefill": 1.0}
 
     def fn(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         out = []
         for i in range(0, len(prompts), batch_size):
             res = generate(backend, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=stops,
                            schedule=sched)
-            fn.active.extend(res.active_fractions or [res.prefill_fraction])
+            s, n = res.active_sum
+            acc["sum"], acc["n"], acc["prefill"] = acc["sum"] + s, acc["n"] + n, res.prefill_fraction
+            fn.steps.extend(len(t) - 1 for t in res.tokens)
             out.extend(res.tokens)
         return out
 
-    fn.active = []  # type: ignore[attr-defined]
+    fn.steps = []  # type: ignore[attr-defined]
+    fn.avg_active = lambda: acc["sum"] / acc["n"] if acc["n"] else acc["prefill"]  # type: ignore[attr-defined]
     return fn
 
 
@@ -222,7 +227,7 @@ def evaluate(*, model: str | Path | CompressedModel | None = None, ppl: bool = T
         r = ev.xsum_rouge(gen, cm.tokenizer, pairs=pairs, n=xsum)
         out["xsum"] = {"rougeL": r.rougeL, "n": r.n, "prompt_format": r.prompt_format,
                        "predictions": r.predictions,
-                       "avg_active_params": sum(gen.active) / max(len(gen.active), 1)}
+                       "avg_active_params": gen.avg_active()}
         if reference_predictions is not None:
             out["xsum"]["rougeL_fidelity"] = ev.rouge_l(r.predictions, reference_predictions[: len(r.predictions)])
     if zeroshot_tasks:

@@ -43,6 +43,10 @@ def config_from_dict(d: dict[str, Any]) -> Any:
     if name not in _CONFIGS:
         raise ConfigError(f"unknown config type {name!r}; known: {', '.join(sorted(_CONFIGS))}")
     cls = _CONFIGS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{name} has no field(s) {', '.join(unknown)}; its fields: {', '.join(sorted(known))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
@@ -53,13 +57,17 @@ def config_from_dict(d: dict[str, Any]) -> Any:
         elif isinstance(v, list):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
         kwargs[f.name] = v
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{name}: {e}") from e
 
 
 def check_ratio(name: str, value: float, *, allow_zero: bool = False) -> None:
     """Raise ConfigError unless ``value`` lies in (0, 1) (or [0, 1) with allow_zero)."""
-    lo_ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float)) and lo_ok and value < 1):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (value >= 0 if allow_zero else value > 0) and value < 1
+    if not ok:
         rng = "[0, 1)" if allow_zero else "(0, 1)"
         raise ConfigError(f"{name} must be in {rng}, got {value!r}")
 

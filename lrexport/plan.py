@@ -76,6 +76,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if not isinstance(d, dict):
+            raise PlanError(f"not an lrexport plan: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not an lrexport plan (format {d.get('format')!r})")
         if d.get("version") != PLAN_VERSION:

@@ -84,15 +84,20 @@ def _steps(form: Steps, t: int) -> float:
     return frac
 
 
+def _progress(t: int, steps: int) -> float:
+    """0 at step 1, 1 at step ``steps`` and after (1 right away when steps == 1)."""
+    return 1.0 if steps <= 1 else min(max(t - 1, 0) / (steps - 1), 1.0)
+
+
 @FORMS.register(Linear)
 def _linear(form: Linear, t: int) -> float:
-    x = min(max(t - 1, 0) / max(form.steps - 1, 1), 1.0)
+    x = _progress(t, form.steps)
     return form.start + (form.end - form.start) * x
 
 
 @FORMS.register(Cosine)
 def _cosine(form: Cosine, t: int) -> float:
-    x = min(max(t - 1, 0) / max(form.steps - 1, 1), 1.0)
+    x = _progress(t, form.steps)
     return form.end + (form.start - form.end) * 0.5 * (1 + math.cos(math.pi * x))
 
 
@@ -118,9 +123,11 @@ class Schedule:
 
     def ranks(self, step: int, max_ranks: list[int]) -> list[int]:
         f = self.fraction(step)
+        if f >= 1.0:
+            return list(max_ranks)
         out = []
         for R in max_ranks:
-            r = int(round(f * R / self.align)) * self.align
+            r = round(f * R / self.align) * self.align
             out.append(min(R, max(min(self.min_rank, R), r)))
         return out
 

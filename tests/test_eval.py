@@ -263,7 +263,8 @@ def test_xsum_prompt_formats(tok):
 
     frame = len(tok(PLAIN_PROMPT.format(article=""), add_special_tokens=False).input_ids) + 1
     assert plain[0] == tok.bos_token_id and frame + 15 < len(plain) <= frame + 22
-    assert tok.decode(plain, skip_special_tokens=True).endswith("\n\nSummarize the above article in one sentence.\nSummary:")
+    tail = "\n\nSummarize the above article in one sentence.\nSummary:"
+    assert tok.decode(plain, skip_special_tokens=True).endswith(tail)
     chat_tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
     chat_tok.chat_template = ("{% for m in messages %}<s>[{{ m.role }}] {{ m.content }}\n{% endfor %}"
                               "{% if add_generation_prompt %}[assistant] {% endif %}")

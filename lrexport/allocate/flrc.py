@@ -22,6 +22,7 @@ from lrexport.allocate.registry import (
     ALLOCATORS,
     AllocContext,
     ProjectionInfo,
+    align_up,
     budget_for,
     check_alloc_args,
     finish,
@@ -43,7 +44,7 @@ class Flrc:
 
 def candidates(p: ProjectionInfo, align: int, min_rank: int) -> list[tuple[int | None, int, float]]:
     """(rank or None for dense, cost, loss) for the ranks a projection may take, by cost."""
-    lo = max(min_rank, align)
+    lo = align_up(min_rank, align)
     ranks = list(range(lo, p.max_lowrank + 1, align))
     tail = p.sigma2.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[r] = Σ_{i>=r} σ²
     pts = [(r, r * p.per_rank, p.loss_weight * tail[r]) for r in ranks]
@@ -75,7 +76,7 @@ def _flrc(cfg: Flrc, ctx: AllocContext):
     spent = sum(c[0][1] for c in cands.values())
     if spent > budget:
         raise ConfigError(f"ratio {cfg.ratio} leaves {budget:,} parameters, fewer than the {spent:,} that rank "
-                          f"{max(cfg.min_rank, cfg.align)} everywhere needs; lower the ratio or min_rank")
+                          f"{align_up(cfg.min_rank, cfg.align)} everywhere needs; lower the ratio or min_rank")
     segments = []  # (gain per param, name, from index, to index)
     for name, pts in cands.items():
         hull = lower_hull(pts)

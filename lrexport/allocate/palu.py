@@ -6,7 +6,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lrexport.allocate.registry import ALLOCATORS, AllocContext, align_down, budget_for, check_alloc_args, finish
+from lrexport.allocate.registry import (
+    ALLOCATORS,
+    AllocContext,
+    align_down,
+    align_up,
+    budget_for,
+    check_alloc_args,
+    finish,
+)
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
 
@@ -45,5 +53,5 @@ def _palu(cfg: PaluFisher, ctx: AllocContext):
     ranks: dict[str, int | None] = {}
     for p in ctx.infos:
         r = align_down(int(share[p.name] / p.per_rank), cfg.align)
-        ranks[p.name] = None if r > p.max_lowrank else max(r, cfg.min_rank)
+        ranks[p.name] = None if r > p.max_lowrank else max(r, align_up(cfg.min_rank, cfg.align))
     return finish(ranks, ctx, budget, t0)

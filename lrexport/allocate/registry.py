@@ -94,6 +94,10 @@ def align_down(r: int, align: int) -> int:
     return (r // align) * align
 
 
+def align_up(r: int, align: int) -> int:
+    return -(-r // align) * align
+
+
 def finish(ranks: dict[str, int | None], ctx: AllocContext, budget: int, t0: float, **details) -> Allocation:
     infos = {p.name: p for p in ctx.infos}
     low = {k: int(v) for k, v in ranks.items() if v is not None}

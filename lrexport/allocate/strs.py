@@ -12,7 +12,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lrexport.allocate.registry import ALLOCATORS, AllocContext, align_down, budget_for, check_alloc_args, finish
+from lrexport.allocate.registry import (
+    ALLOCATORS,
+    AllocContext,
+    align_down,
+    align_up,
+    budget_for,
+    check_alloc_args,
+    finish,
+)
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
 from lrexport.util import progress
@@ -44,7 +52,8 @@ def _strs(cfg: Strs, ctx: AllocContext):
     for p in ctx.infos:
         rows = []
         for g in sorted(cfg.grid):
-            r = min(max(align_down(int(g * p.dense / p.per_rank), cfg.align), cfg.min_rank), p.max_lowrank)
+            r = min(max(align_down(int(g * p.dense / p.per_rank), cfg.align), align_up(cfg.min_rank, cfg.align)),
+                    align_down(p.max_lowrank, cfg.align))
             rows.append((r, ctx.evaluate(p.name, r)))
             bar.update(1)
         table[p.name] = rows

@@ -5,7 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lrexport.allocate.registry import ALLOCATORS, AllocContext, align_down, budget_for, check_alloc_args, finish
+from lrexport.allocate.registry import (
+    ALLOCATORS,
+    AllocContext,
+    align_down,
+    align_up,
+    budget_for,
+    check_alloc_args,
+    finish,
+)
 from lrexport.config import register_config
 
 
@@ -27,5 +35,5 @@ def _uniform(cfg: Uniform, ctx: AllocContext):
     ranks = {}
     for p in ctx.infos:
         r = align_down(int(keep * p.dense / p.per_rank), cfg.align)
-        ranks[p.name] = min(max(r, cfg.min_rank), p.max_lowrank)
+        ranks[p.name] = min(max(r, align_up(cfg.min_rank, cfg.align)), align_down(p.max_lowrank, cfg.align))
     return finish(ranks, ctx, budget_for(cfg.ratio, ctx), t0)

@@ -73,7 +73,7 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"{p}: no such file")
     if p.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(p.read_text(encoding="utf-8").split("\n")):
             if not line.strip():
                 continue
             try:
@@ -97,8 +97,8 @@ def windows_from_ids(ids: list[int] | torch.Tensor, num_windows: int, window: in
     avail = n // window
     if num_windows > avail:
         raise DataError(f"{what} has room for {avail} windows of {window} tokens, {num_windows} were asked for")
-    starts = torch.linspace(0, n - window, num_windows).long() if num_windows > 1 else torch.zeros(1, dtype=torch.long)
-    return torch.stack([ids[s:s + window] for s in starts.tolist()])
+    starts = [i * (n - window) // (num_windows - 1) for i in range(num_windows)] if num_windows > 1 else [0]
+    return torch.stack([ids[s:s + window] for s in starts])
 
 
 def text_windows(cfg: TextCalibration, tokenizer) -> torch.Tensor:

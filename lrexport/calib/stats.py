@@ -3,7 +3,7 @@
 For every linear of the decoder layers the pass collects:
 
 * ``gram[key]`` -- ``XᵀX`` of the linear's input over all calibration tokens, accumulated
-  in float64 (each batch's product is taken in the activations' own dtype).
+  in float64 (each batch's product is taken in float32, or float64 for float64 models).
   q/k/v share one input (key ``...self_attn.qkv``), gate/up share one (``...mlp.gate_up``).
 * ``abs_mean[key]`` -- mean ``|x|`` per input channel (ASVD's activation scaling).
 * ``fisher_out[fqn]`` -- ``Σ_t (∂L/∂y_t)²`` per output channel (the diagonal empirical
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lrexport.errors import ConfigError
 from lrexport.models.llama import LlamaLR
 from lrexport.util import atomic_write_bytes, progress
 
@@ -105,8 +106,10 @@ def _forward_layer_collect(layer, prefix, hidden, model, stats, zeros_B):
 
     def make_hook(key):
         def hook(_mod, args):
-            # per-batch products in the activations' dtype, accumulated in float64
+            # per-batch products in float32 (float64 for float64 models), accumulated in float64
             x = args[0].reshape(-1, args[0].shape[-1])
+            if x.dtype not in (torch.float32, torch.float64):
+                x = x.float()
             stats.gram[key] = stats.gram.get(key, 0) + (x.T @ x).double()
             stats.abs_mean[key] = stats.abs_mean.get(key, 0) + x.abs().sum(0).double()
         return hook
@@ -177,10 +180,25 @@ def _backward_layer(layer, prefix, inputs, grads_out, model, stats, zeros_B):
 
 def collect_stats(model: LlamaLR, windows: torch.Tensor, *, fisher: bool = True, batch_size: int = 4) -> CalibStats:
     """One streaming pass over ``windows [N, L]``: Gram matrices, |x| and (optionally) Fisher."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ConfigError(f"calibration windows must be [N, L >= 2] token ids, got {tuple(windows.shape)}")
     stats = CalibStats(windows=int(windows.shape[0]), tokens=int(windows.numel()))
+    was_training = model.training
+    grad_state = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    try:
+        return _collect(model, windows, stats, fisher, batch_size)
+    finally:
+        model.train(was_training)
+        for p, rg in grad_state:
+            p.requires_grad_(rg)
+
+
+def _collect(model: LlamaLR, windows: torch.Tensor, stats: CalibStats, fisher: bool, batch_size: int) -> CalibStats:
     zeros_B = torch.zeros(max(batch_size, 1), dtype=torch.int64)
     t0 = time.perf_counter()
     with torch.no_grad():

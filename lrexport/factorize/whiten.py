@@ -45,6 +45,8 @@ class FisherWhitenSvd:
             raise ConfigError(f"ridge must be in [0, 1), got {self.ridge}")
         if not 0 <= self.power <= 1:
             raise ConfigError(f"power must be in [0, 1], got {self.power}")
+        if not self.floor >= 0:
+            raise ConfigError(f"floor must be >= 0, got {self.floor}")
 
 
 def whitening(G: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -88,7 +90,10 @@ def _fisher_whiten_svd(W, cfg: FisherWhitenSvd, stats, fqn) -> Decomposition:
     if stats is None or not stats.has_fisher:
         raise ConfigError("FisherWhitenSvd needs calibration statistics with Fisher information")
     f = stats.fisher_out[fqn].to(torch.float64) / max(stats.tokens, 1)
+    if not bool(f.gt(0).any()):
+        raise ConfigError(f"{fqn}: its Fisher information is all zero; use WhitenSvd for it")
     f = f + cfg.floor * f.mean()
+    f = f.clamp_min(float(f.max()) * 1e-12)  # rows without any gradient keep a tiny weight, not 0
     row_w = f.pow(cfg.power)
     A, B, s2 = _whitened(W, stats.gram_of(fqn), cfg.ridge, row_w)
     # with power 1/2, s2 is already in loss units; otherwise rescale by the mean sensitivity

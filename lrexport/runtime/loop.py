@@ -41,14 +41,20 @@ class GenerationResult:
     tokens: list[list[int]]  # generated ids per prompt (stop token included if hit)
     finish_reasons: list[str]  # "stop" or "length"
     active_fractions: list[float] = field(default_factory=list)  # per decode step, of the dense projections
+    live_rows: list[int] = field(default_factory=list)  # rows still generating at each decode step
     prefill_fraction: float = 1.0
 
     @property
+    def active_sum(self) -> tuple[float, int]:
+        """(sum of activated fractions over every row's decode steps, number of such steps)."""
+        return sum(f * n for f, n in zip(self.active_fractions, self.live_rows)), sum(self.live_rows)
+
+    @property
     def avg_active_params(self) -> float:
-        """Activated projection parameters averaged over the decode steps (prefill fraction if none)."""
-        if not self.active_fractions:
-            return self.prefill_fraction
-        return sum(self.active_fractions) / len(self.active_fractions)
+        """Activated projection parameters, as a fraction of the uncompressed projections, averaged
+        over the decode steps of every row (the prefill fraction when nothing was decoded)."""
+        total, n = self.active_sum
+        return total / n if n else self.prefill_fraction
 
 
 def _fraction(backend: Backend, ranks: list[int] | None) -> float:
@@ -115,6 +121,7 @@ def generate(
             break
         ranks = schedule.ranks(step, backend.rank_max) if use_ranks else None
         result.active_fractions.append(_fraction(backend, ranks))
+        result.live_rows.append(B - sum(done))
         logits, caches = backend.step(nxt[:, None], pos, caches, ranks)
         pos = pos + 1
         last = logits[:, -1]
