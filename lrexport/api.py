@@ -97,7 +97,7 @@ def calibrate(lm: LoadedModel, cfg: SelfCalibration | TextCalibration, *, fisher
         log.info("calibration statistics from cache %s", path)
         return CalibStats.load(path)
     windows = calibration_windows(lm, cfg, graph)
-    stats = collect_stats(lm.model, windows, fisher=fisher)
+    stats = collect_stats(lm.model, windows, fisher=fisher, fisher_windows=cfg.fisher_windows)
     if use_cache:
         stats.save(path)
     return stats

@@ -354,3 +354,24 @@ def test_read_text_jsonl_with_unicode_line_separators_in_text(tmp_path, sep):
     p = tmp_path / "u.jsonl"
     p.write_text(json.dumps({"text": f"a{sep}b"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_text(p) == f"a{sep}b"
+
+
+def test_fisher_windows_subset(make_tiny_model, make_windows):
+    """Fisher from a subset equals a full Fisher pass over that subset; Gram still uses every window."""
+    from lrexport.calib.stats import fisher_subset
+
+    windows = make_windows(31, num=6, length=10)
+    model = make_tiny_model(seed=31)
+    part = collect_stats(model, windows, fisher=True, batch_size=4, fisher_windows=2)
+    sel = fisher_subset(6, 2)
+    assert sel == [0, 3]
+    ref = collect_stats(model, windows[sel], fisher=True, batch_size=4)
+    full = collect_stats(model, windows, fisher=False, batch_size=4)
+    assert part.fisher_tokens == 20 and part.fisher_norm == 20 and part.tokens == 60
+    for k in ref.fisher_out:
+        assert rel(part.fisher_out[k], ref.fisher_out[k]) < 1e-6, k
+        assert part.fisher_w[k] == pytest.approx(ref.fisher_w[k], rel=1e-6)
+    for k in full.gram:
+        assert rel(part.gram[k], full.gram[k]) < 1e-6, k
+    with pytest.raises(ConfigError, match="fisher_windows"):
+        collect_stats(model, windows, fisher_windows=0)

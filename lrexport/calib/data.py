@@ -29,16 +29,17 @@ class TextCalibration:
     path: str
     num_windows: int = 32
     window: int = 512
+    fisher_windows: int = 8  # the Fisher (backward) pass uses the first this many windows
 
     def __post_init__(self):
-        _check_sizes(self.num_windows, self.window)
+        _check_sizes(self.num_windows, self.window, self.fisher_windows)
         p = Path(self.path).expanduser()
         if not p.is_file():
             raise DataError(f"calibration file {p} does not exist")
 
     def fingerprint(self) -> dict:
         return {"kind": "text", "sha256": file_digest(Path(self.path).expanduser()),
-                "num_windows": self.num_windows, "window": self.window}
+                "num_windows": self.num_windows, "window": self.window, "fisher_windows": self.fisher_windows}
 
 
 @register_config
@@ -46,22 +47,25 @@ class TextCalibration:
 class SelfCalibration:
     num_windows: int = 32
     window: int = 512
+    fisher_windows: int = 8
     seed: int = 0
     temperature: float = 1.0
 
     def __post_init__(self):
-        _check_sizes(self.num_windows, self.window)
+        _check_sizes(self.num_windows, self.window, self.fisher_windows)
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
     def fingerprint(self) -> dict:
         return {"kind": "self", "num_windows": self.num_windows, "window": self.window,
-                "seed": self.seed, "temperature": self.temperature}
+                "fisher_windows": self.fisher_windows, "seed": self.seed, "temperature": self.temperature}
 
 
-def _check_sizes(num_windows: int, window: int) -> None:
+def _check_sizes(num_windows: int, window: int, fisher_windows: int) -> None:
     if num_windows < 1:
         raise ConfigError(f"calibration num_windows must be >= 1, got {num_windows}")
+    if fisher_windows < 1:
+        raise ConfigError(f"calibration fisher_windows must be >= 1, got {fisher_windows}")
     if window < 2:
         raise ConfigError(f"calibration window must be >= 2 tokens, got {window}")
 

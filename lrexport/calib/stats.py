@@ -50,12 +50,18 @@ class CalibStats:
     fisher_w: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
     windows: int = 0
+    fisher_tokens: int = 0  # tokens of the windows the Fisher pass used (0: all of them)
     seconds_forward: float = 0.0
     seconds_fisher: float = 0.0
 
     @property
     def has_fisher(self) -> bool:
         return bool(self.fisher_out)
+
+    @property
+    def fisher_norm(self) -> int:
+        """Token count that turns the summed Fisher statistics into per-token means."""
+        return self.fisher_tokens or self.tokens
 
     def gram_of(self, fqn: str) -> torch.Tensor:
         return self.gram[input_key(fqn)]
@@ -70,7 +76,7 @@ class CalibStats:
         tensors |= {f"abs_mean/{k}": v.contiguous() for k, v in self.abs_mean.items()}
         tensors |= {f"fisher_out/{k}": v.contiguous() for k, v in self.fisher_out.items()}
         tensors |= {f"fisher_w/{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.fisher_w.items()}
-        meta = {"tokens": str(self.tokens), "windows": str(self.windows),
+        meta = {"tokens": str(self.tokens), "windows": str(self.windows), "fisher_tokens": str(self.fisher_tokens),
                 "seconds_forward": str(self.seconds_forward), "seconds_fisher": str(self.seconds_fisher)}
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
@@ -89,6 +95,7 @@ class CalibStats:
                 else:
                     getattr(s, kind)[name] = t
         s.tokens, s.windows = int(meta.get("tokens", 0)), int(meta.get("windows", 0))
+        s.fisher_tokens = int(meta.get("fisher_tokens", 0))
         s.seconds_forward = float(meta.get("seconds_forward", 0.0))
         s.seconds_fisher = float(meta.get("seconds_fisher", 0.0))
         return s
@@ -178,12 +185,19 @@ def _backward_layer(layer, prefix, inputs, grads_out, model, stats, zeros_B):
     return out
 
 
-def collect_stats(model: LlamaLR, windows: torch.Tensor, *, fisher: bool = True, batch_size: int = 4) -> CalibStats:
-    """One streaming pass over ``windows [N, L]``: Gram matrices, |x| and (optionally) Fisher."""
+def collect_stats(model: LlamaLR, windows: torch.Tensor, *, fisher: bool = True, batch_size: int = 4,
+                  fisher_windows: int | None = None) -> CalibStats:
+    """One streaming pass over ``windows [N, L]``: Gram matrices, |x| and (optionally) Fisher.
+
+    The Fisher statistics use the first ``fisher_windows`` windows (all when None); the
+    backward pass costs about three forward passes, so fewer windows make it cheaper.
+    """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ConfigError(f"calibration windows must be [N, L >= 2] token ids, got {tuple(windows.shape)}")
+    if fisher_windows is not None and fisher_windows < 1:
+        raise ConfigError(f"fisher_windows must be >= 1, got {fisher_windows}")
     stats = CalibStats(windows=int(windows.shape[0]), tokens=int(windows.numel()))
     was_training = model.training
     grad_state = [(p, p.requires_grad) for p in model.parameters()]
@@ -191,32 +205,55 @@ def collect_stats(model: LlamaLR, windows: torch.Tensor, *, fisher: bool = True,
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        return _collect(model, windows, stats, fisher, batch_size)
+        nf = len(windows) if fisher_windows is None else min(fisher_windows, len(windows))
+        # the Fisher windows, spread evenly over the set, go first (the Gram sums are order-free)
+        sel = fisher_subset(len(windows), nf)
+        order = sel + [i for i in range(len(windows)) if i not in set(sel)]
+        return _collect(model, windows[order], stats, nf if fisher else 0, batch_size)
     finally:
         model.train(was_training)
         for p, rg in grad_state:
             p.requires_grad_(rg)
 
 
-def _collect(model: LlamaLR, windows: torch.Tensor, stats: CalibStats, fisher: bool, batch_size: int) -> CalibStats:
+def fisher_subset(n: int, k: int) -> list[int]:
+    """Indices of ``k`` of ``n`` windows spread evenly (all of them when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
+def _first(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first ``n`` rows of a list of batches, as a list of batches."""
+    out = []
+    for b in batches:
+        if n <= 0:
+            break
+        out.append(b[:n])
+        n -= b.shape[0]
+    return out
+
+
+def _collect(model: LlamaLR, windows: torch.Tensor, stats: CalibStats, nf: int, batch_size: int) -> CalibStats:
     zeros_B = torch.zeros(max(batch_size, 1), dtype=torch.int64)
     t0 = time.perf_counter()
     with torch.no_grad():
         hidden = [model.model.embed_tokens(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
-    boundaries = [hidden]
+    boundaries = [_first(hidden, nf)]
     layers = list(model.model.layers)
     for li, layer in enumerate(progress(layers, desc="calibrate: forward", unit="layer")):
         hidden = _forward_layer_collect(layer, f"model.layers.{li}", hidden, model, stats, zeros_B)
-        if fisher:
-            boundaries.append(hidden)
+        if nf:
+            boundaries.append(_first(hidden, nf))
     for k in stats.abs_mean:
         stats.abs_mean[k] = stats.abs_mean[k] / stats.tokens
     stats.seconds_forward = time.perf_counter() - t0
-    if not fisher:
+    if not nf:
         return stats
     t1 = time.perf_counter()
+    stats.fisher_tokens = nf * windows.shape[1]
     grads = []
-    targets = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    targets = _first([windows[i:i + batch_size] for i in range(0, len(windows), batch_size)], nf)
     for h, ids in zip(boundaries[-1], targets):
         x = h.detach().requires_grad_(True)
         with torch.enable_grad():

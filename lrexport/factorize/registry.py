@@ -71,6 +71,6 @@ def balanced_split(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> tuple[
 
 def output_sensitivity(stats: CalibStats | None, fqn: str) -> float:
     """Mean squared output gradient per token and channel (1.0 without Fisher data)."""
-    if stats is None or fqn not in stats.fisher_out or stats.tokens == 0:
+    if stats is None or fqn not in stats.fisher_out or stats.fisher_norm == 0:
         return 1.0
-    return float(stats.fisher_out[fqn].mean()) / stats.tokens
+    return float(stats.fisher_out[fqn].mean()) / stats.fisher_norm

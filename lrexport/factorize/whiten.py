@@ -89,7 +89,7 @@ def _whiten_svd(W, cfg: WhitenSvd, stats, fqn) -> Decomposition:
 def _fisher_whiten_svd(W, cfg: FisherWhitenSvd, stats, fqn) -> Decomposition:
     if stats is None or not stats.has_fisher:
         raise ConfigError("FisherWhitenSvd needs calibration statistics with Fisher information")
-    f = stats.fisher_out[fqn].to(torch.float64) / max(stats.tokens, 1)
+    f = stats.fisher_out[fqn].to(torch.float64) / max(stats.fisher_norm, 1)
     if not bool(f.gt(0).any()):
         raise ConfigError(f"{fqn}: its Fisher information is all zero; use WhitenSvd for it")
     f = f + cfg.floor * f.mean()
