@@ -41,6 +41,7 @@ from lrexport.trace.export import trace
 
 log = logging.getLogger("bench.quality")
 RESULTS = Path(__file__).resolve().parent / "results"
+MIN_NEW_TOKENS = 4  # the stop token is masked for the first 4 tokens (same for every row)
 ALLOC_NAMES = {None: "none", Uniform: "uniform", PaluFisher: "palu", Strs: "strs", Flrc: "flrc"}
 
 
@@ -63,7 +64,6 @@ def rows_for(ratios: list[float], delta: float) -> list[Row]:
             Row(f"svdllm-uniform-{r:.0%}", WhitenSvd(), Uniform, r),
             Row(f"palu-fisher-{r:.0%}", WhitenSvd(), PaluFisher, r),
             Row(f"strs-{r:.0%}", WhitenSvd(), Strs, r),
-            Row(f"flrc-whiten-{r:.0%}", WhitenSvd(), Flrc, r),
             Row(f"flrc-{r:.0%}", FisherWhitenSvd(), Flrc, r),
             Row(f"flrc-progressive-linear-{r:.0%}", FisherWhitenSvd(), Flrc, r, "linear", r - delta),
             Row(f"flrc-progressive-steps-{r:.0%}", FisherWhitenSvd(), Flrc, r, "steps", r - delta),
@@ -109,9 +109,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--xsum", type=int, default=200)
     ap.add_argument("--zeroshot", default="arc_easy,piqa")
-    ap.add_argument("--zeroshot-limit", type=int, default=500)
+    ap.add_argument("--zeroshot-limit", type=int, default=200)
+    ap.add_argument("--article-tokens", type=int, default=384, help="XSum articles are truncated to this")
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--strs-windows", type=int, default=4)
+    ap.add_argument("--strs-windows", type=int, default=2, help="STRS probes: calibration windows per probe")
+    ap.add_argument("--strs-window", type=int, default=256, help="STRS probes: tokens per window")
     ap.add_argument("--only", default=None, help="comma list of row-name prefixes to run")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 ppl windows, 8 pairs, 50 zero-shot items")
     ap.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     tok = lm.tokenizer
     data = default_data_dir()
     calib = TextCalibration(path=str(data / "wikitext2" / "valid.tokens.txt"), num_windows=args.calib_windows,
-                            window=512)
+                            window=512, fisher_windows=min(8, args.calib_windows))
     t = time.perf_counter()
     stats = api.calibrate(lm, calib, fisher=True)
     calib_s = time.perf_counter() - t
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
             stored = row.stored_ratio if row.stored_ratio is not None else row.ratio
             if row.alloc is Strs:
                 if "probe" not in strs_cache:
-                    windows = api.calibration_windows(lm, calib)[: args.strs_windows]
+                    windows = api.calibration_windows(lm, calib)[: args.strs_windows, : args.strs_window]
                     strs_cache["probe"] = _Memo(LayerwisePerplexity(lm.model, windows, ds))
                 ctx.evaluate = strs_cache["probe"]
             probe_before = strs_cache["probe"].seconds if row.alloc is Strs else 0.0
@@ -195,8 +197,8 @@ def main(argv=None) -> int:
                "params_kept": kept, "kv_bytes_per_token": cm.graph.cache.bytes_per_token()}
         res["ppl"] = perplexity(backend, tok, text, window=512, num_windows=args.ppl_windows).ppl
         if pairs:
-            gen = api.generate_fn(cm)
-            xs = xsum_rouge(gen, tok, pairs=pairs, n=len(pairs))
+            gen = api.generate_fn(cm, min_new_tokens=MIN_NEW_TOKENS)
+            xs = xsum_rouge(gen, tok, pairs=pairs, n=len(pairs), max_article_tokens=args.article_tokens)
             res["rougeL"] = xs.rougeL
             res["avg_active_params"] = gen.avg_active()
             if row.name == "base":
@@ -238,9 +240,14 @@ def write(args, rows, calib_s, stats) -> None:
            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
            "settings": {"ppl": f"WikiText-2 test (wiki.test.raw), {args.ppl_windows} windows of 512 tokens",
-                        "calibration": f"WikiText-2 valid.tokens.txt, {args.calib_windows} windows of 512 tokens",
+                        "calibration": f"WikiText-2 valid.tokens.txt, {args.calib_windows} windows of 512 tokens "
+                                       f"(Fisher pass on {min(8, args.calib_windows)} of them)",
+                        "strs": f"{args.strs_windows} windows of {args.strs_window} tokens per probe, "
+                                "grid 0.1..0.9 of dense parameters",
                         "calibration_s": calib_s, "fisher_s": stats.seconds_fisher,
-                        "xsum": f"first {args.xsum} pairs, greedy, max 48 new tokens, chat template prompt",
+                        "xsum": f"first {args.xsum} pairs, articles truncated to {args.article_tokens} tokens, "
+                                f"greedy, {MIN_NEW_TOKENS} to 48 new tokens, first line kept, chat-template prompt "
+                                "'Summarize the following article in one sentence.\\n\\nArticle: {article}'",
                         "zeroshot": f"acc, seeded sample of {args.zeroshot_limit} items per task"},
            "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(doc, indent=2))

@@ -177,7 +177,8 @@ def stop_ids(cm: CompressedModel) -> list[int]:
     return sorted(ids)
 
 
-def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True, batch_size: int = 8):
+def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True, batch_size: int = 8,
+                min_new_tokens: int = 0):
     """A ``GenerateFn`` (greedy) over the compressed graph, applying the plan's schedule.
 
     ``schedule=True`` uses the plan's schedule, ``None``/``False`` none, or pass another one.
@@ -193,7 +194,7 @@ def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True,
         out = []
         for i in range(0, len(prompts), batch_size):
             res = generate(backend, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=stops,
-                           schedule=sched)
+                           schedule=sched, min_new_tokens=min_new_tokens)
             s, n = res.active_sum
             acc["sum"], acc["n"], acc["prefill"] = acc["sum"] + s, acc["n"] + n, res.prefill_fraction
             fn.steps.extend(len(t) - 1 for t in res.tokens)
@@ -206,7 +207,8 @@ def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True,
 
 
 def evaluate(*, model: str | Path | CompressedModel | None = None, ppl: bool = True, ppl_window: int = 512,
-             ppl_windows: int | None = 40, xsum: int = 0, zeroshot_tasks: tuple[str, ...] = (),
+             ppl_windows: int | None = 40, xsum: int = 0, xsum_min_new_tokens: int = 4,
+             zeroshot_tasks: tuple[str, ...] = (),
              zeroshot_limit: int | None = None, data_dir: str | Path | None = None,
              schedule: Schedule | None | bool = True, reference_predictions: list[str] | None = None) -> dict[str, Any]:
     """Perplexity, XSum ROUGE-L and zero-shot accuracy of a (compressed) model, as a dict."""
@@ -222,7 +224,7 @@ def evaluate(*, model: str | Path | CompressedModel | None = None, ppl: bool = T
         r = ev.perplexity(backend, cm.tokenizer, text, window=ppl_window, num_windows=ppl_windows)
         out["ppl"] = {"ppl": r.ppl, "window": r.window, "windows": r.windows, "tokens": r.tokens}
     if xsum:
-        gen = generate_fn(cm, schedule=schedule)
+        gen = generate_fn(cm, schedule=schedule, min_new_tokens=xsum_min_new_tokens)
         pairs = ev.xsum_pairs(n=xsum, data_dir=data_dir)
         r = ev.xsum_rouge(gen, cm.tokenizer, pairs=pairs, n=xsum)
         out["xsum"] = {"rougeL": r.rougeL, "n": r.n, "prompt_format": r.prompt_format,

@@ -46,7 +46,8 @@ class LayerwisePerplexity:
             h = self.inputs[layer_idx]
             for layer in self.model.model.layers[layer_idx:]:
                 h = self._layer(layer, h)
-            logits = self.model.lm_head(self.model.model.norm(h)).float()
+            logits = self.model.lm_head(self.model.model.norm(h))
+            logits = logits if logits.dtype == torch.float64 else logits.float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), self.windows[:, 1:].reshape(-1))
             return math.exp(float(nll))
         finally:

@@ -60,33 +60,40 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_format(tokenizer: Any) -> str:
+def _use_chat(tokenizer: Any, chat: bool | None) -> bool:
+    if chat and not has_chat_template(tokenizer):
+        raise ConfigError("chat=True, but the tokenizer has no chat template")
+    return has_chat_template(tokenizer) if chat is None else chat
+
+
+def prompt_format(tokenizer: Any, chat: bool | None = None) -> str:
     """A one-line description of the prompt format :func:`xsum_prompt` uses with ``tokenizer``."""
-    if has_chat_template(tokenizer):
+    if _use_chat(tokenizer, chat):
         return f"chat template, user message {CHAT_PROMPT!r}, add_generation_prompt=True"
     return f"plain {PLAIN_PROMPT!r}"
 
 
-def xsum_prompt(tokenizer: Any, article: str, *, max_article_tokens: int = 512) -> list[int]:
+def xsum_prompt(tokenizer: Any, article: str, *, max_article_tokens: int = 512, chat: bool | None = None) -> list[int]:
     """Token ids of the summarization prompt for ``article``.
 
     The article is truncated to its first ``max_article_tokens`` tokens. With a chat
     template: one user message ``"Summarize the following article in one sentence.\\n\\n
     Article: {article}"`` and ``add_generation_prompt=True``. Without: ``"Article:
-    {article}\\n\\nSummarize the above article in one sentence.\\nSummary:"`` after BOS.
+    {article}\\n\\nSummarize the above article in one sentence.\\nSummary:"`` with the
+    tokenizer's own special tokens (BOS where the tokenizer adds one).
+    ``chat`` forces one form (None: the chat template when the tokenizer has one).
     """
     if isinstance(max_article_tokens, bool) or not isinstance(max_article_tokens, int) or max_article_tokens < 1:
         raise ConfigError(f"max_article_tokens must be a positive integer, got {max_article_tokens!r}")
     ids = tokenizer(article, add_special_tokens=False).input_ids
     if len(ids) > max_article_tokens:
         article = tokenizer.decode(ids[:max_article_tokens], skip_special_tokens=True)
-    if has_chat_template(tokenizer):
+    if _use_chat(tokenizer, chat):
         messages = [{"role": "user", "content": CHAT_PROMPT.format(article=article)}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False).input_ids)
-    prompt = list(tokenizer(PLAIN_PROMPT.format(article=article), add_special_tokens=False).input_ids)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos, *prompt] if bos is not None else prompt
+    # the tokenizer adds BOS only where its model expects one (not, e.g., a chat-start token)
+    return list(tokenizer(PLAIN_PROMPT.format(article=article), add_special_tokens=True).input_ids)
 
 
 def clean_generation(tokenizer: Any, ids: list[int]) -> str:
@@ -97,7 +104,7 @@ def clean_generation(tokenizer: Any, ids: list[int]) -> str:
 
 def xsum_rouge(generate_fn: GenerateFn, tokenizer: Any, *,
                pairs: list[dict[str, str]] | None = None, n: int | None = 200, max_new_tokens: int = 48,
-               batch_size: int = 8, max_article_tokens: int = 512) -> RougeResult:
+               batch_size: int = 8, max_article_tokens: int = 512, chat: bool | None = None) -> RougeResult:
     """Generate one-sentence summaries of XSum articles and score them with ROUGE-L.
 
     Args:
@@ -108,6 +115,7 @@ def xsum_rouge(generate_fn: GenerateFn, tokenizer: Any, *,
         max_new_tokens: generation budget per summary.
         batch_size: prompts per ``generate_fn`` call.
         max_article_tokens: articles are truncated to this many tokens.
+        chat: use the chat template (None: when the tokenizer has one).
     """
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,7 +126,7 @@ def xsum_rouge(generate_fn: GenerateFn, tokenizer: Any, *,
         pairs = pairs[:n]
     if not pairs:
         raise ConfigError("xsum_rouge needs at least one (article, summary) pair")
-    prompts = [xsum_prompt(tokenizer, p["article"], max_article_tokens=max_article_tokens) for p in pairs]
+    prompts = [xsum_prompt(tokenizer, p["article"], max_article_tokens=max_article_tokens, chat=chat) for p in pairs]
     predictions: list[str] = []
     chunks = range(0, len(prompts), batch_size)
     for start in progress(chunks, desc="xsum", total=len(chunks)):
@@ -131,4 +139,4 @@ def xsum_rouge(generate_fn: GenerateFn, tokenizer: Any, *,
     score = rouge_l(predictions, references)
     log.info("XSum ROUGE-L %.4f over %d articles", score, len(pairs))
     return RougeResult(rougeL=score, n=len(pairs), predictions=predictions, references=references,
-                       prompt_format=prompt_format(tokenizer))
+                       prompt_format=prompt_format(tokenizer, chat))

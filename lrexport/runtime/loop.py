@@ -73,10 +73,12 @@ def generate(
     stop_ids: Sequence[int] = (),
     schedule: Schedule | None = None,
     pad_id: int = 0,
+    min_new_tokens: int = 0,
     on_token: Callable[[int, list[int | None]], None] | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt; ``on_token(step, ids)`` streams them
-    (``None`` for rows that already stopped)."""
+    (``None`` for rows that already stopped). Stop tokens cannot be sampled before
+    ``min_new_tokens`` tokens were generated."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -103,7 +105,10 @@ def generate(
     result = GenerationResult(tokens=[[] for _ in range(B)], finish_reasons=["length"] * B,
                               prefill_fraction=_fraction(backend, ranks))
     done = [False] * B
+    suppress = torch.tensor(sorted(stops), dtype=torch.int64)
     for step in range(1, max_new_tokens + 1):
+        if step <= min_new_tokens and len(suppress):
+            last = last.index_fill(-1, suppress, float("-inf"))
         nxt = sample(last, sampling, gen)
         emitted: list[int | None] = []
         for b in range(B):
