@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from lrexport.compile import CompressedModel, compile_model, load_compressed
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
 from lrexport.factorize import Decomposition, FisherWhitenSvd, factorize
+from lrexport.kv.palu import PaluKV, build_latent_kv
 from lrexport.models.default import resolve_model_path
 from lrexport.models.load import LoadedModel, load_model
 from lrexport.models.spec import PROJECTIONS
@@ -111,9 +113,13 @@ def decompose(lm: LoadedModel, wc: WeightCompression, stats: CalibStats) -> dict
 
 
 def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCompression | None = None,
-             calibration: SelfCalibration | TextCalibration | None = None, schedule: Schedule | None = None,
-             max_len: int = 2048, use_cache: bool = True) -> CompressionResult:
-    """Load (or take) a model, trace it once, calibrate, factorize, allocate and apply the passes."""
+             kv: PaluKV | None = None, calibration: SelfCalibration | TextCalibration | None = None,
+             schedule: Schedule | None = None, max_len: int = 2048, use_cache: bool = True) -> CompressionResult:
+    """Load (or take) a model, trace it once, calibrate, factorize, allocate and apply the passes.
+
+    ``weights`` compresses the projections (FLRC and baselines), ``kv`` the KV cache (Palu);
+    with both, ``k_proj``/``v_proj`` belong to the KV pass and leave the weight targets.
+    """
     t_start = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load(model, max_len=max_len)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t_start}
@@ -125,13 +131,23 @@ def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCo
     calibration = calibration or SelfCalibration()
     plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len, schedule=schedule,
                 dtype=str(lm.model.model.embed_tokens.weight.dtype).removeprefix("torch."))
-    factors, stats = {}, None
-    if weights is not None:
+    factors, stats, latent = {}, None, {}
+    if weights is not None and kv is not None and {"k_proj", "v_proj"} & set(weights.targets):
+        targets = tuple(t for t in weights.targets if t not in ("k_proj", "v_proj"))
+        log.info("k_proj/v_proj are compressed by the KV pass; weight targets: %s", ", ".join(targets))
+        weights = dataclasses.replace(weights, targets=targets)
+    if weights is not None or kv is not None:
         t = time.perf_counter()
         stats = calibrate(lm, calibration, fisher=True, use_cache=use_cache, graph=graph)
         timings["calibrate_s"] = time.perf_counter() - t
         timings["fisher_s"] = stats.seconds_fisher
         plan.calibration = {**calibration.fingerprint(), "tokens": stats.tokens}
+    if kv is not None:
+        built = build_latent_kv(lm.model, stats, kv)
+        latent, plan.kv = built.layers, built.plan
+        timings["kv_build_s"] = built.seconds
+        timings["kv_alloc_s"] = built.allocation.seconds
+    if weights is not None:
         t = time.perf_counter()
         decomps = decompose(lm, weights, stats)
         timings["factorize_s"] = time.perf_counter() - t
@@ -151,7 +167,7 @@ def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCo
                                   alloc_seconds=alloc.seconds)
         del decomps
     t = time.perf_counter()
-    cm = compile_model(lm.model, plan, factors, tokenizer=lm.tokenizer, graph=graph)
+    cm = compile_model(lm.model, plan, factors, tokenizer=lm.tokenizer, graph=graph, latent=latent)
     timings["passes_s"] = time.perf_counter() - t
     timings["compress_s"] = time.perf_counter() - t_start
     return CompressionResult(compressed=cm, timings=timings, stats=stats)

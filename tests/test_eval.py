@@ -261,8 +261,10 @@ def test_xsum_prompt_formats(tok):
     plain = xsum_prompt(tok, article, max_article_tokens=20)
     from lrexport.eval.rouge import PLAIN_PROMPT
 
-    frame = len(tok(PLAIN_PROMPT.format(article=""), add_special_tokens=False).input_ids) + 1
-    assert plain[0] == tok.bos_token_id and frame + 15 < len(plain) <= frame + 22
+    # the plain form carries exactly the special tokens the tokenizer itself adds (none for this one)
+    frame = len(tok(PLAIN_PROMPT.format(article=""), add_special_tokens=True).input_ids)
+    assert plain[: 2] == tok("Article:", add_special_tokens=True).input_ids[:2]
+    assert frame + 15 < len(plain) <= frame + 22
     tail = "\n\nSummarize the above article in one sentence.\nSummary:"
     assert tok.decode(plain, skip_special_tokens=True).endswith(tail)
     chat_tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
@@ -271,6 +273,10 @@ def test_xsum_prompt_formats(tok):
     text = chat_tok.decode(xsum_prompt(chat_tok, "Short article."), skip_special_tokens=False)
     assert text == ("<s>[user] Summarize the following article in one sentence.\n\nArticle: Short article.\n"
                     "[assistant] ")
+    forced_plain = chat_tok.decode(xsum_prompt(chat_tok, "Short article.", chat=False), skip_special_tokens=False)
+    assert forced_plain.startswith("Article: Short article.")
+    with pytest.raises(ConfigError, match="no chat template"):
+        xsum_prompt(tok, "Short article.", chat=True)
 
 
 # ---------------------------------------------------------------- data readers and errors

@@ -115,3 +115,12 @@ def test_errors(lm):
         generate(backend, [[]], max_new_tokens=3)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate(backend, [[1]], max_new_tokens=0)
+
+
+def test_min_new_tokens_masks_stop_tokens(lm):
+    backend = TorchBackend(trace(lm.model))
+    first = generate(backend, [[1, 2, 3]], max_new_tokens=1).tokens[0][0]
+    stopped = generate(backend, [[1, 2, 3]], max_new_tokens=6, stop_ids=[first])
+    assert stopped.tokens[0] == [first] and stopped.finish_reasons == ["stop"]
+    held = generate(backend, [[1, 2, 3]], max_new_tokens=6, stop_ids=[first], min_new_tokens=3)
+    assert first not in held.tokens[0][:3] and len(held.tokens[0]) >= 4 or held.finish_reasons == ["length"]

@@ -34,14 +34,16 @@ class ProjectionInfo:
     sigma2: torch.Tensor  # [K] non-increasing: the squared singular values of its decomposition
     loss_weight: float = 1.0  # loss of dropping component i ≈ loss_weight * sigma2[i]
     fisher_w: float = 0.0  # total weight Fisher (Palu's score)
+    unit_cost: int | None = None  # cost of one unit of rank (default m + n parameters)
+    full_cost: int | None = None  # cost of keeping it whole (default m * n parameters)
 
     @property
     def dense(self) -> int:
-        return self.m * self.n
+        return self.full_cost if self.full_cost is not None else self.m * self.n
 
     @property
     def per_rank(self) -> int:
-        return self.m + self.n
+        return self.unit_cost if self.unit_cost is not None else self.m + self.n
 
     @property
     def max_lowrank(self) -> int:

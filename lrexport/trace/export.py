@@ -27,11 +27,11 @@ MAX_BATCH = 1024
 
 @dataclass
 class CacheLayout:
-    """The cache tensors of the graph: one (name, width) pair per buffer, two per layer."""
+    """The cache tensors of the graph, in input order: ``[B, P, width]`` each, of its dtype."""
 
     names: list[str]
     widths: list[int]
-    dtype: str = "float32"
+    dtypes: list[str]
 
     @classmethod
     def dense(cls, spec: ModelSpec, dtype: torch.dtype = torch.float32) -> CacheLayout:
@@ -39,15 +39,16 @@ class CacheLayout:
         for i in range(spec.num_layers):
             names += [f"past_key_{i}", f"past_value_{i}"]
             widths += [spec.kv_dim, spec.kv_dim]
-        return cls(names=names, widths=widths, dtype=str(dtype).removeprefix("torch."))
+        return cls(names=names, widths=widths, dtypes=[str(dtype).removeprefix("torch.")] * len(names))
 
     def empty(self, batch: int, capacity: int, device: str | torch.device = "cpu") -> list[torch.Tensor]:
-        dt = getattr(torch, self.dtype)
-        return [torch.zeros(batch, capacity, w, dtype=dt, device=device) for w in self.widths]
+        return [torch.zeros(batch, capacity, w, dtype=getattr(torch, d), device=device)
+                for w, d in zip(self.widths, self.dtypes)]
 
     def bytes_per_token(self) -> int:
-        """Cache bytes per token and sequence, all layers together."""
-        return sum(self.widths) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        """Cache bytes per token and sequence, all layers together (scales included)."""
+        return sum(w * torch.empty((), dtype=getattr(torch, d)).element_size()
+                   for w, d in zip(self.widths, self.dtypes))
 
 
 @dataclass

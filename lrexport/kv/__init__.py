@@ -1,0 +1,1 @@
+"""Palu KV-cache compression: latent K/V projections, their allocation and quantization."""
