@@ -54,7 +54,8 @@ class PaluKV:
 
     def __post_init__(self):
         if not isinstance(self.allocation, (Uniform, PaluFisher, Flrc)):
-            raise ConfigError(f"KV allocation must be Uniform, PaluFisher or Flrc, got {type(self.allocation).__name__}")
+            raise ConfigError("KV allocation must be Uniform, PaluFisher or Flrc, "
+                              f"got {type(self.allocation).__name__}")
         if not isinstance(self.factorization, (WhitenSvd, FisherWhitenSvd)):
             raise ConfigError("KV factorization must be WhitenSvd or FisherWhitenSvd")
         if self.group_size < 0:

@@ -113,6 +113,10 @@ class LatentKVPass:
             if L.groups * L.group_size != spec.num_kv_heads or L.k_up.shape[2] != L.group_size * spec.head_dim:
                 raise PassError(f"{self.name}: layer {layer}: {L.groups} groups of {L.group_size} do not match "
                                 f"{spec.num_kv_heads} KV heads of size {spec.head_dim}")
+            for what, r in (("key", L.rk), ("value", L.rv)):
+                if r > L.group_size * spec.head_dim:
+                    raise PassError(f"{self.name}: layer {layer}: rank {r} of the {what} latent is above the "
+                                    f"{L.group_size * spec.head_dim} dimensions of its group's heads")
             pre = f"model.layers.{layer}.self_attn"
             x = k.args[0]
             with g.inserting_before(attn):

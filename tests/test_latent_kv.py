@@ -1,0 +1,210 @@
+"""Palu: latent-KV attention against independent references, quantization, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrexport.allocate import Flrc, Uniform
+from lrexport.calib.stats import collect_stats
+from lrexport.errors import ConfigError, PassError, ShapeError
+from lrexport.kv.palu import PaluKV, build_latent_kv
+from lrexport.kv.quant import block_hadamard, bytes_per_token, dequantize, hadamard, pack, quantize, unpack
+from lrexport.passes.latent_kv import LatentKVLayer, LatentKVPass
+from lrexport.trace.export import trace
+from tests.tiny import VOCAB, tiny_loaded
+
+GQA = {"num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 64}  # head_dim 8, groups of 1/2/4
+
+
+def exact_layers(lm, s, rank=None):
+    """Latent projections from a plain SVD of each group's rows (truncated to ``rank``)."""
+    spec, mods = lm.spec, dict(lm.model.named_modules())
+    D, G = spec.head_dim, spec.num_kv_heads // s
+    layers = {}
+    for layer in range(spec.num_layers):
+        parts = {}
+        for kind in "kv":
+            lin = mods[f"model.layers.{layer}.self_attn.{kind}_proj"]
+            A, up = [], []
+            for g in range(G):
+                U, S, Vh = torch.linalg.svd(lin.weight.detach()[g * s * D:(g + 1) * s * D], full_matrices=False)
+                r = rank or S.numel()
+                A.append(Vh[:r] * S[:r, None])
+                up.append(U[:, :r].T)
+            parts[kind] = (torch.cat(A), torch.stack(up), None if lin.bias is None else lin.bias.detach().clone())
+        layers[layer] = LatentKVLayer(A_k=parts["k"][0], k_up=parts["k"][1], A_v=parts["v"][0], v_up=parts["v"][1],
+                                      group_size=s, k_bias=parts["k"][2], v_bias=parts["v"][2])
+    return layers
+
+
+def reconstructed_model(lm_kind, layers, seed, **kw):
+    """Independent reference: an eager model whose k/v weights are the latent reconstructions."""
+    ref = tiny_loaded(lm_kind, seed=seed, dtype=torch.float64, **kw)
+    mods = dict(ref.model.named_modules())
+    with torch.no_grad():
+        for layer, L in layers.items():
+            for kind, A, up in (("k", L.A_k, L.k_up), ("v", L.A_v, L.v_up)):
+                G, r, E = up.shape
+                W = torch.cat([up[g].T @ A[g * r:(g + 1) * r] for g in range(G)])  # [Hkv*D, n]
+                mods[f"model.layers.{layer}.self_attn.{kind}_proj"].weight.copy_(W)
+    return ref.model
+
+
+def run_prefill_decode(tg, ids_a, ids_b, steps=3):
+    """Batch of 2 prompts of different lengths, then a few decode steps; returns per-row logits."""
+    B, La, Lb = 2, ids_a.numel(), ids_b.numel()
+    ids = torch.zeros(B, La, dtype=torch.int64)
+    ids[0], ids[1, :Lb] = ids_a, ids_b
+    cap = La + steps + 1
+    logits, caches = tg(ids, torch.zeros(B, dtype=torch.int64), tg.cache.empty(B, cap))
+    rows = [[logits[0, :La]], [logits[1, :Lb]]]
+    pos = torch.tensor([La, Lb])
+    g = torch.Generator().manual_seed(5)
+    seqs = [ids_a.tolist(), ids_b.tolist()]
+    for _ in range(steps):
+        nxt = torch.randint(0, VOCAB, (B, 1), generator=g)
+        logits, caches = tg(nxt, pos, caches)
+        for b in range(B):
+            rows[b].append(logits[b])
+            seqs[b].append(int(nxt[b]))
+        pos = pos + 1
+    return [torch.cat(r) for r in rows], seqs
+
+
+def eager_logits(model, seq):
+    ids = torch.tensor([seq])
+    return model(ids, torch.zeros(1, dtype=torch.int64), *model.empty_caches(1, len(seq)))[0][0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("s", [1, 2, 4])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_full_rank_latent_equals_original(kind, s, fuse):
+    lm = tiny_loaded(kind, seed=7, dtype=torch.float64, **GQA)
+    tg = trace(lm.model)
+    res = LatentKVPass(exact_layers(lm, s), fuse_v=fuse)(tg)
+    assert res.changed == lm.spec.num_layers
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, VOCAB, (7,), generator=g), torch.randint(0, VOCAB, (4,), generator=g)
+    rows, seqs = run_prefill_decode(tg, a, b)
+    for row, seq in zip(rows, seqs):
+        assert torch.allclose(row, eager_logits(lm.model, seq), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_truncated_latent_matches_reconstructed_weights(s):
+    """At reduced rank the latent graph equals a model holding the rank-r k/v reconstructions."""
+    lm = tiny_loaded("qwen2", seed=8, dtype=torch.float64, **GQA)
+    layers = exact_layers(lm, s, rank=3 * s)
+    tg = trace(lm.model)
+    LatentKVPass(layers)(tg)
+    assert tg.cache.widths[0] == (4 // s) * 3 * s
+    ref = reconstructed_model("qwen2", layers, seed=8, **GQA)
+    g = torch.Generator().manual_seed(2)
+    rows, seqs = run_prefill_decode(tg, torch.randint(0, VOCAB, (6,), generator=g),
+                                    torch.randint(0, VOCAB, (3,), generator=g))
+    for row, seq in zip(rows, seqs):
+        assert torch.allclose(row, eager_logits(ref, seq), atol=1e-10, rtol=1e-10)
+
+
+def test_hadamard_rotation_leaves_float_outputs_unchanged():
+    lm = tiny_loaded("llama", seed=9, dtype=torch.float64, **GQA)
+    layers = exact_layers(lm, 2, rank=8)
+    H = block_hadamard(8, 8)
+    rotated = {i: LatentKVLayer(A_k=torch.cat([H @ L.A_k[g * 8:(g + 1) * 8] for g in range(2)]),
+                                k_up=torch.stack([H @ u for u in L.k_up]),
+                                A_v=torch.cat([H @ L.A_v[g * 8:(g + 1) * 8] for g in range(2)]),
+                                v_up=torch.stack([H @ u for u in L.v_up]), group_size=2)
+               for i, L in layers.items()}
+    assert torch.allclose(H @ H.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for ls in (layers, rotated):
+        tg = trace(lm.model)
+        LatentKVPass(ls)(tg)
+        outs.append(tg(ids, torch.zeros(2, dtype=torch.int64), tg.cache.empty(2, 6))[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_round_trip_and_quantization_error_bound(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 5, 64), generator=g)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(unpack(packed, bits, 64), codes)
+    x = torch.randn(3, 5, 64, generator=g, dtype=torch.float64) * 3
+    q, params = quantize(x, bits, 32)
+    assert q.shape[-1] == 64 * bits // 8 and params.dtype == torch.float16 and params.shape[-1] == 4
+    back = dequantize(q, params, bits, 32, 64, torch.float64)
+    xg = x.view(3, 5, 2, 32)
+    step = (xg.amax(-1) - xg.amin(-1)) / (2**bits - 1)
+    # half a step of rounding, plus the float16 rounding of scale (x levels) and zero point
+    bound = step / 2 + (2**bits - 1) * step * 2**-11 + xg.abs().amax(-1) * 2**-11
+    err = (back - x).abs().view(3, 5, 2, 32).amax(-1)
+    assert bool((err <= bound * 1.0001).all())
+    assert bytes_per_token(64, bits, 32) == 64 * bits // 8 + 8
+
+
+def test_quantized_pass_bytes_and_closeness():
+    lm = tiny_loaded("llama", seed=10, dtype=torch.float32, **GQA)
+    layers = exact_layers(lm, 2, rank=16)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    tg_f = trace(lm.model)
+    LatentKVPass(layers)(tg_f)
+    ref = tg_f(ids, torch.zeros(2, dtype=torch.int64), tg_f.cache.empty(2, 8))[0]
+    errs = {}
+    for bits in (8, 4):
+        tg = trace(lm.model)
+        LatentKVPass(layers, bits=bits, quant_group=16)(tg)
+        G = 2
+        assert tg.cache.widths[:4] == [G * 16 * bits // 8, 2 * G * 16 // 16, G * 16 * bits // 8, 2 * G]
+        assert tg.cache.dtypes[:2] == ["uint8", "float16"]
+        assert tg.cache.bytes_per_token() == lm.spec.num_layers * 2 * (G * 16 * bits // 8 + 2 * 2 * G)
+        out = tg(ids, torch.zeros(2, dtype=torch.int64), tg.cache.empty(2, 8))[0]
+        errs[bits] = float((out - ref).abs().max().detach())
+    assert errs[8] < errs[4] < 0.5 and errs[8] < 0.05
+
+
+def test_palu_build_on_calibrated_model_meets_budget():
+    lm = tiny_loaded("llama", seed=12, **GQA)
+    windows = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(6))
+    stats = collect_stats(lm.model, windows, fisher=True)
+    for cfg in (PaluKV(allocation=Uniform(0.5), group_size=1), PaluKV(allocation=Flrc(0.5), group_size=2),
+                PaluKV(allocation=Flrc(0.5), group_size=0, bits=4, quant_group=8)):
+        built = build_latent_kv(lm.model, stats, cfg)
+        assert abs(built.plan["kv_removed"] - 0.5) < 0.02, built.plan
+        assert built.plan["grouping"] == {1: "M", 2: "G", 0: "J"}[cfg.group_size]
+        if cfg.bits:
+            assert all(r % 8 == 0 for rr in built.plan["ranks"].values() for r in rr)
+
+
+def test_errors():
+    lm = tiny_loaded("llama", seed=13, dtype=torch.float64)  # 2 KV heads
+    with pytest.raises(ConfigError, match="group size 3 does not divide the 2 KV heads"):
+        PaluKV(allocation=Uniform(0.5), group_size=3).heads_per_group(lm.spec)
+    with pytest.raises(ConfigError, match="bits must be one of"):
+        PaluKV(allocation=Uniform(0.5), bits=5)
+    with pytest.raises(ConfigError, match="quant_group"):
+        PaluKV(allocation=Uniform(0.5), quant_group=12)
+    with pytest.raises(ConfigError, match="ratio"):
+        PaluKV(allocation=Uniform(1.5))
+    layers = exact_layers(lm, 1)
+    too_big = {i: LatentKVLayer(A_k=torch.zeros(2 * 40, 64, dtype=torch.float64),
+                                k_up=torch.zeros(2, 40, 16, dtype=torch.float64), A_v=L.A_v, v_up=L.v_up, group_size=1)
+               for i, L in layers.items()}
+    with pytest.raises(PassError, match="rank 40 .* above"):
+        LatentKVPass(too_big)(trace(lm.model))
+    with pytest.raises(PassError, match="groups of 1 do not match"):
+        LatentKVPass({i: LatentKVLayer(A_k=L.A_k, k_up=L.k_up[:1], A_v=L.A_v, v_up=L.v_up, group_size=1)
+                      for i, L in layers.items()})(trace(lm.model))
+    with pytest.raises(ConfigError, match="power of two"):
+        hadamard(12)
+    # the op names the bad input
+    tg = trace(lm.model)
+    LatentKVPass(layers)(tg)
+    caches = tg.cache.empty(1, 4)
+    caches[0] = torch.zeros(1, 4, 7, dtype=torch.float64)
+    with pytest.raises(ShapeError, match="cache_k must be"):
+        tg(torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), caches)
