@@ -6,7 +6,7 @@
 Rows: base; plain SVD, ASVD and SVD-LLM with uniform ranks; Palu's Fisher-proportional
 allocation; ASVD's STRS search; FLRC allocation (whitened and Fisher-weighted whitened SVD);
 FLRC + progressive decoding with two schedules; each at each ratio. Progressive rows store
-ranks for ``ratio - delta`` and decay the active rank so that the activated parameters,
+ranks for ``ratio * (1 - delta)`` and decay the active rank so that the activated parameters,
 averaged over all decode steps of the XSum generations, equal those of the static row.
 
 Writes bench/results/quality_smollm2.json and .md.
@@ -36,7 +36,7 @@ from lrexport.eval import perplexity, rouge_l, wikitext_test_text, xsum_pairs, x
 from lrexport.eval.data import default_data_dir
 from lrexport.factorize import Asvd, FisherWhitenSvd, PlainSvd, WhitenSvd
 from lrexport.plan import Plan, WeightPlan
-from lrexport.schedule import Linear, Schedule, Steps
+from lrexport.schedule import Cosine, Linear, Schedule, Steps
 from lrexport.trace.export import trace
 
 log = logging.getLogger("bench.quality")
@@ -51,7 +51,7 @@ class Row:
     method: object
     alloc: type | None
     ratio: float = 0.0
-    schedule: str | None = None  # "linear" | "steps"
+    schedule: str | None = None  # "linear" | "cosine" | "steps"
     stored_ratio: float | None = None
 
 
@@ -65,8 +65,8 @@ def rows_for(ratios: list[float], delta: float) -> list[Row]:
             Row(f"palu-fisher-{r:.0%}", WhitenSvd(), PaluFisher, r),
             Row(f"strs-{r:.0%}", WhitenSvd(), Strs, r),
             Row(f"flrc-{r:.0%}", FisherWhitenSvd(), Flrc, r),
-            Row(f"flrc-progressive-linear-{r:.0%}", FisherWhitenSvd(), Flrc, r, "linear", r - delta),
-            Row(f"flrc-progressive-steps-{r:.0%}", FisherWhitenSvd(), Flrc, r, "steps", r - delta),
+            Row(f"flrc-progressive-linear-{r:.0%}", FisherWhitenSvd(), Flrc, r, "linear", r * (1 - delta)),
+            Row(f"flrc-progressive-cosine-{r:.0%}", FisherWhitenSvd(), Flrc, r, "cosine", r * (1 - delta)),
         ]
     return rows
 
@@ -74,6 +74,8 @@ def rows_for(ratios: list[float], delta: float) -> list[Row]:
 def make_schedule(kind: str, low: float) -> Schedule:
     if kind == "linear":
         return Schedule(form=Linear(start=1.0, end=low, steps=16), min_rank=1)
+    if kind == "cosine":
+        return Schedule(form=Cosine(start=1.0, end=low, steps=32), min_rank=1)
     return Schedule(form=Steps(((1, 1.0), (9, low))), min_rank=1)
 
 
@@ -105,7 +107,8 @@ def solve_schedule(kind: str, target: float, ranks: dict, spec, step_counts: lis
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.1,0.2")
-    ap.add_argument("--delta", type=float, default=0.05, help="progressive rows store ranks for ratio - delta")
+    ap.add_argument("--delta", type=float, default=0.25,
+                    help="progressive rows store ranks for ratio * (1 - delta) and decay below them")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--xsum", type=int, default=200)
     ap.add_argument("--zeroshot", default="arc_easy,piqa")

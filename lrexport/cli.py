@@ -57,21 +57,41 @@ def _calibration(args) -> SelfCalibration | TextCalibration:
     return TextCalibration(path=args.calib, num_windows=args.calib_windows, window=args.calib_window)
 
 
+def _kv(args):
+    from lrexport.kv.palu import PaluKV
+
+    if args.kv_ratio is None:
+        return None
+    if args.kv_alloc == "strs":
+        raise ConfigError("--kv-alloc strs is not supported; use flrc, palu or uniform")
+    alloc = ALLOCATORS[args.kv_alloc](ratio=args.kv_ratio, align=args.kv_align)
+    return PaluKV(allocation=alloc, group_size=args.kv_group, bits=args.kv_bits, quant_group=args.kv_quant_group,
+                  hadamard=not args.no_hadamard)
+
+
 def cmd_compress(args) -> int:
     from lrexport import api
 
-    method = METHODS[args.method]()
-    alloc = ALLOCATORS[args.alloc](ratio=args.ratio, align=args.align)
-    weights = api.WeightCompression(allocation=alloc, factorization=method)
-    res = api.compress(model=args.model, weights=weights, calibration=_calibration(args),
+    if args.ratio is None and args.kv_ratio is None:
+        raise ConfigError("nothing to do: give --ratio (weights), --kv-ratio (KV cache) or both")
+    weights = None
+    if args.ratio is not None:
+        alloc = ALLOCATORS[args.alloc](ratio=args.ratio, align=args.align)
+        weights = api.WeightCompression(allocation=alloc, factorization=METHODS[args.method]())
+    res = api.compress(model=args.model, weights=weights, kv=_kv(args), calibration=_calibration(args),
                        schedule=parse_schedule(args.schedule, align=args.align), max_len=args.max_len,
                        use_cache=not args.no_cache)
     cm = res.compressed
     for r in cm.pass_results:
         print(r.summary())
     w = cm.plan.weights
-    print(f"kept {w.params_kept:,} of {w.params_total:,} projection parameters "
-          f"({w.params_kept / w.params_total:.1%}); {len(w.ranks)} low-rank linears")
+    if w is not None:
+        print(f"kept {w.params_kept:,} of {w.params_total:,} projection parameters "
+              f"({w.params_kept / w.params_total:.1%}); {len(w.ranks)} low-rank linears")
+    if cm.plan.kv is not None:
+        kv = cm.plan.kv
+        print(f"KV cache: {kv['grouping']}-LRD, {kv['kv_removed']:.1%} of K/V dimensions removed, "
+              f"{kv['bytes_per_token']:,} bytes/token (was {kv['dense_bytes_per_token']:,})")
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
     cm.save(args.out)
     print(f"saved {args.out}")
@@ -145,14 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compress", help="compress a model's weights with FLRC (or a baseline)")
+    c = sub.add_parser("compress", help="compress weights (FLRC or a baseline) and/or the KV cache (Palu)")
     c.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    c.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0,1)")
+    c.add_argument("--ratio", type=float, default=None,
+                   help="weights: fraction of projection parameters to remove, in (0,1)")
     c.add_argument("--alloc", choices=sorted(ALLOCATORS), default="flrc")
     c.add_argument("--method", choices=sorted(METHODS), default="fwsvd")
     c.add_argument("--align", type=int, default=1, help="round ranks to a multiple of this (1, 8, 16, 32)")
     c.add_argument("--schedule", default="none", help="progressive decoding: none | constant:F | linear:S:E:N | "
                    "cosine:S:E:N | steps:T=F,...")
+    c.add_argument("--kv-ratio", type=float, default=None, help="KV cache (Palu): fraction of K/V dims to remove")
+    c.add_argument("--kv-group", type=int, default=1, help="KV heads per latent: 1 = M-LRD, 0 = all (J-LRD)")
+    c.add_argument("--kv-alloc", choices=sorted(ALLOCATORS), default="flrc")
+    c.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 8), help="quantize the cached latents")
+    c.add_argument("--kv-quant-group", type=int, default=32, help="latent channels per scale/zero point")
+    c.add_argument("--kv-align", type=int, default=1, help="round latent ranks to a multiple of this")
+    c.add_argument("--no-hadamard", action="store_true", help="do not rotate quantized latents")
     c.add_argument("--calib", default="self", help="'self' (model-generated text) or a .txt/.jsonl file")
     c.add_argument("--calib-windows", type=int, default=32)
     c.add_argument("--calib-window", type=int, default=512)

@@ -79,3 +79,24 @@ def test_unsupported_architecture_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gpt2" in err and "LlamaForCausalLM" in err
 
+
+
+def test_compress_weights_and_kv_together_round_trip(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LREXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "both"
+    rc = main(["compress", "--model", str(folder), "--ratio", "0.2", "--kv-ratio", "0.5", "--kv-group", "0",
+               "--kv-bits", "4", "--kv-quant-group", "8", "--calib-windows", "4", "--calib-window", "32",
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "latent_kv: changed 2 place(s)" in text and "J-LRD" in text
+    plan = json.loads((out / "lrexport.json").read_text())
+    assert plan["kv"]["bits"] == 4 and abs(plan["kv"]["kv_removed"] - 0.5) < 0.01
+    assert not any(n.endswith(("k_proj", "v_proj")) for n in plan["weights"]["ranks"])
+    cm = api.open_model(out)
+    assert cm.graph.cache.dtypes[:2] == ["uint8", "float16"]
+    texts, res = api.generate_text(model=cm, prompts=["The game"], max_new_tokens=6)
+    again, res2 = api.generate_text(model=str(out), prompts=["The game"], max_new_tokens=6)
+    assert res.tokens == res2.tokens
+    assert main(["compress", "--model", str(folder), "--out", str(tmp_path / "none")]) == 2
+    assert "nothing to do" in capsys.readouterr().err

@@ -208,3 +208,26 @@ def test_errors():
     caches[0] = torch.zeros(1, 4, 7, dtype=torch.float64)
     with pytest.raises(ShapeError, match="cache_k must be"):
         tg(torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), caches)
+
+
+def test_fusion_into_low_rank_o_proj_and_weight_pass_composition():
+    """Weight pass first (o_proj becomes a pair), then the KV pass fuses B_v into its V factor."""
+    from lrexport.factorize.registry import Factors
+    from lrexport.passes.lowrank_linear import LowRankLinearPass
+
+    lm = tiny_loaded("llama", seed=14, dtype=torch.float64, **GQA)
+    mods = dict(lm.model.named_modules())
+    facs = {}
+    for layer in range(lm.spec.num_layers):
+        name = f"model.layers.{layer}.self_attn.o_proj"
+        U, S, Vh = torch.linalg.svd(mods[name].weight.detach(), full_matrices=False)
+        facs[name] = Factors(U * S, Vh)
+    tg = trace(lm.model)
+    LowRankLinearPass(facs)(tg)
+    res = LatentKVPass(exact_layers(lm, 1))(tg)
+    assert "fused" in res.skipped.get("v_up", "")
+    assert any(n.endswith("fused_lowrank_v") for n, _ in tg.gm.named_parameters())
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(15))
+    out = tg(ids, torch.zeros(2, dtype=torch.int64), tg.cache.empty(2, 6))[0]
+    ref = lm.model(ids, torch.zeros(2, dtype=torch.int64), *lm.model.empty_caches(2, 6))[0]
+    assert torch.allclose(out, ref, atol=1e-10)

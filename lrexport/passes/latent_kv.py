@@ -247,7 +247,8 @@ class LatentKVPass:
         up_HrD = L.v_up.to(W.dtype).view(L.groups, L.rv, s, D)[kv // s, :, kv % s, :]  # [Hq, rv, D]
         W_hD = W.view(W.shape[0], Hq, D)
         fused = torch.einsum("ohd,hrd->ohr", W_hD, up_HrD).reshape(W.shape[0], Hq * L.rv)
-        target = w.target.removesuffix(".weight") + ".fused_weight"
+        mod_path, leaf = w.target.rsplit(".", 1)
+        target = f"{mod_path}.fused_{leaf}"  # o_proj.fused_weight, or o_proj.fused_lowrank_v
         set_attr(tg.gm, target, fused.contiguous())
         g = tg.gm.graph
         with g.inserting_before(lin):
@@ -258,7 +259,7 @@ class LatentKVPass:
             vb = L.v_bias.to(W.dtype).view(Hkv, D)[kv]  # [Hq, D]: each query head's value bias
             extra = torch.einsum("ohd,hd->o", W_hD, vb)
             old_b = _param(tg, args[2].target).detach() if len(args) > 2 and args[2] is not None else 0
-            bt = w.target.removesuffix(".weight") + ".fused_bias"
+            bt = f"{mod_path}.fused_bias"
             set_attr(tg.gm, bt, (old_b + extra).contiguous())
             with g.inserting_before(lin):
                 bnode = g.get_attr(bt)
