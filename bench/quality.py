@@ -1,15 +1,21 @@
-"""Quality benchmark on the default model: one table, one run, every method side by side.
+"""Quality benchmark on the default model: one table, every method side by side.
 
-    python bench/quality.py                       # the full table (an hour or more on 2 cores)
-    python bench/quality.py --quick               # a smoke run: few windows, few pairs
+    python bench/quality.py --set weights        # FLRC and the weight baselines (hours on 2 cores)
+    python bench/quality.py --set kv --append    # Palu KV rows, KIVI baseline, weights + KV together
+    python bench/quality.py --quick --set weights --only flrc   # a smoke run
 
-Rows: base; plain SVD, ASVD and SVD-LLM with uniform ranks; Palu's Fisher-proportional
-allocation; ASVD's STRS search; FLRC allocation (whitened and Fisher-weighted whitened SVD);
-FLRC + progressive decoding with two schedules; each at each ratio. Progressive rows store
-ranks for ``ratio * (1 - delta)`` and decay the active rank so that the activated parameters,
-averaged over all decode steps of the XSum generations, equal those of the static row.
+Weight rows (each at each ratio): plain SVD, ASVD and SVD-LLM with uniform ranks; Palu's
+Fisher-proportional allocation; ASVD's STRS search; FLRC allocation; FLRC + progressive
+decoding with two schedules. Progressive rows store ranks for ``ratio * (1 - delta)`` and
+decay the active rank so that the activated parameters, pooled over all decode steps of the
+XSum generations of the base model, equal those of the static row.
 
-Writes bench/results/quality_smollm2.json and .md.
+KV rows: Palu M/G/J-LRD at 30% and 50% KV reduction with uniform, Fisher-proportional and
+FLRC-greedy allocation; the best 50% setting with 4/3/2-bit latents, with and without the
+Hadamard rotation; KIVI-style 2/3/4-bit KV quantization at about the same bytes per token;
+the best weight setting with the best 50% KV setting.
+
+Writes bench/results/quality_smollm2.json and .md (``--append`` keeps rows of other sets).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +41,8 @@ from lrexport.compile import compile_model
 from lrexport.eval import perplexity, rouge_l, wikitext_test_text, xsum_pairs, xsum_rouge, zeroshot
 from lrexport.eval.data import default_data_dir
 from lrexport.factorize import Asvd, FisherWhitenSvd, PlainSvd, WhitenSvd
+from lrexport.kv.kivi import KiviKV, KiviPass, kivi_bytes_per_token
+from lrexport.kv.palu import PaluKV, build_latent_kv
 from lrexport.plan import Plan, WeightPlan
 from lrexport.schedule import Cosine, Linear, Schedule, Steps
 from lrexport.trace.export import trace
@@ -48,15 +56,17 @@ ALLOC_NAMES = {None: "none", Uniform: "uniform", PaluFisher: "palu", Strs: "strs
 @dataclass
 class Row:
     name: str
-    method: object
-    alloc: type | None
+    method: object = None
+    alloc: type | None = None
     ratio: float = 0.0
     schedule: str | None = None  # "linear" | "cosine" | "steps"
     stored_ratio: float | None = None
+    kv: PaluKV | KiviKV | None = None
+    extra: dict = field(default_factory=dict)
 
 
-def rows_for(ratios: list[float], delta: float) -> list[Row]:
-    rows = [Row("base", None, None)]
+def weight_rows(ratios: list[float], delta: float) -> list[Row]:
+    rows = []
     for r in ratios:
         rows += [
             Row(f"svd-uniform-{r:.0%}", PlainSvd(), Uniform, r),
@@ -68,6 +78,17 @@ def rows_for(ratios: list[float], delta: float) -> list[Row]:
             Row(f"flrc-progressive-linear-{r:.0%}", FisherWhitenSvd(), Flrc, r, "linear", r * (1 - delta)),
             Row(f"flrc-progressive-cosine-{r:.0%}", FisherWhitenSvd(), Flrc, r, "cosine", r * (1 - delta)),
         ]
+    return rows
+
+
+def kv_float_rows(spec, kv_ratios: list[float]) -> list[Row]:
+    sizes = [s for s in range(1, spec.num_kv_heads + 1) if spec.num_kv_heads % s == 0]
+    rows = []
+    for r in kv_ratios:
+        for s in sizes:
+            grouping = "M" if s == 1 else ("J" if s == spec.num_kv_heads else f"G{s}")
+            for alloc, tag in ((Uniform, "uniform"), (PaluFisher, "palu"), (Flrc, "flrc")):
+                rows.append(Row(f"kv-{grouping}-{tag}-{r:.0%}", kv=PaluKV(allocation=alloc(r), group_size=s)))
     return rows
 
 
@@ -92,9 +113,7 @@ def solve_schedule(kind: str, target: float, ranks: dict, spec, step_counts: lis
 
     def pooled(low: float) -> float:
         s = make_schedule(kind, low)
-        vals = {}
-        for t in set(steps):
-            vals[t] = (dense + sum(r * c for r, c in zip(s.ranks(t, rmax), cost))) / total
+        vals = {t: (dense + sum(r * c for r, c in zip(s.ranks(t, rmax), cost))) / total for t in set(steps)}
         return sum(vals[t] for t in steps) / len(steps)
 
     lo, hi = 0.05, 1.0
@@ -102,123 +121,6 @@ def solve_schedule(kind: str, target: float, ranks: dict, spec, step_counts: lis
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if pooled(mid) < target else (lo, mid)
     return make_schedule(kind, hi)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratios", default="0.1,0.2")
-    ap.add_argument("--delta", type=float, default=0.25,
-                    help="progressive rows store ranks for ratio * (1 - delta) and decay below them")
-    ap.add_argument("--ppl-windows", type=int, default=40)
-    ap.add_argument("--xsum", type=int, default=200)
-    ap.add_argument("--zeroshot", default="arc_easy,piqa")
-    ap.add_argument("--zeroshot-limit", type=int, default=200)
-    ap.add_argument("--article-tokens", type=int, default=384, help="XSum articles are truncated to this")
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--strs-windows", type=int, default=2, help="STRS probes: calibration windows per probe")
-    ap.add_argument("--strs-window", type=int, default=256, help="STRS probes: tokens per window")
-    ap.add_argument("--only", default=None, help="comma list of row-name prefixes to run")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 ppl windows, 8 pairs, 50 zero-shot items")
-    ap.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.ppl_windows, args.xsum, args.zeroshot_limit, args.calib_windows = 4, 8, 50, 8
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ratios = [float(r) for r in args.ratios.split(",")]
-    tasks = tuple(t for t in args.zeroshot.split(",") if t)
-
-    lm = api.load(None)
-    tok = lm.tokenizer
-    data = default_data_dir()
-    calib = TextCalibration(path=str(data / "wikitext2" / "valid.tokens.txt"), num_windows=args.calib_windows,
-                            window=512, fisher_windows=min(8, args.calib_windows))
-    t = time.perf_counter()
-    stats = api.calibrate(lm, calib, fisher=True)
-    calib_s = time.perf_counter() - t
-    text = wikitext_test_text()
-    pairs = xsum_pairs(n=args.xsum) if args.xsum else []
-    decomp_cache: dict[str, dict] = {}
-    strs_cache: dict = {}
-    out_rows, base_preds, base_steps = [], None, None
-    rows = rows_for(ratios, args.delta)
-    if args.only:
-        keep = tuple(args.only.split(","))
-        rows = [r for r in rows if r.name == "base" or r.name.startswith(keep)]
-
-    def decomps(method):
-        key = type(method).__name__
-        if key not in decomp_cache:
-            decomp_cache.clear()
-            gc.collect()
-            t0 = time.perf_counter()
-            wc = api.WeightCompression(allocation=Uniform(0.1), factorization=method)
-            decomp_cache[key] = (api.decompose(lm, wc, stats), time.perf_counter() - t0)
-        return decomp_cache[key]
-
-    for row in rows:
-        log.info("=== %s", row.name)
-        t_row = time.perf_counter()
-        plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len)
-        factors, alloc_s, factorize_s, kept = {}, 0.0, 0.0, 1.0
-        if row.alloc is not None:
-            ds, factorize_s = decomps(row.method)
-            infos = [ProjectionInfo(name=n, m=d.shape[0], n=d.shape[1], sigma2=d.sigma2, loss_weight=d.loss_weight,
-                                    fisher_w=stats.fisher_w.get(n, 0.0)) for n, d in ds.items()]
-            ctx = AllocContext(infos=infos)
-            stored = row.stored_ratio if row.stored_ratio is not None else row.ratio
-            if row.alloc is Strs:
-                if "probe" not in strs_cache:
-                    windows = api.calibration_windows(lm, calib)[: args.strs_windows, : args.strs_window]
-                    strs_cache["probe"] = _Memo(LayerwisePerplexity(lm.model, windows, ds))
-                ctx.evaluate = strs_cache["probe"]
-            probe_before = strs_cache["probe"].seconds if row.alloc is Strs else 0.0
-            alloc = allocate(row.alloc(ratio=stored), ctx)
-            alloc_s = alloc.seconds
-            if row.alloc is Strs:  # the whole sensitivity table counts, also when it was memoized
-                probe = strs_cache["probe"].seconds
-                alloc_s = probe + alloc.seconds - (probe - probe_before)
-            if row.alloc is Flrc or row.alloc is PaluFisher:
-                alloc_s += stats.seconds_fisher  # their Fisher pass is part of the allocation
-            factors = {n: ds[n].factors(r) for n, r in alloc.ranks.items()}
-            factors = {n: type(f)(f.U.float(), f.V.float()) for n, f in factors.items()}
-            kept = alloc.params_kept / alloc.total_dense
-            plan.weights = WeightPlan(factorization=row.method, allocation=row.alloc(ratio=stored), ranks=alloc.ranks,
-                                      params_kept=alloc.params_kept, params_total=alloc.total_dense,
-                                      alloc_seconds=alloc_s)
-            if row.schedule:
-                steps = base_steps or [32] * max(len(pairs), 1)
-                plan.schedule = solve_schedule(row.schedule, 1.0 - row.ratio, alloc.ranks, lm.spec, steps)
-        t = time.perf_counter()
-        cm = compile_model(lm.model, plan, factors, tokenizer=tok, graph=trace(lm.model))
-        compile_s = time.perf_counter() - t
-        backend = cm.backend()
-        res = {"name": row.name, "weights_removed": row.ratio,
-               "allocation": ALLOC_NAMES[row.alloc],
-               "factorization": type(row.method).__name__ if row.method else None,
-               "schedule": plan.schedule.describe() if plan.schedule else None,
-               "stored_weights_removed": row.stored_ratio, "kv_removed": 0, "kv_grouping": None, "kv_bits": None,
-               "params_kept": kept, "kv_bytes_per_token": cm.graph.cache.bytes_per_token()}
-        res["ppl"] = perplexity(backend, tok, text, window=512, num_windows=args.ppl_windows).ppl
-        if pairs:
-            gen = api.generate_fn(cm, min_new_tokens=MIN_NEW_TOKENS)
-            xs = xsum_rouge(gen, tok, pairs=pairs, n=len(pairs), max_article_tokens=args.article_tokens)
-            res["rougeL"] = xs.rougeL
-            res["avg_active_params"] = gen.avg_active()
-            if row.name == "base":
-                base_preds, base_steps = xs.predictions, gen.steps
-            res["rougeL_fidelity"] = rouge_l(xs.predictions, base_preds) if base_preds else None
-        else:
-            res.update(rougeL=None, rougeL_fidelity=None, avg_active_params=kept)
-        res["zeroshot"] = zeroshot(backend, tok, tasks, limit=args.zeroshot_limit) if tasks else {}
-        res["zeroshot"] = {k: v["acc"] for k, v in res["zeroshot"].items()}
-        res.update(compress_s=calib_s + factorize_s + alloc_s + compile_s if row.alloc else 0.0, alloc_s=alloc_s,
-                   factorize_s=factorize_s, row_s=time.perf_counter() - t_row)
-        log.info("%s", json.dumps(res))
-        out_rows.append(res)
-        write(args, out_rows, calib_s, stats)
-        del cm, backend, factors
-        gc.collect()
-    return 0
 
 
 class _Memo:
@@ -235,26 +137,264 @@ class _Memo:
         return self.cache[(name, rank)]
 
 
-def write(args, rows, calib_s, stats) -> None:
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.lm = api.load(None)
+        self.tok = self.lm.tokenizer
+        data = default_data_dir()
+        self.calib = TextCalibration(path=str(data / "wikitext2" / "valid.tokens.txt"),
+                                     num_windows=args.calib_windows, window=512,
+                                     fisher_windows=min(8, args.calib_windows))
+        t = time.perf_counter()
+        self.stats = api.calibrate(self.lm, self.calib, fisher=True)
+        self.calib_s = time.perf_counter() - t
+        self.text = wikitext_test_text()
+        self.pairs = xsum_pairs(n=args.xsum) if args.xsum else []
+        self.tasks = tuple(t for t in args.zeroshot.split(",") if t)
+        self.decomp_cache: dict = {}
+        self.strs: _Memo | None = None
+        self.base = self._load_base()
+
+    # ------------------------------------------------------------------ weights
+    def decomps(self, method):
+        key = type(method).__name__
+        if key not in self.decomp_cache:
+            self.decomp_cache.clear()
+            gc.collect()
+            t0 = time.perf_counter()
+            wc = api.WeightCompression(allocation=Uniform(0.1), factorization=method)
+            self.decomp_cache[key] = (api.decompose(self.lm, wc, self.stats), time.perf_counter() - t0)
+        return self.decomp_cache[key]
+
+    def weight_plan(self, row: Row, plan: Plan, exclude_kv: bool = False):
+        ds, factorize_s = self.decomps(row.method)
+        names = [n for n in ds if not (exclude_kv and n.endswith(("k_proj", "v_proj")))]
+        infos = [ProjectionInfo(name=n, m=ds[n].shape[0], n=ds[n].shape[1], sigma2=ds[n].sigma2,
+                                loss_weight=ds[n].loss_weight, fisher_w=self.stats.fisher_w.get(n, 0.0))
+                 for n in names]
+        ctx = AllocContext(infos=infos)
+        stored = row.stored_ratio if row.stored_ratio is not None else row.ratio
+        if row.alloc is Strs:
+            if self.strs is None:
+                windows = api.calibration_windows(self.lm, self.calib)[: self.args.strs_windows,
+                                                                       : self.args.strs_window]
+                self.strs = _Memo(LayerwisePerplexity(self.lm.model, windows, ds))
+            ctx.evaluate = self.strs
+        probe_before = self.strs.seconds if self.strs else 0.0
+        alloc = allocate(row.alloc(ratio=stored), ctx)
+        alloc_s = alloc.seconds
+        if row.alloc is Strs:  # the whole sensitivity table counts, also when it was memoized
+            alloc_s = self.strs.seconds + alloc.seconds - (self.strs.seconds - probe_before)
+        if row.alloc in (Flrc, PaluFisher):
+            alloc_s += self.stats.seconds_fisher  # their Fisher pass is part of the allocation
+        factors = {n: ds[n].factors(r) for n, r in alloc.ranks.items()}
+        factors = {n: type(f)(f.U.float(), f.V.float()) for n, f in factors.items()}
+        plan.weights = WeightPlan(factorization=row.method, allocation=row.alloc(ratio=stored), ranks=alloc.ranks,
+                                  params_kept=alloc.params_kept, params_total=alloc.total_dense,
+                                  alloc_seconds=alloc_s)
+        if row.schedule:
+            steps = self.base["steps"] if self.base else [32] * max(len(self.pairs), 1)
+            plan.schedule = solve_schedule(row.schedule, 1.0 - row.ratio, alloc.ranks, self.lm.spec, steps)
+        return factors, alloc.params_kept / alloc.total_dense, alloc_s, factorize_s
+
+    # ------------------------------------------------------------------ one row
+    def run(self, row: Row) -> dict:
+        log.info("=== %s", row.name)
+        t_row = time.perf_counter()
+        lm = self.lm
+        plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len)
+        factors, kept, alloc_s, factorize_s, latent, kv_build_s = {}, 1.0, 0.0, 0.0, {}, 0.0
+        if row.alloc is not None:
+            factors, kept, alloc_s, factorize_s = self.weight_plan(row, plan, exclude_kv=isinstance(row.kv, PaluKV))
+        if isinstance(row.kv, PaluKV):
+            built = build_latent_kv(lm.model, self.stats, row.kv)
+            latent, plan.kv, kv_build_s = built.layers, built.plan, built.seconds
+        t = time.perf_counter()
+        cm = compile_model(lm.model, plan, factors, tokenizer=self.tok, graph=trace(lm.model), latent=latent)
+        if isinstance(row.kv, KiviKV):
+            KiviPass(row.kv)(cm.graph)
+        compile_s = time.perf_counter() - t
+        kv_meta = self.kv_meta(row, cm)
+        res = {"name": row.name, "weights_removed": row.ratio, "allocation": ALLOC_NAMES[row.alloc],
+               "factorization": type(row.method).__name__ if row.method else None,
+               "schedule": plan.schedule.describe() if plan.schedule else None,
+               "stored_weights_removed": row.stored_ratio, **kv_meta, "params_kept": kept, **row.extra}
+        backend = cm.backend()
+        res["ppl"] = perplexity(backend, self.tok, self.text, window=512, num_windows=self.args.ppl_windows).ppl
+        res.update(rougeL=None, rougeL_fidelity=None, avg_active_params=kept)
+        if self.pairs:
+            gen = api.generate_fn(cm, min_new_tokens=MIN_NEW_TOKENS)
+            xs = xsum_rouge(gen, self.tok, pairs=self.pairs, n=len(self.pairs),
+                            max_article_tokens=self.args.article_tokens)
+            res.update(rougeL=xs.rougeL, avg_active_params=gen.avg_active())
+            if row.name == "base":
+                self.base = {"predictions": xs.predictions, "steps": gen.steps}
+                self._save_base()
+            if self.base:
+                res["rougeL_fidelity"] = rouge_l(xs.predictions, self.base["predictions"])
+        zs = zeroshot(backend, self.tok, self.tasks, limit=self.args.zeroshot_limit) if self.tasks else {}
+        res["zeroshot"] = {k: v["acc"] for k, v in zs.items()}
+        compress_s = self.calib_s + factorize_s + alloc_s + kv_build_s + compile_s
+        res.update(compress_s=compress_s if (row.alloc or row.kv) else 0.0, alloc_s=alloc_s,
+                   factorize_s=factorize_s, kv_alloc_s=kv_build_s, row_s=time.perf_counter() - t_row)
+        log.info("%s", json.dumps(res))
+        return res
+
+    def kv_meta(self, row: Row, cm) -> dict:
+        spec = self.lm.spec
+        dense_bpt = spec.num_layers * 2 * spec.kv_dim * 4
+        if isinstance(row.kv, PaluKV):
+            kv = cm.plan.kv
+            return {"kv_removed": kv["kv_removed"], "kv_grouping": kv["grouping"], "kv_bits": kv["bits"],
+                    "kv_hadamard": kv["hadamard"], "kv_allocation": ALLOC_NAMES[type(row.kv.allocation)],
+                    "kv_bytes_per_token": kv["bytes_per_token"],
+                    "kv_bits_per_element": 8 * kv["bytes_per_token"] / (dense_bpt / 4)}
+        if isinstance(row.kv, KiviKV):
+            bpt = kivi_bytes_per_token(spec.kv_dim, spec.num_layers, row.kv)
+            return {"kv_removed": 0, "kv_grouping": None, "kv_bits": row.kv.bits, "kv_method": "kivi",
+                    "kv_bytes_per_token": bpt, "kv_bits_per_element": 8 * bpt / (dense_bpt / 4)}
+        return {"kv_removed": 0, "kv_grouping": None, "kv_bits": None, "kv_bytes_per_token": dense_bpt,
+                "kv_bits_per_element": 32.0}
+
+    # ------------------------------------------------------------------ base predictions sidecar
+    def _base_path(self) -> Path:
+        return Path(self.args.out + "_base_predictions.json")
+
+    def _save_base(self) -> None:
+        key = {"xsum": self.args.xsum, "article_tokens": self.args.article_tokens}
+        self._base_path().write_text(json.dumps({"settings": key, **self.base}))
+
+    def _load_base(self):
+        p = self._base_path()
+        if not p.is_file():
+            return None
+        d = json.loads(p.read_text())
+        if d.get("settings") != {"xsum": self.args.xsum, "article_tokens": self.args.article_tokens}:
+            return None
+        return d
+
+
+def select_best(rows: list[dict], prefix: str, ratio: float) -> dict | None:
+    cands = [r for r in rows if r["name"].startswith(prefix) and abs(r.get("kv_removed", 0) - ratio) < 0.02
+             and r.get("kv_bits") is None]
+    return min(cands, key=lambda r: r["ppl"]) if cands else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=("weights", "kv", "all"), default="all")
+    ap.add_argument("--ratios", default="0.1,0.2", help="weight ratios")
+    ap.add_argument("--kv-ratios", default="0.3,0.5")
+    ap.add_argument("--delta", type=float, default=0.25,
+                    help="progressive rows store ranks for ratio * (1 - delta) and decay below them")
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--xsum", type=int, default=200)
+    ap.add_argument("--article-tokens", type=int, default=384, help="XSum articles are truncated to this")
+    ap.add_argument("--zeroshot", default="arc_easy,piqa")
+    ap.add_argument("--zeroshot-limit", type=int, default=200)
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--strs-windows", type=int, default=2, help="STRS probes: calibration windows per probe")
+    ap.add_argument("--strs-window", type=int, default=256, help="STRS probes: tokens per window")
+    ap.add_argument("--only", default=None, help="comma list of row-name prefixes to run")
+    ap.add_argument("--append", action="store_true", help="keep the other rows already in the results file")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 ppl windows, 8 pairs, 50 zero-shot items")
+    ap.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ppl_windows, args.xsum, args.zeroshot_limit, args.calib_windows = 4, 8, 50, 8
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    bench = Bench(args)
+    existing = json.loads(Path(args.out + ".json").read_text())["rows"] if args.append and \
+        Path(args.out + ".json").is_file() else []
+    done: dict[str, dict] = {r["name"]: r for r in existing}
+    keep = tuple(args.only.split(",")) if args.only else None
+
+    def want(name: str) -> bool:
+        return keep is None or name.startswith(keep)
+
+    def record(row: Row) -> dict:
+        res = bench.run(row)
+        done[row.name] = res
+        write(args, list(done.values()), bench)
+        return res
+
+    if "base" not in done or bench.base is None or not args.append:
+        record(Row("base"))
+    if args.set in ("weights", "all"):
+        for row in weight_rows([float(r) for r in args.ratios.split(",")], args.delta):
+            if want(row.name):
+                record(row)
+        gc.collect()
+    if args.set in ("kv", "all"):
+        kv_ratios = [float(r) for r in args.kv_ratios.split(",")]
+        for row in kv_float_rows(bench.lm.spec, kv_ratios):
+            if want(row.name):
+                record(row)
+        best = select_best(list(done.values()), "kv-", 0.5)
+        best30 = select_best(list(done.values()), "kv-", 0.3)
+        if best is not None:
+            cfg = _kv_config_of(best, bench.lm.spec)
+            for bits in (4, 3, 2):
+                for had in (True, False):
+                    row = Row(f"{best['name']}-{bits}bit{'' if had else '-nohadamard'}",
+                              kv=PaluKV(allocation=cfg.allocation, group_size=cfg.group_size, bits=bits,
+                                        hadamard=had))
+                    if want(row.name):
+                        record(row)
+        if best30 is not None:  # about 3.5 bits per original element
+            cfg = _kv_config_of(best30, bench.lm.spec)
+            row = Row(f"{best30['name']}-4bit", kv=PaluKV(allocation=cfg.allocation, group_size=cfg.group_size,
+                                                          bits=4))
+            if want(row.name):
+                record(row)
+        for bits in (2, 3, 4):  # the plain KV-quantization baseline, about 2.5 / 3.5 / 4.5 bits per element
+            row = Row(f"kivi-{bits}bit", kv=KiviKV(bits=bits, token_group=64, channel_group=64))
+            if want(row.name):
+                record(row)
+        wbest = min((r for r in done.values() if r["name"].startswith("flrc-") and "progressive" not in r["name"]
+                     and abs(r["weights_removed"] - 0.2) < 1e-6), key=lambda r: r["ppl"], default=None)
+        if best is not None and wbest is not None:
+            cfg = _kv_config_of(best, bench.lm.spec)
+            row = Row(f"{wbest['name']}+{best['name']}", FisherWhitenSvd(), Flrc, 0.2, kv=cfg)
+            if want(row.name):
+                record(row)
+    return 0
+
+
+def _kv_config_of(row: dict, spec) -> PaluKV:
+    """Rebuild the PaluKV config of a float KV row from its name (kv-<grouping>-<alloc>-<ratio>)."""
+    _, grouping, tag, pct = row["name"].split("-")[:4]
+    s = 1 if grouping == "M" else (spec.num_kv_heads if grouping == "J" else int(grouping[1:]))
+    alloc = {"uniform": Uniform, "palu": PaluFisher, "flrc": Flrc}[tag](float(pct.rstrip("%")) / 100)
+    return PaluKV(allocation=alloc, group_size=s)
+
+
+def write(args, rows: list[dict], bench: Bench) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, "
                       f"torch {torch.__version__}, {platform.processor() or 'cpu'}",
-           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
            "settings": {"ppl": f"WikiText-2 test (wiki.test.raw), {args.ppl_windows} windows of 512 tokens",
                         "calibration": f"WikiText-2 valid.tokens.txt, {args.calib_windows} windows of 512 tokens "
                                        f"(Fisher pass on {min(8, args.calib_windows)} of them)",
                         "strs": f"{args.strs_windows} windows of {args.strs_window} tokens per probe, "
                                 "grid 0.1..0.9 of dense parameters",
-                        "calibration_s": calib_s, "fisher_s": stats.seconds_fisher,
+                        "calibration_s": bench.calib_s, "fisher_s": bench.stats.seconds_fisher,
                         "xsum": f"first {args.xsum} pairs, articles truncated to {args.article_tokens} tokens, "
                                 f"greedy, {MIN_NEW_TOKENS} to 48 new tokens, first line kept, chat-template prompt "
                                 "'Summarize the following article in one sentence.\\n\\nArticle: {article}'",
-                        "zeroshot": f"acc, seeded sample of {args.zeroshot_limit} items per task"},
+                        "zeroshot": f"acc, seeded sample of {args.zeroshot_limit} items per task",
+                        "progressive": f"stored ranks for ratio*(1-{args.delta}); schedule solved so that the "
+                                       "activated parameters pooled over the base model's XSum decode steps equal "
+                                       "the static row's",
+                        "kv_bytes": "float32 cache for unquantized rows; scales and zero points included"},
            "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(doc, indent=2))
-    cols = ["name", "ppl", "rougeL", "rougeL_fidelity", "params_kept", "avg_active_params", "alloc_s", "compress_s"]
+    cols = ["name", "ppl", "rougeL", "rougeL_fidelity", "params_kept", "avg_active_params", "kv_bytes_per_token",
+            "alloc_s", "compress_s"]
     lines = [f"# Quality on SmolLM2-135M ({doc['date']})", "", f"Machine: {doc['machine']}", "",
              f"Command: `{doc['command']}`", "", *(f"- {k}: {v}" for k, v in doc["settings"].items()), "",
              "| " + " | ".join(cols + ["zeroshot"]) + " |", "|" + "---|" * (len(cols) + 1)]

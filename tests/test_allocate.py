@@ -8,6 +8,7 @@ convex hulls, water-filling shares) are computed independently in this file.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_uniform_keeps_the_same_fraction_everywhere(rng, ratio):
 
 def test_palu_shares_are_proportional_to_fisher_with_water_filling(rng):
     """One projection with a huge Fisher score is capped at dense; the rest of the budget is
-    shared in proportion to fisher_w (to within one rank of rounding)."""
+    shared in proportion to Palu's score sqrt(fisher_w / (m n)) times m n (to within one rank)."""
     shapes = [(256, 256), (128, 256), (256, 512), (384, 128)]
     fw = [1000.0, 1.0, 2.0, 1.5]  # chosen so that only p0 hits its dense cap
     infos = [ProjectionInfo(f"p{i}", m, n, decaying_sigma2(rng, min(m, n)), fisher_w=f)
@@ -111,8 +112,9 @@ def test_palu_shares_are_proportional_to_fisher_with_water_filling(rng):
     budget = int(round((1 - ratio) * sum(m * n for m, n in shapes)))
     assert "p0" not in alloc.ranks  # capped: dense
     rest = budget - 256 * 256
-    for p, f in zip(infos[1:], fw[1:]):
-        share = rest * f / sum(fw[1:])
+    w = [math.sqrt(f / (m * n)) * m * n for (m, n), f in zip(shapes, fw)]
+    for p, wi in zip(infos[1:], w[1:]):
+        share = rest * wi / sum(w[1:])
         assert share - (p.m + p.n) < alloc.ranks[p.name] * (p.m + p.n) <= share, p.name
 
 

@@ -51,3 +51,16 @@ def test_default_model_flrc_within_bound_and_reload_is_exact(lm, tmp_path):
     t2, r2 = api.generate_text(model=again, prompts=["What is the capital of France?"], max_new_tokens=12)
     assert t1 == t2 and r1.tokens == r2.tokens and len(r1.tokens[0]) > 0
     assert r1.avg_active_params < w.params_kept / w.params_total  # the schedule lowered the ranks
+
+
+def test_gguf_file_loads_like_the_converted_folder(lm):
+    from lrexport.models.default import default_gguf_path
+
+    direct = api.load(default_gguf_path())
+    assert direct.spec == lm.spec and direct.source["format"] == "gguf"
+    ids = torch.randint(0, lm.spec.vocab_size, (1, 17), generator=torch.Generator().manual_seed(1))
+    zeros = torch.zeros(1, dtype=torch.int64)
+    with torch.no_grad():
+        a = direct.model(ids, zeros, *direct.model.empty_caches(1, 17))[0]
+        b = lm.model(ids, zeros, *lm.model.empty_caches(1, 17))[0]
+    assert torch.equal(a, b)

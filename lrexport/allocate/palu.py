@@ -1,8 +1,13 @@
-"""Fisher-proportional allocation (Palu): parameters kept in proportion to each
-projection's weight Fisher information, capped at dense and redistributed (water-filling)."""
+"""Fisher-proportional allocation (Palu): each projection keeps a fraction of its rank in
+proportion to its Fisher score, capped at dense and redistributed (water-filling).
+
+The score is Palu's: the root-mean-square weight gradient, ``sqrt(fisher_w / (m n))``.
+Kept parameters are ``c * score * (m n)``, so for projections of one shape (Palu's K/V
+case) ranks are proportional to the score."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -36,15 +41,16 @@ def _palu(cfg: PaluFisher, ctx: AllocContext):
     budget = budget_for(cfg.ratio, ctx)
     if sum(p.fisher_w for p in ctx.infos) <= 0:
         raise ConfigError("PaluFisher needs weight Fisher information (calibrate with fisher=True)")
+    weight = {p.name: math.sqrt(p.fisher_w / (p.m * p.n)) * p.dense for p in ctx.infos}
     free = {p.name: p for p in ctx.infos}
     share: dict[str, float] = {}
     remaining = float(budget)
     while free:  # water-filling: cap at dense, give the excess to the others
-        total = sum(p.fisher_w for p in free.values()) or 1.0
-        capped = {k: p for k, p in free.items() if remaining * p.fisher_w / total >= p.dense}
+        total = sum(weight[k] for k in free) or 1.0
+        capped = {k: p for k, p in free.items() if remaining * weight[k] / total >= p.dense}
         if not capped:
-            for k, p in free.items():
-                share[k] = remaining * p.fisher_w / total
+            for k in free:
+                share[k] = remaining * weight[k] / total
             break
         for k, p in capped.items():
             share[k] = float(p.dense)
