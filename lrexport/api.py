@@ -93,7 +93,7 @@ def calibration_windows(lm: LoadedModel, cfg: SelfCalibration | TextCalibration,
 def calibrate(lm: LoadedModel, cfg: SelfCalibration | TextCalibration, *, fisher: bool = True, use_cache: bool = True,
               graph=None) -> CalibStats:
     """Collect (or read from the cache) the statistics of one streaming calibration pass."""
-    key = json_digest({"model": _model_fingerprint(lm), "data": cfg.fingerprint(), "fisher": fisher, "v": 1})
+    key = json_digest({"model": _model_fingerprint(lm), "data": cfg.fingerprint(), "fisher": fisher, "v": 2})
     path = cache_dir() / "calib" / f"{key}.safetensors"
     if use_cache and path.is_file():
         log.info("calibration statistics from cache %s", path)

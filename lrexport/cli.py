@@ -156,7 +156,7 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from lrexport.demo import run_demo
 
-    return run_demo(ratio=args.ratio, out=args.out)
+    return run_demo(ratio=args.ratio, kv_ratio=args.kv_ratio, kv_bits=args.kv_bits or None, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="compress the default model, evaluate briefly, generate side by side")
     d.add_argument("--ratio", type=float, default=0.2)
+    d.add_argument("--kv-ratio", type=float, default=0.5, help="0 to leave the KV cache alone")
+    d.add_argument("--kv-bits", type=int, default=4, help="0 for float latents")
     d.add_argument("--out", default="out/demo")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -17,6 +17,7 @@ from lrexport.allocate import Flrc
 from lrexport.calib.data import SelfCalibration
 from lrexport.eval.data import default_data_dir
 from lrexport.factorize import FisherWhitenSvd
+from lrexport.kv.palu import PaluKV
 from lrexport.schedule import Linear, Schedule
 
 PROMPTS = (
@@ -34,17 +35,21 @@ def _side_by_side(title_a: str, a: str, title_b: str, b: str, width: int = 48) -
     return "\n".join(rows)
 
 
-def run_demo(*, ratio: float = 0.2, out: str | Path = "out/demo", max_new_tokens: int = 48) -> int:
+def run_demo(*, ratio: float = 0.2, kv_ratio: float = 0.5, kv_bits: int | None = 4, out: str | Path = "out/demo",
+             max_new_tokens: int = 48) -> int:
     t0 = time.perf_counter()
     print("[1/4] loading the default model (SmolLM2-135M-Instruct; fetched and converted once)")
     lm = api.load(None)
     base = api.open_model(None)
     print(f"[2/4] compressing: FLRC allocation, Fisher-weighted whitened SVD, {ratio:.0%} of projection "
-          "parameters removed, progressive decoding 1.0 -> 0.8 of the stored rank over 32 steps")
+          "parameters removed, progressive decoding 1.0 -> 0.8 of the stored rank over 32 steps;\n"
+          f"      KV cache: Palu J-LRD latents, {kv_ratio:.0%} of K/V dimensions removed (FLRC allocation)"
+          + (f", {kv_bits}-bit Hadamard-rotated latents" if kv_bits else ""))
     schedule = Schedule(form=Linear(start=1.0, end=0.8, steps=32), min_rank=8)
+    kv = PaluKV(allocation=Flrc(ratio=kv_ratio), group_size=0, bits=kv_bits) if kv_ratio else None
     res = api.compress(model=lm, weights=api.WeightCompression(allocation=Flrc(ratio=ratio),
                                                                factorization=FisherWhitenSvd()),
-                       calibration=SelfCalibration(num_windows=16, window=256), schedule=schedule)
+                       kv=kv, calibration=SelfCalibration(num_windows=16, window=256), schedule=schedule)
     cm = res.compressed
     for r in cm.pass_results:
         print("      " + r.summary())
@@ -53,6 +58,10 @@ def run_demo(*, ratio: float = 0.2, out: str | Path = "out/demo", max_new_tokens
     print(f"      kept {w.params_kept:,}/{w.params_total:,} projection parameters ({kept:.1%})"
           f" in {res.timings['compress_s']:.0f}s (allocation {res.timings['alloc_s']:.2f}s)")
     cm.save(out)
+    if cm.plan.kv:
+        k = cm.plan.kv
+        print(f"      KV cache: {k['bytes_per_token']:,} bytes/token instead of {k['dense_bytes_per_token']:,} "
+              f"(x{k['dense_bytes_per_token'] / k['bytes_per_token']:.1f} smaller)")
     print(f"      saved {out}  (inspect it: lrexport inspect {out} --png {out}/ranks.png)")
     try:
         default_data_dir()
@@ -67,7 +76,7 @@ def run_demo(*, ratio: float = 0.2, out: str | Path = "out/demo", max_new_tokens
     cm_texts, res_cm = api.generate_text(model=cm, prompts=list(PROMPTS), max_new_tokens=max_new_tokens)
     for p, a, b in zip(PROMPTS, base_texts, cm_texts):
         print(f"\n>>> {p}")
-        print(_side_by_side("base", a, f"lrexport FLRC -{ratio:.0%} (progressive)", b))
+        print(_side_by_side("base", a, f"lrexport FLRC -{ratio:.0%} + Palu KV -{kv_ratio:.0%}", b))
     print(f"\naverage activated projection parameters while decoding: {res_cm.avg_active_params:.1%}")
     print(f"done in {time.perf_counter() - t0:.0f}s")
     return 0

@@ -52,7 +52,13 @@ def summarize(folder: str | Path) -> str:
             lines.append(f"{li:5d} " + " ".join(f"{'dense' if r < 0 else r:>7}" for r in rank[li]))
     lines.append(f"schedule: {plan.schedule.describe() if plan.schedule else 'none'}")
     if plan.kv:
-        lines.append(f"kv: {plan.kv}")
+        k = plan.kv
+        lines.append(f"kv cache: Palu {k['grouping']}-LRD ({k['groups']} group(s) of {k['group_size']} KV heads), "
+                     f"{k['kv_removed']:.1%} of K/V dims removed, "
+                     f"{'float' if not k['bits'] else str(k['bits']) + '-bit'} latents"
+                     f"{' (Hadamard-rotated)' if k.get('hadamard') else ''}, {k['bytes_per_token']:,} bytes/token "
+                     f"(uncompressed {k['dense_bytes_per_token']:,})")
+        lines.append("kv ranks per layer [k, v]: " + ", ".join(f"{i}:{r}" for i, r in k["ranks"].items()))
     return "\n".join(lines)
 
 

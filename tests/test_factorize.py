@@ -375,3 +375,28 @@ def test_fisher_whiten_zero_fisher_gives_finite_factors_or_error(rng, case):
         return  # a clear error is an acceptable outcome
     assert torch.isfinite(d.U).all() and torch.isfinite(d.V).all(), "non-finite factors"
     assert np.linalg.norm(_np(d.U) @ _np(d.V) - W) / np.linalg.norm(W) < 1e-8
+
+
+def test_full_fisher_weighting_identity_and_fallback():
+    """With a full output Fisher F: ||F^½ (W - W_r) X||² equals the dropped σ² (ridge 0, floor 0);
+    a linear without a full matrix falls back to the diagonal weighting."""
+    g = torch.Generator().manual_seed(77)
+    m, n, T = 12, 10, 64
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(n, T, generator=g, dtype=torch.float64)
+    Gm = torch.randn(m, 3 * m, generator=g, dtype=torch.float64)
+    F = Gm @ Gm.T  # PSD, full rank
+    fqn = "model.layers.0.self_attn.k_proj"
+    stats = CalibStats(gram={input_key(fqn): X @ X.T}, fisher_out={fqn: F.diagonal().clone()},
+                       fisher_full={fqn: F.clone()}, tokens=1)
+    d = factorize(W, FisherWhitenSvd(ridge=0.0, floor=0.0, full=True), stats, fqn)
+    lam, Q = torch.linalg.eigh(F)
+    Fh = (Q * lam.sqrt()) @ Q.T
+    for r in (1, 4, 9):
+        err = float(((Fh @ (W - d.reconstruct(r)) @ X) ** 2).sum())
+        assert err == pytest.approx(float(d.sigma2[r:].sum()), rel=1e-8)
+    assert torch.allclose(d.reconstruct(m), W, atol=1e-9)
+    stats.fisher_full.clear()
+    diag = factorize(W, FisherWhitenSvd(ridge=0.0, floor=0.0, full=True), stats, fqn)
+    ref = factorize(W, FisherWhitenSvd(ridge=0.0, floor=0.0), stats, fqn)
+    assert torch.allclose(diag.sigma2, ref.sigma2)

@@ -9,6 +9,8 @@ For every linear of the decoder layers the pass collects:
 * ``fisher_out[fqn]`` -- ``Σ_t (∂L/∂y_t)²`` per output channel (the diagonal empirical
   Fisher of the linear's output), with ``L`` the summed next-token NLL of a window.
 * ``fisher_w[fqn]`` -- ``Σ_windows ||∂L/∂W||²``, the weight Fisher total (Palu's score).
+* ``fisher_full[fqn]`` -- ``Σ_t g_t g_tᵀ`` with ``g_t = ∂L/∂y_t``: the full output Fisher of
+  the k/v projections (``[Hkv*D, Hkv*D]``), which the KV decomposition can whiten by.
 
 The pass runs layer by layer: all windows go through layer ``l`` before layer ``l+1``
 is touched, hidden states are kept between layers, and the backward pass recomputes
@@ -33,6 +35,9 @@ from lrexport.util import atomic_write_bytes, progress
 log = logging.getLogger(__name__)
 
 
+FULL_FISHER = ("k_proj", "v_proj")  # projections whose full output Fisher matrix is kept
+
+
 def input_key(fqn: str) -> str:
     """The Gram-matrix key of a linear: linears that read the same input share one."""
     if fqn.endswith(("q_proj", "k_proj", "v_proj")):
@@ -48,6 +53,7 @@ class CalibStats:
     abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher_out: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher_w: dict[str, float] = field(default_factory=dict)
+    fisher_full: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     windows: int = 0
     fisher_tokens: int = 0  # tokens of the windows the Fisher pass used (0: all of them)
@@ -75,6 +81,7 @@ class CalibStats:
         tensors = {f"gram/{k}": v.contiguous() for k, v in self.gram.items()}
         tensors |= {f"abs_mean/{k}": v.contiguous() for k, v in self.abs_mean.items()}
         tensors |= {f"fisher_out/{k}": v.contiguous() for k, v in self.fisher_out.items()}
+        tensors |= {f"fisher_full/{k}": v.contiguous() for k, v in self.fisher_full.items()}
         tensors |= {f"fisher_w/{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.fisher_w.items()}
         meta = {"tokens": str(self.tokens), "windows": str(self.windows), "fisher_tokens": str(self.fisher_tokens),
                 "seconds_forward": str(self.seconds_forward), "seconds_fisher": str(self.seconds_fisher)}
@@ -147,8 +154,11 @@ def _backward_layer(layer, prefix, inputs, grads_out, model, stats, zeros_B):
     def make_hook(fqn):
         def fwd_hook(_mod, _args, out):
             def grad_hook(g):
-                acc = g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                g2 = g.detach().reshape(-1, g.shape[-1])
+                acc = g2.double().pow(2).sum(0)
                 stats.fisher_out[fqn] = stats.fisher_out.get(fqn, 0) + acc
+                if fqn.endswith(FULL_FISHER):
+                    stats.fisher_full[fqn] = stats.fisher_full.get(fqn, 0) + (g2.T @ g2).double()
             out.register_hook(grad_hook)
         return fwd_hook
 

@@ -39,6 +39,7 @@ class FisherWhitenSvd:
     ridge: float = 1e-6
     power: float = 0.5
     floor: float = 1e-2
+    full: bool = False  # weight by the full output Fisher matrix where calibration kept one (k/v)
 
     def __post_init__(self):
         if not 0 <= self.ridge < 1:
@@ -63,18 +64,33 @@ def whitening(G: torch.Tensor, ridge: float) -> torch.Tensor:
     raise ConfigError("Gram matrix is not positive definite even with a large ridge")
 
 
-def _whitened(W: torch.Tensor, G: torch.Tensor, ridge: float, row_w: torch.Tensor | None):
+def _whitened(W: torch.Tensor, G: torch.Tensor, ridge: float, row_w: torch.Tensor | None,
+              left: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """SVD of ``L W S``; ``L`` is ``diag(row_w)`` or, with ``left = (L, L⁻¹)``, a full matrix."""
     S = whitening(G.to(torch.float64), ridge)
     M = W @ S
     if row_w is not None:
         M = row_w[:, None] * M
+    if left is not None:
+        M = left[0] @ M
     U, s, Zh = torch.linalg.svd(M, full_matrices=False)
     # V = Zᵀ S⁻¹  <=>  V S = Zᵀ  <=>  Sᵀ Vᵀ = Z
     V = torch.linalg.solve_triangular(S.T, Zh.T, upper=True).T
     if row_w is not None:
         U = U / row_w[:, None]
+    if left is not None:
+        U = left[1] @ U
     A, B = balanced_split(U, s, V)
     return A, B, s**2
+
+
+def _sqrt_pair(F: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F^½, F^-½)`` of a PSD matrix, its spectrum floored at ``floor · mean eigenvalue``."""
+    lam, Q = torch.linalg.eigh(F)
+    lam = lam.clamp_min(0)
+    lam = (lam + floor * lam.mean()).clamp_min(float(lam.max()) * 1e-12)
+    r = lam.sqrt()
+    return (Q * r) @ Q.T, (Q / r) @ Q.T
 
 
 @FACTORIZERS.register(WhitenSvd)
@@ -89,6 +105,10 @@ def _whiten_svd(W, cfg: WhitenSvd, stats, fqn) -> Decomposition:
 def _fisher_whiten_svd(W, cfg: FisherWhitenSvd, stats, fqn) -> Decomposition:
     if stats is None or not stats.has_fisher:
         raise ConfigError("FisherWhitenSvd needs calibration statistics with Fisher information")
+    if cfg.full and fqn in stats.fisher_full and cfg.power == 0.5:
+        F = stats.fisher_full[fqn].to(torch.float64) / max(stats.fisher_norm, 1)
+        A, B, s2 = _whitened(W, stats.gram_of(fqn), cfg.ridge, None, left=_sqrt_pair(F, cfg.floor))
+        return Decomposition(A, B, s2, loss_weight=1.0)
     f = stats.fisher_out[fqn].to(torch.float64) / max(stats.fisher_norm, 1)
     if not bool(f.gt(0).any()):
         raise ConfigError(f"{fqn}: its Fisher information is all zero; use WhitenSvd for it")

@@ -96,6 +96,8 @@ def _group_decomps(W: torch.Tensor, kind_fqn: str, s: int, D: int, stats: CalibS
         sub = CalibStats(gram={input_key(name): gram}, tokens=stats.tokens, fisher_tokens=stats.fisher_tokens)
         if kind_fqn in stats.fisher_out:
             sub.fisher_out[name] = stats.fisher_out[kind_fqn][rows]
+        if kind_fqn in stats.fisher_full:
+            sub.fisher_full[name] = stats.fisher_full[kind_fqn][rows, rows]
         out.append(factorize(W[rows], method, sub, name))
     return out
 
