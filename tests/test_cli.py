@@ -100,3 +100,21 @@ def test_compress_weights_and_kv_together_round_trip(folder, tmp_path, capsys, m
     assert res.tokens == res2.tokens
     assert main(["compress", "--model", str(folder), "--out", str(tmp_path / "none")]) == 2
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_eval_command_on_a_compressed_folder(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LREXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cm"
+    assert main(["compress", "--model", str(folder), "--ratio", "0.3", "--calib-windows", "2", "--calib-window", "16",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(out), "--ppl-window", "32", "--ppl-windows", "2", "--xsum", "2", "--zeroshot",
+               "arc_easy,piqa", "--zeroshot-limit", "4", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "wikitext-2 perplexity" in text and "xsum rouge-L" in text and "arc_easy" in text
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["ppl"]["windows"] == 2 and res["ppl"]["ppl"] > 1
+    assert res["zeroshot"]["piqa"]["n"] == 4 and 0 <= res["xsum"]["rougeL"] <= 1
+    assert main(["eval", str(out), "--zeroshot", "nosuchtask", "--no-ppl"]) == 2
+    assert "nosuchtask" in capsys.readouterr().err
