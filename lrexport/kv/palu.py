@@ -46,7 +46,7 @@ class PaluKV:
 
     allocation: Uniform | PaluFisher | Flrc
     group_size: int = 1  # KV heads per latent group: 1 = M-LRD, 0 = all heads (J-LRD)
-    factorization: WhitenSvd | FisherWhitenSvd = FisherWhitenSvd()
+    factorization: WhitenSvd | FisherWhitenSvd = FisherWhitenSvd(full=True)
     bits: int | None = None  # quantized latents: 2, 3, 4 or 8 bits; None = float
     quant_group: int = 32  # channels per scale/zero point (and Hadamard block)
     hadamard: bool = True  # rotate quantized latents (folded into the projections)
