@@ -5,8 +5,9 @@ latent ranks under a cache budget, fold in the Hadamard rotation, and hand the r
 Grouping: ``group_size = s`` KV heads share one latent. ``s = 1`` is M-LRD (one latent per
 head), ``s = Hkv`` (or 0) is J-LRD (one latent for all heads), anything between is G-LRD.
 Each group's rows of ``W_k`` (``[s*D, n]``) are decomposed by a whitened SVD using the
-attention input's Gram matrix (the same statistics as the weight pass), Fisher-weighted by
-default, so that components come ordered and every prefix is best at its rank.
+attention input's Gram matrix (the same statistics as the weight pass), weighted on the
+output side by the projection's full output Fisher matrix by default (SVD of ``F^½ W S``),
+so that components come ordered and every prefix is best at its rank in that norm.
 
 Allocation: one rank for K and one for V per layer (all groups of a layer share it), chosen
 by the same allocators as the weights (``Uniform``, ``PaluFisher``, ``Flrc``) with the
