@@ -17,10 +17,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $@
 
-demo: setup
+demo: setup custom-ops
 	$(BIN)/lrexport demo
 
-test: setup
+test: setup custom-ops
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -31,3 +31,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info out
+
+# The ONNX Runtime custom-op library (build/custom_ops/liblrexport_ops.so): fetches the ORT
+# headers (Debian libonnxruntime-dev, or ORT_INCLUDE_DIR) and builds with CMake (docs/custom_op.md).
+.PHONY: custom-ops
+custom-ops: setup
+	$(BIN)/python -m lrexport.ortops

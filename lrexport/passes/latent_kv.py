@@ -8,7 +8,8 @@ Contract
               are cached; the attention node becomes ``lrexport.latent_attention`` with the
               per-group up-projections; ``B_v`` is fused into the linear that reads the
               attention output (``o_proj``, or its first low-rank factor) when that adds no
-              weight bytes, and applied inside the op otherwise. The cache inputs/outputs
+              weight bytes in every layer, and applied inside the op in every layer otherwise
+              (so that all layers share one operator structure). The cache inputs/outputs
               hold only latents: float ``[B, P, G*r]``, or packed codes plus float16
               scale/zero params when ``bits`` is set. ``TracedGraph.cache`` is updated.
     in place  yes.
@@ -98,6 +99,9 @@ class LatentKVPass:
         outs = list(out_node.args[0])
         new_names, new_widths, new_dtypes, new_ph, new_outs = [], [], [], [], []
         float_dtype = tg.cache.dtypes[0]
+        # one decision for the whole model, so that every layer's op has the same structure
+        fuse_all = self.fuse_v and all(
+            self._fusable(tg, a, self.layers.get(_layer_of(a.args[1]), None)) is not None for a in attns)
         fused = 0
         to_erase = []
         for li, attn in enumerate(attns):
@@ -128,7 +132,7 @@ class LatentKVPass:
                 if L.k_bias is not None:
                     set_attr(tg.gm, f"{pre}.latent_k_bias", L.k_bias.contiguous())
                     k_bias = g.get_attr(f"{pre}.latent_k_bias")
-            fuse_into = self._fusable(tg, attn, L) if self.fuse_v else None
+            fuse_into = self._fusable(tg, attn, L) if fuse_all else None
             v_up = None
             if fuse_into is None:
                 set_attr(tg.gm, f"{pre}.latent_v_up", L.v_up.contiguous())
@@ -219,8 +223,10 @@ class LatentKVPass:
             dtypes += ["uint8", "float16"]
         return names, widths, dtypes
 
-    def _fusable(self, tg: TracedGraph, attn: fx.Node, L: LatentKVLayer) -> fx.Node | None:
+    def _fusable(self, tg: TracedGraph, attn: fx.Node, L: LatentKVLayer | None) -> fx.Node | None:
         """The linear reading the attention output, if fusing B_v into it adds no weight bytes."""
+        if L is None:
+            return None
         out0 = _getitems(attn).get(0)
         users = list(out0.users) if out0 is not None else []
         if len(users) != 1 or users[0].target != aten.linear.default or users[0].args[0] is not out0:

@@ -1,0 +1,142 @@
+// Packed integer codes of quantized KV latents, bit-exact with lrexport/kv/quant.py.
+//
+// One cache row (one token of one sequence) of R latent channels, bits in {2, 3, 4, 8} and
+// quantization groups of `group` channels:
+//   * codes: R*bits/8 bytes. Channel c has code q_c in [0, 2^bits). Little-endian packing:
+//     for 2/4/8 bits, 8/bits codes per byte, the lowest channel in the lowest bits; for 3 bits
+//     each run of 8 channels is one 24-bit little-endian word (3 bytes) holding channel 8k+i at
+//     bits 3i.
+//   * params: 2*R/group float16: the groups' scales, then their zero points.
+// A value is q*scale + zero (float32 arithmetic, like the PyTorch reference).
+//
+// Quantization (per row and group), like lrexport.kv.quant.quantize:
+//   lo, hi = min, max (float32); scale = fp16(max((hi - lo) / (2^bits - 1), 1e-8)); zero = fp16(lo);
+//   q = clamp(round_half_even((x - zero) / scale), 0, 2^bits - 1)  (float32 arithmetic on the
+//   float16-rounded scale and zero). A NaN quotient (0/0 when scale rounds to 0) gives code 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace lrexport {
+
+inline uint32_t f32_bits(float f) noexcept {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) noexcept {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// float32 -> float16, round to nearest even (overflow -> inf, NaN stays NaN).
+inline uint16_t f32_to_f16(float f) noexcept {
+  const uint32_t f32_infty = 255u << 23;
+  const uint32_t f16_max = (127u + 16u) << 23;                    // 2^16: rounds to inf from here on
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  uint32_t x = f32_bits(f);
+  const uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  uint16_t o;
+  if (x >= f16_max) {
+    o = (x > f32_infty) ? 0x7e00 : 0x7c00;
+  } else if (x < (113u << 23)) {                                   // below 2^-14: subnormal or zero
+    // the FPU's round-to-nearest-even does the rounding of the shifted-out bits
+    const float fx = bits_f32(x) + bits_f32(denorm_magic);
+    o = static_cast<uint16_t>(f32_bits(fx) - denorm_magic);
+  } else {
+    const uint32_t mant_odd = (x >> 13) & 1u;
+    x += ((15u - 127u) << 23) + 0xfffu;                            // rebias exponent, round
+    x += mant_odd;                                                 // ties to even
+    o = static_cast<uint16_t>(x >> 13);
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+inline float f16_to_f32(uint16_t h) noexcept {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;  // mant * 2^-24
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_f32(sign | 0x7f800000u | (mant << 13));
+  return bits_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// Code of channel c in a packed row.
+inline uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
+  if (bits == 8) return row[c];
+  if (bits == 3) {
+    const uint8_t* w = row + 3 * (c >> 3);
+    const uint32_t word = static_cast<uint32_t>(w[0]) | (static_cast<uint32_t>(w[1]) << 8) |
+                          (static_cast<uint32_t>(w[2]) << 16);
+    return (word >> (3 * (c & 7))) & 7u;
+  }
+  const int per = 8 / bits;  // 2 or 4 bits
+  return (row[c / per] >> (bits * (c % per))) & ((1u << bits) - 1u);
+}
+
+// Quantize one row of `width` floats into packed codes (width*bits/8 bytes) and float16
+// params (2*width/group). width is a multiple of group, group a multiple of 8.
+inline void quantize_row(const float* x, int64_t width, int bits, int64_t group, uint8_t* codes,
+                         uint16_t* params) noexcept {
+  const int64_t ngroups = width / group;
+  const uint32_t levels = (1u << bits) - 1u;
+  std::memset(codes, 0, static_cast<size_t>(width * bits / 8));
+  for (int64_t gi = 0; gi < ngroups; ++gi) {
+    const float* xg = x + gi * group;
+    float lo = xg[0], hi = xg[0];
+    for (int64_t i = 1; i < group; ++i) {
+      lo = std::fmin(lo, xg[i]);
+      hi = std::fmax(hi, xg[i]);
+    }
+    float scale = (hi - lo) / static_cast<float>(levels);
+    if (!(scale >= 1e-8f)) scale = scale != scale ? scale : 1e-8f;  // clamp_min, NaN passes
+    const uint16_t sh = f32_to_f16(scale), zh = f32_to_f16(lo);
+    params[gi] = sh;
+    params[ngroups + gi] = zh;
+    const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
+    for (int64_t i = 0; i < group; ++i) {
+      float q = std::nearbyint((xg[i] - zf) / sf);  // default rounding: half to even
+      if (!(q > 0.0f)) q = 0.0f;                    // also NaN -> 0
+      if (q > static_cast<float>(levels)) q = static_cast<float>(levels);
+      const uint32_t code = static_cast<uint32_t>(q);
+      const int64_t c = gi * group + i;
+      if (bits == 8) {
+        codes[c] = static_cast<uint8_t>(code);
+      } else if (bits == 3) {
+        const int64_t bit = 3 * c;  // 8 channels = 24 bits = 3 bytes: bit offsets are contiguous
+        const uint32_t v = code << (bit & 7);
+        codes[bit >> 3] = static_cast<uint8_t>(codes[bit >> 3] | (v & 0xffu));
+        if (v >> 8) codes[(bit >> 3) + 1] = static_cast<uint8_t>(codes[(bit >> 3) + 1] | (v >> 8));
+      } else {
+        const int per = 8 / bits;
+        codes[c / per] = static_cast<uint8_t>(codes[c / per] | (code << (bits * (c % per))));
+      }
+    }
+  }
+}
+
+// Dequantize channels [c0, c1) of a packed row into out[0 .. c1-c0).
+inline void dequantize_range(const uint8_t* codes, const uint16_t* params, int64_t width, int bits,
+                             int64_t group, int64_t c0, int64_t c1, float* out) noexcept {
+  const int64_t ngroups = width / group;
+  int64_t c = c0;
+  while (c < c1) {
+    const int64_t gi = c / group;
+    const int64_t end = (gi + 1) * group < c1 ? (gi + 1) * group : c1;
+    const float sf = f16_to_f32(params[gi]), zf = f16_to_f32(params[ngroups + gi]);
+    for (; c < end; ++c) {
+      const float q = static_cast<float>(get_code(codes, c, bits));
+      const float prod = q * sf;  // two roundings, like q * scale + zero in PyTorch
+      out[c - c0] = prod + zf;
+    }
+  }
+}
+
+}  // namespace lrexport

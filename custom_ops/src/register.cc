@@ -1,0 +1,100 @@
+// Entry point of liblrexport_ops.so: RegisterCustomOps, called by
+// SessionOptions::RegisterCustomOpsLibrary (Python: SessionOptions.register_custom_ops_library).
+//
+// The library is built against headers of API version ORT_API_VERSION (21 with Debian's ORT 1.21
+// headers) and asks the loading runtime for exactly that version, so it loads in every runtime
+// from that version on. It never links libonnxruntime: the API table comes from the
+// OrtApiBase* argument (ORT_API_MANUAL_INIT, see ort_api.h).
+//
+// Execution providers: only CPU kernels are registered (cpu_ops()). A kernel registered only
+// for the CUDA provider would make a CPU-only session fail to find an implementation, whereas
+// a CPU kernel in a CUDA session just runs on the CPU (ORT inserts the copies). GPU kernels go
+// in the LREXPORT_WITH_CUDA block below as more OrtCustomOp objects of the same name and domain
+// whose GetExecutionProviderType returns "CUDAExecutionProvider", added in addition to the CPU
+// ones, so that each session picks the kernel of the provider it assigns the node to.
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lowrank_kv_attention.h"
+#include "ort_api.h"
+
+#if defined(_WIN32)
+#define LRX_EXPORT __declspec(dllexport)
+#else
+#define LRX_EXPORT __attribute__((visibility("default")))
+#endif
+
+namespace {
+
+// Domains stay alive as long as the sessions that use them: released at process exit.
+struct DomainList {
+  std::mutex mu;
+  std::vector<OrtCustomOpDomain*> domains;
+  ~DomainList() {
+    if (!lrexport::g_ort) return;
+    for (OrtCustomOpDomain* d : domains) lrexport::g_ort->ReleaseCustomOpDomain(d);
+  }
+};
+
+DomainList& domain_list() {
+  static DomainList list;
+  return list;
+}
+
+OrtStatus* register_ops(OrtSessionOptions* options) {
+  const OrtApi* api = lrexport::g_ort;
+  OrtCustomOpDomain* domain = nullptr;
+  LRX_RETURN_IF_ERROR(api->CreateCustomOpDomain(lrexport::kDomain, &domain));
+  size_t n = 0;
+  lrexport::LowRankKVAttentionOp* ops = lrexport::cpu_ops(&n);
+  for (size_t i = 0; i < n; ++i) {
+    if (OrtStatus* st = api->CustomOpDomain_Add(domain, &ops[i])) {
+      api->ReleaseCustomOpDomain(domain);
+      return st;
+    }
+  }
+#if defined(LREXPORT_WITH_CUDA)
+  // GPU kernels (not written yet): add the CUDA ops to the same domain here, e.g.
+  //   for (auto& op : lrexport::cuda_ops(&m)) api->CustomOpDomain_Add(domain, &op);
+  // They run on the stream from KernelContext_GetGPUComputeStream.
+#endif
+  if (OrtStatus* st = api->AddCustomOpDomain(options, domain)) {
+    api->ReleaseCustomOpDomain(domain);
+    return st;
+  }
+  try {
+    DomainList& list = domain_list();
+    std::lock_guard<std::mutex> lock(list.mu);
+    list.domains.push_back(domain);
+  } catch (...) {
+    // keep the domain alive (the session options hold it): leak it rather than free it
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+extern "C" LRX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                const OrtApiBase* api_base) noexcept {
+  if (api_base == nullptr || options == nullptr) return nullptr;  // nothing to report the error with
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // Older runtime: report through the oldest API table, which every runtime has.
+    const OrtApi* api1 = api_base->GetApi(1);
+    if (api1 == nullptr) return nullptr;
+    std::string msg = "lrexport_ops was built against ONNX Runtime API version " + std::to_string(ORT_API_VERSION) +
+                      "; this runtime (" + api_base->GetVersionString() + ") does not provide it";
+    return api1->CreateStatus(ORT_FAIL, msg.c_str());
+  }
+  lrexport::g_ort = api;
+  Ort::InitApi(api);  // the C++ wrapper, for any code that uses it
+  try {
+    return register_ops(options);
+  } catch (...) {
+    return api->CreateStatus(ORT_FAIL, "lrexport_ops: RegisterCustomOps failed");
+  }
+}
+
+// The ORT API version the library was built against (for diagnostics).
+extern "C" LRX_EXPORT int lrexport_ops_api_version(void) noexcept { return ORT_API_VERSION; }
