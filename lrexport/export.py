@@ -1,0 +1,89 @@
+"""``lrexport export``: write a compressed model as an ONNX folder.
+
+    out/
+      model.onnx, model.onnx.data   the graph (weights as external data)
+      lrexport.json                 the plan, plus the ONNX I/O and cache layout ("onnx")
+      config.json, tokenizer files
+
+The folder is written to a temporary folder and renamed, so an interrupted export leaves
+nothing that looks complete. ``onnx.checker`` runs on the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from lrexport.compile import CompressedModel, param_accounting
+from lrexport.emit.onnx import IR_VERSION, emit
+from lrexport.errors import PassError
+from lrexport.passes.base import PassResult
+from lrexport.util import atomic_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    passes: list[PassResult]
+    seconds: float
+    onnx_info: dict[str, Any]
+
+
+def export_onnx(cm: CompressedModel, out: str | Path) -> ExportResult:
+    """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically)."""
+    t0 = time.perf_counter()
+    tg = cm.graph
+    if "kivi" in tg.meta:
+        raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
+    res = emit(tg)
+    info = {
+        "file": MODEL_FILE, "ir_version": IR_VERSION, "inputs": res.input_names, "outputs": res.output_names,
+        "cache": [{"name": n, "width": w, "dtype": d} for n, w, d in zip(tg.cache.names, tg.cache.widths,
+                                                                        tg.cache.dtypes)],
+        "rank_inputs": list(tg.rank_names), "rank_max": list(tg.rank_max), "max_len": tg.max_len,
+        "eos_token_ids": list(cm.spec.eos_token_ids),
+        **param_accounting(cm.spec, cm.plan, tg.rank_names),
+    }
+    folder = Path(out)
+    with atomic_dir(folder) as tmp:
+        onnx.save_model(res.model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=MODEL_FILE + ".data", size_threshold=1024)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        (tmp / "config.json").write_text(json.dumps(cm.plan.model, indent=2, default=str))
+        if cm.tokenizer is not None:
+            cm.tokenizer.save_pretrained(str(tmp))
+        plan = cm.plan.to_dict()
+        plan["onnx"] = info
+        (tmp / "lrexport.json").write_text(json.dumps(plan, indent=2, default=str))  # last: marks completion
+    seconds = time.perf_counter() - t0
+    log.info("exported %s in %.1fs", folder, seconds)
+    return ExportResult(folder=folder, passes=res.passes, seconds=seconds, onnx_info=info)
+
+
+def load_onnx_backend(folder: str | Path, *, use_library: bool = True, **kw):
+    """An :class:`~lrexport.runtime.ort_backend.OrtBackend` over an exported folder."""
+    from lrexport.errors import PlanError
+    from lrexport.runtime.ort_backend import OrtBackend
+
+    folder = Path(folder)
+    meta_path = folder / "lrexport.json"
+    if not meta_path.is_file():
+        raise PlanError(f"{folder}: no lrexport.json (not an exported lrexport folder, or an incomplete one)")
+    meta = json.loads(meta_path.read_text())
+    info = meta.get("onnx")
+    if not info:
+        raise PlanError(f"{folder}: lrexport.json has no 'onnx' section; export the model with `lrexport export`")
+    cache = [(c["name"], c["width"], c["dtype"]) for c in info["cache"]]
+    return OrtBackend(folder / info["file"], cache=cache, max_len=info["max_len"], rank_max=info["rank_max"],
+                      rank_cost=info["rank_cost"], dense_params=info["dense_params"],
+                      total_params=info["total_params"], use_library=use_library, **kw), meta

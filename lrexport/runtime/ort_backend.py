@@ -1,0 +1,98 @@
+"""The ONNX Runtime backend of the generation loop.
+
+Runs an exported ``model.onnx`` (see :mod:`lrexport.export`) through an
+``onnxruntime.InferenceSession``. With the custom-op library registered and
+``in_place=True``, each step binds every ``present_*`` output to the buffer of its
+``past_*`` input (IO binding), so the kernel writes the new tokens into the cache in place
+and nothing is copied between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lrexport.errors import LrexportError, ShapeError
+
+log = logging.getLogger(__name__)
+
+_NP = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "bfloat16": None}
+
+
+class OrtBackend:
+    """A loop backend over an ONNX Runtime session (CPU by default).
+
+    ``use_library``: register lrexport's custom-op library (else the model's fallback
+    bodies run). ``cache`` lists the cache tensors as ``(name, width, dtype)``.
+    """
+
+    def __init__(self, model_path: str | Path, *, cache: list[tuple[str, int, str]], max_len: int,
+                 rank_max: list[int] | None = None, rank_cost: list[int] | None = None, dense_params: int = 0,
+                 total_params: int = 0, use_library: bool = True, providers: list[str] | None = None,
+                 threads: int | None = None, in_place: bool | None = None):
+        import onnxruntime as ort
+
+        from lrexport import ortops
+
+        providers = providers or ["CPUExecutionProvider"]
+        if use_library:
+            opts = ortops.session_options(providers=providers)
+        else:
+            opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own exception types)
+            raise LrexportError(f"ONNX Runtime could not load {model_path}: {e}") from e
+        self.cache_names = [c[0] for c in cache]
+        self.cache_widths = [c[1] for c in cache]
+        self.cache_dtypes = [c[2] for c in cache]
+        self.max_len = max_len
+        self.rank_max = list(rank_max or [])
+        self.rank_cost = list(rank_cost or [])
+        self.dense_params, self.total_params = dense_params, total_params
+        self.in_place = use_library if in_place is None else in_place
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.present = ["present_" + n.removeprefix("past_") for n in self.cache_names]
+
+    def new_caches(self, batch: int, capacity: int) -> list[np.ndarray]:
+        return [np.zeros((batch, capacity, w), dtype=_NP[d]) for w, d in zip(self.cache_widths, self.cache_dtypes)]
+
+    def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: list[np.ndarray],
+             ranks: list[int] | None) -> tuple[torch.Tensor, list[np.ndarray]]:
+        feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids.numpy(), dtype=np.int64),
+                                 "past_len": np.ascontiguousarray(past_len.numpy(), dtype=np.int64)}
+        if self.rank_max:
+            r = ranks if ranks is not None else self.rank_max
+            if len(r) != len(self.rank_max) or any(not 1 <= x <= m for x, m in zip(r, self.rank_max)):
+                raise ShapeError(f"ranks must be {len(self.rank_max)} values in [1, stored rank]")
+            feeds["ranks"] = np.asarray(r, dtype=np.int64)
+        if not self.in_place:
+            feeds.update(zip(self.cache_names, caches))
+            outs = self.session.run(None, feeds)
+            named = dict(zip(self.output_names, outs))
+            return torch.from_numpy(named["logits"]), [named[p] for p in self.present]
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, v)
+        for name, present, buf in zip(self.cache_names, self.present, caches):
+            ov = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the numpy buffer
+            binding.bind_ortvalue_input(name, ov)
+            binding.bind_ortvalue_output(present, ov)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return torch.from_numpy(logits), caches
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch from an empty cache (the eval ``LogitsFn``)."""
+        B, S = input_ids.shape
+        logits, _ = self.step(input_ids, torch.zeros(B, dtype=torch.int64), self.new_caches(B, S), None)
+        return logits

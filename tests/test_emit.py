@@ -1,0 +1,126 @@
+"""ONNX emission: ORT with the custom-op library, ORT without it (the fallback bodies) and the
+PyTorch graph agree, for prefill plus 32 decode steps of a batch of 2 prompts of different
+lengths, M/G/J groupings, float and quantized latents, and ranks that change mid-generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lrexport.compile import CompressedModel
+from lrexport.export import export_onnx, load_onnx_backend
+from lrexport.factorize.registry import Factors
+from lrexport.passes.latent_kv import LatentKVPass
+from lrexport.passes.lowrank_linear import LowRankLinearPass
+from lrexport.plan import Plan
+from lrexport.runtime.torch_backend import TorchBackend
+from lrexport.trace.export import trace
+from tests.test_latent_kv import GQA, exact_layers
+from tests.tiny import VOCAB, tiny_loaded
+
+REL = 1e-4  # fp32: max |a - b| / max |b| over each step's logits
+STEPS = 32
+CASES = {  # name: (group_size, bits, low-rank weights with a rank input)
+    "dense": (None, None, False),
+    "M-float-ranks": (1, None, True),
+    "G-4bit": (2, 4, False),
+    "J-3bit-ranks": (4, 3, True),
+}
+
+
+def _build(case: str, tmp_path_factory):
+    s, bits, ranks = CASES[case]
+    lm = tiny_loaded("llama", seed=31, **GQA)
+    tg = trace(lm.model)
+    if ranks:
+        mods = dict(lm.model.named_modules())
+        facs = {}
+        for name in lm.spec.linear_names():
+            if name.endswith(("gate_proj", "up_proj", "down_proj", "q_proj")):
+                U, S_, Vh = torch.linalg.svd(mods[name].weight.detach(), full_matrices=False)
+                facs[name] = Factors((U[:, :16] * S_[:16]).contiguous(), Vh[:16].contiguous())
+        LowRankLinearPass(facs, rank_input=True)(tg)
+    if s is not None:
+        LatentKVPass(exact_layers(lm, s, rank=4 * s), bits=bits, quant_group=8)(tg)
+    plan = Plan(model=lm.spec.hf_config, source={"kind": "test"}, max_len=lm.model.max_len)
+    cm = CompressedModel(graph=tg, plan=plan, spec=lm.spec, factors={}, dense_state={})
+    torch_backend = TorchBackend(tg)
+    folder = tmp_path_factory.mktemp(case) / "onnx"
+    res = export_onnx(cm, folder)
+    return torch_backend, folder, res
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    return request.param, *_build(request.param, tmp_path_factory)
+
+
+def _drive(backend, prompts, steps, rank_schedule):
+    """Prefill a right-padded batch, then decode ``steps`` tokens (greedy from row 0's backend
+    is not needed: the tokens are fixed in advance); returns the logits of every step."""
+    B = len(prompts)
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(B, L, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+    caches = backend.new_caches(B, L + steps + 1)
+    ranks = rank_schedule(0)
+    logits, caches = backend.step(ids, torch.zeros(B, dtype=torch.int64), caches, ranks)
+    out = [torch.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)]).double()]
+    pos = torch.tensor([len(p) for p in prompts])
+    g = torch.Generator().manual_seed(9)
+    for t in range(1, steps + 1):
+        nxt = torch.randint(0, VOCAB, (B, 1), generator=g)
+        logits, caches = backend.step(nxt, pos, caches, rank_schedule(t))
+        out.append(logits[:, -1].double())
+        pos = pos + 1
+    return out
+
+
+def test_ort_library_fallback_and_torch_agree(exported):
+    case, torch_backend, folder, res = exported
+    rank_max = torch_backend.rank_max
+
+    def schedule(t):  # full stored rank, then a lower one from step 12 on
+        return None if not rank_max else [r if t < 12 else max(1, r // 2) for r in rank_max]
+
+    prompts = [list(range(3, 12)), list(range(20, 25))]
+    ref = _drive(torch_backend, prompts, STEPS, schedule)
+    for use_library in (True, False):
+        ort_backend, meta = load_onnx_backend(folder, use_library=use_library)
+        got = _drive(ort_backend, prompts, STEPS, schedule)
+        for t, (a, b) in enumerate(zip(got, ref)):
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err < REL, (case, use_library, t, err)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if CASES[case][0] is None:
+        assert "LowRankKVAttention" not in ops and "DenseAttention" not in ops  # inlined standard ops
+    else:
+        assert "LowRankKVAttention" in ops and any(f.name == "LowRankKVAttention" for f in model.functions)
+    assert model.ir_version == 10
+    info = json.loads((folder / "lrexport.json").read_text())["onnx"]
+    assert info["inputs"][:2] == ["input_ids", "past_len"] and info["outputs"][0] == "logits"
+    assert ("ranks" in info["inputs"]) == bool(rank_max)
+
+
+def test_export_is_atomic_and_checked(tmp_path, monkeypatch):
+    lm = tiny_loaded("llama", seed=32)
+    tg = trace(lm.model)
+    cm = CompressedModel(graph=tg, plan=Plan(model=lm.spec.hf_config, source={}), spec=lm.spec, factors={},
+                         dense_state={})
+    import lrexport.export as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex.onnx.checker, "check_model", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_onnx(cm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    np.testing.assert_equal(len(list(tmp_path.iterdir())), 0)
