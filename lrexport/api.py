@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -264,17 +265,70 @@ def chat_prompt(tokenizer, text: str, *, chat: bool | None = None) -> list[int]:
     return tokenizer(text).input_ids
 
 
-def generate_text(*, model: str | Path | CompressedModel | None = None, prompts: list[str], max_new_tokens: int = 64,
-                  sampling: Sampling = Sampling(), schedule: Schedule | None | bool = True, chat: bool | None = None,
-                  on_token=None):
-    """Generate text for ``prompts``; returns ``(texts, GenerationResult)``."""
+@dataclass
+class Runner:
+    """What generation needs, whatever the backend: the backend, tokenizer, plan and stop ids."""
+
+    backend: Any
+    tokenizer: Any
+    plan: Plan
+    stop_ids: list[int]
+    kind: str  # "torch" or "onnx"
+
+
+def is_onnx_folder(path: str | Path | None) -> bool:
+    if path is None or isinstance(path, CompressedModel):
+        return False
+    meta = Path(path) / "lrexport.json"
+    return meta.is_file() and bool(json.loads(meta.read_text()).get("onnx"))
+
+
+def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "auto",
+                use_library: bool = True) -> Runner:
+    """An exported ONNX folder runs on ONNX Runtime; anything else on the PyTorch graph."""
+    if backend not in ("auto", "torch", "onnx"):
+        raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r}")
+    onnx_folder = is_onnx_folder(model)
+    if backend == "onnx" and not onnx_folder:
+        raise ConfigError(f"{model} is not an exported ONNX folder; run `lrexport export` first")
+    if onnx_folder and backend != "torch":
+        from lrexport.export import load_onnx_backend
+        from lrexport.models.load import load_tokenizer
+
+        be, meta = load_onnx_backend(model, use_library=use_library)
+        plan = Plan.from_dict({k: v for k, v in meta.items() if k != "onnx"})
+        tok = load_tokenizer(Path(model))
+        stops = set(meta["onnx"].get("eos_token_ids", []))
+        if tok is not None and tok.eos_token_id is not None:
+            stops.add(int(tok.eos_token_id))
+        return Runner(be, tok, plan, sorted(stops), "onnx")
     cm = open_model(model)
-    if cm.tokenizer is None:
+    return Runner(cm.backend(), cm.tokenizer, cm.plan, stop_ids(cm), "torch")
+
+
+def export(*, model: str | Path | CompressedModel | None = None, out: str | Path):
+    """Export a compressed folder (or a plain model) as a deployable ONNX folder."""
+    from lrexport.export import export_onnx
+
+    return export_onnx(open_model(model), out)
+
+
+def generate_text(*, model: str | Path | CompressedModel | Runner | None = None, prompts: list[str],
+                  max_new_tokens: int = 64,
+                  sampling: Sampling = Sampling(), schedule: Schedule | None | bool = True, chat: bool | None = None,
+                  on_token=None, backend: str = "auto", use_library: bool = True):
+    """Generate text for ``prompts``; returns ``(texts, GenerationResult)``.
+
+    ``model`` is a compressed folder or model (PyTorch graph), an exported ONNX folder (ONNX
+    Runtime), a plain model folder or None (the default model)."""
+    run = model if isinstance(model, Runner) else open_runner(model, backend=backend, use_library=use_library)
+    tok = run.tokenizer
+    if tok is None:
         raise ConfigError("text generation needs a tokenizer; the model folder has none")
-    ids = [chat_prompt(cm.tokenizer, p, chat=chat) for p in prompts]
-    sched = cm.plan.schedule if schedule is True else (schedule or None)
-    pad = cm.tokenizer.pad_token_id if cm.tokenizer.pad_token_id is not None else 0
-    res = generate(cm.backend(), ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids(cm),
+    ids = [chat_prompt(tok, p, chat=chat) for p in prompts]
+    sched = run.plan.schedule if schedule is True else (schedule or None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    res = generate(run.backend, ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=run.stop_ids,
                    schedule=sched, pad_id=pad, on_token=on_token)
-    texts = [cm.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
+    texts = [tok.decode(t, skip_special_tokens=True) for t in res.tokens]
     return texts, res

@@ -119,19 +119,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lrexport import api
+
+    res = api.export(model=args.model, out=args.out)
+    for r in res.passes:
+        print(r.summary())
+    info = res.onnx_info
+    print(f"inputs: {', '.join(info['inputs'][:4])}{', ...' if len(info['inputs']) > 4 else ''}")
+    print(f"wrote {res.folder} ({res.seconds:.0f}s); run it: lrexport generate {res.folder} --prompt ...")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from lrexport import api
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = len(args.prompt) == 1 and not args.no_stream
-    cm = api.open_model(args.model)
+    run = api.open_runner(args.model, backend=args.backend, use_library=not args.no_library)
 
     def on_token(step, ids):
         if ids[0] is not None:
-            sys.stdout.write(cm.tokenizer.decode([ids[0]], skip_special_tokens=True))
+            sys.stdout.write(run.tokenizer.decode([ids[0]], skip_special_tokens=True))
             sys.stdout.flush()
 
-    texts, res = api.generate_text(model=cm, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+    texts, res = api.generate_text(model=run, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                                    sampling=sampling, schedule=not args.no_schedule,
                                    on_token=on_token if stream else None)
     if stream:
@@ -212,7 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-schedule", action="store_true", help="run at the stored ranks, ignoring the schedule")
     g.add_argument("--no-stream", action="store_true")
+    g.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: ONNX Runtime for exported folders, PyTorch otherwise")
+    g.add_argument("--no-library", action="store_true",
+                   help="ONNX Runtime without lrexport's custom-op library (the fallback bodies run)")
     g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write a compressed model as an ONNX folder for ONNX Runtime")
+    x.add_argument("model", nargs="?", default=None, help="compressed folder (or HF folder / .gguf / default model)")
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="print a compressed model's plan; plot its ranks")
     i.add_argument("model")

@@ -1,9 +1,10 @@
 """``lrexport demo``: the main job on the default model, end to end.
 
 Fetch SmolLM2-135M-Instruct (once), compress its weights with FLRC (Fisher-weighted
-whitened SVD, fine-grained ranks, a progressive decoding schedule), save the compressed
-folder, measure a short WikiText-2 perplexity of both models, and generate from the same
-prompts with both, side by side.
+whitened SVD, fine-grained ranks, a progressive decoding schedule) and its KV cache with
+Palu (J-LRD latents, 4-bit), export the result to ONNX, measure a short WikiText-2
+perplexity of both models, and generate from the same prompts with the base model
+(PyTorch) and the exported model (ONNX Runtime with lrexport's custom-op library), side by side.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def _side_by_side(title_a: str, a: str, title_b: str, b: str, width: int = 48) -
 def run_demo(*, ratio: float = 0.2, kv_ratio: float = 0.5, kv_bits: int | None = 4, out: str | Path = "out/demo",
              max_new_tokens: int = 48) -> int:
     t0 = time.perf_counter()
-    print("[1/4] loading the default model (SmolLM2-135M-Instruct; fetched and converted once)")
+    print("[1/5] loading the default model (SmolLM2-135M-Instruct; fetched and converted once)")
     lm = api.load(None)
     base = api.open_model(None)
-    print(f"[2/4] compressing: FLRC allocation, Fisher-weighted whitened SVD, {ratio:.0%} of projection "
+    print(f"[2/5] compressing: FLRC allocation, Fisher-weighted whitened SVD, {ratio:.0%} of projection "
           "parameters removed, progressive decoding 1.0 -> 0.8 of the stored rank over 32 steps;\n"
           f"      KV cache: Palu J-LRD latents, {kv_ratio:.0%} of K/V dimensions removed (FLRC allocation)"
           + (f", {kv_bits}-bit Hadamard-rotated latents" if kv_bits else ""))
