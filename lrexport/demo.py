@@ -58,26 +58,30 @@ def run_demo(*, ratio: float = 0.2, kv_ratio: float = 0.5, kv_bits: int | None =
     kept = w.params_kept / w.params_total
     print(f"      kept {w.params_kept:,}/{w.params_total:,} projection parameters ({kept:.1%})"
           f" in {res.timings['compress_s']:.0f}s (allocation {res.timings['alloc_s']:.2f}s)")
-    cm.save(out)
     if cm.plan.kv:
         k = cm.plan.kv
         print(f"      KV cache: {k['bytes_per_token']:,} bytes/token instead of {k['dense_bytes_per_token']:,} "
               f"(x{k['dense_bytes_per_token'] / k['bytes_per_token']:.1f} smaller)")
-    print(f"      saved {out}  (inspect it: lrexport inspect {out} --png {out}/ranks.png)")
+    out = Path(out)
+    cm.save(out / "compressed")
+    print(f"      saved {out / 'compressed'}  (lrexport inspect {out / 'compressed'} --png ranks.png)")
+    print("[3/5] exporting to ONNX (LowRankKVAttention custom op with a standard-op fallback)")
+    exp = api.export(model=cm, out=out / "onnx")
+    print(f"      wrote {exp.folder} in {exp.seconds:.0f}s")
     try:
         default_data_dir()
-        print("[3/4] WikiText-2 test perplexity, 8 windows of 512 tokens")
+        print("[4/5] WikiText-2 test perplexity, 8 windows of 512 tokens (PyTorch graphs)")
         p_base = api.evaluate(model=base, ppl_windows=8)["ppl"]["ppl"]
         p_cm = api.evaluate(model=cm, ppl_windows=8)["ppl"]["ppl"]
         print(f"      base {p_base:.2f}   compressed {p_cm:.2f}   (x{p_cm / p_base:.2f})")
     except Exception as e:  # noqa: BLE001  (no data folder: skip this step, say why)
-        print(f"[3/4] perplexity skipped: {e}")
-    print(f"[4/4] greedy generation, {max_new_tokens} new tokens")
+        print(f"[4/5] perplexity skipped: {e}")
+    print(f"[5/5] greedy generation, {max_new_tokens} new tokens: base (PyTorch) | exported (ONNX Runtime)")
     base_texts, _ = api.generate_text(model=base, prompts=list(PROMPTS), max_new_tokens=max_new_tokens)
-    cm_texts, res_cm = api.generate_text(model=cm, prompts=list(PROMPTS), max_new_tokens=max_new_tokens)
+    cm_texts, res_cm = api.generate_text(model=exp.folder, prompts=list(PROMPTS), max_new_tokens=max_new_tokens)
     for p, a, b in zip(PROMPTS, base_texts, cm_texts):
         print(f"\n>>> {p}")
-        print(_side_by_side("base", a, f"lrexport FLRC -{ratio:.0%} + Palu KV -{kv_ratio:.0%}", b))
+        print(_side_by_side("base", a, f"ONNX: FLRC -{ratio:.0%} + Palu KV -{kv_ratio:.0%}", b))
     print(f"\naverage activated projection parameters while decoding: {res_cm.avg_active_params:.1%}")
     print(f"done in {time.perf_counter() - t0:.0f}s")
     return 0
