@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Fetch the ONNX Runtime C/C++ headers from Debian trixie's libonnxruntime-dev package.
+# Fetch the ONNX Runtime C/C++ headers from Debian trixie's libonnxruntime-dev package
+# (or, with --json, nlohmann/json's single header from Debian trixie's nlohmann-json3-dev,
+# which the C++ sample in samples/cpp/ uses to read lrexport.json).
 #
 # The onnxruntime wheels on PyPI ship no headers. Debian 13 (trixie) packages ORT 1.21
 # (C API version 21); a custom-op library built against those headers and initialised
@@ -11,41 +13,68 @@
 # cache directories point into the build folder. Nothing is installed; the .deb is unpacked
 # with `dpkg-deb -x`.
 #
-# Usage: fetch_ort_headers.sh [DEST]     (DEST defaults to <repo>/build/ort-headers)
-# Prints the include directory (the one holding onnxruntime_c_api.h) on stdout; progress and
-# errors go to stderr. Idempotent: does nothing but print when the headers are already there.
+# Usage: fetch_ort_headers.sh [DEST]          ONNX Runtime (DEST defaults to <repo>/build/ort-headers)
+#        fetch_ort_headers.sh --json [DEST]   nlohmann/json (DEST defaults to <repo>/build/json-headers)
+# Prints the include directory (the one holding onnxruntime_c_api.h, or the one holding
+# nlohmann/json.hpp) on stdout; progress and errors go to stderr. Idempotent: does nothing but
+# print when the headers are already there.
 # Environment: LREXPORT_DEBIAN_SOURCES overrides the deb822 file read for the mirror.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-dest="${1:-$here/../build/ort-headers}"
+# What to fetch: the package(s), the header that marks the include directory (a path relative
+# to it), other headers that must sit beside it, how to name the headers and how to bypass us.
+what="ONNX Runtime"
+packages=(libonnxruntime-dev)
+header=onnxruntime_c_api.h
+also=(onnxruntime_cxx_api.h)
+deps_pattern='onnxruntime.*(dev|headers|include)'  # dependencies that may hold split-out headers
+bypass="pass -DORT_INCLUDE_DIR=/path/to/onnxruntime/include to CMake (or set ORT_INCLUDE_DIR)"
+default_dest="$here/../build/ort-headers"
+if [ "${1:-}" = "--json" ]; then
+    shift
+    what="nlohmann/json"
+    packages=(nlohmann-json3-dev)
+    header=nlohmann/json.hpp
+    also=()
+    deps_pattern=''
+    bypass="pass -DJSON_INCLUDE_DIR=/path/to/include (the folder holding nlohmann/json.hpp) to CMake \
+(or set JSON_INCLUDE_DIR)"
+    default_dest="$here/../build/json-headers"
+fi
+case "${1:-}" in -*) echo "usage: $0 [--json] [DEST]" >&2; exit 2 ;; esac
+dest="${1:-$default_dest}"
 mkdir -p "$dest"
 dest="$(cd "$dest" && pwd)"
 sources_file="${LREXPORT_DEBIAN_SOURCES:-/etc/apt/sources.list.d/debian.sources}"
 suite=trixie
-packages=(libonnxruntime-dev)
 
 say() { echo "fetch_ort_headers: $*" >&2; }
 die() { echo "fetch_ort_headers: error: $*" >&2; exit 1; }
 
 find_include() {
-    local h
-    h="$(find "$dest/root" -name onnxruntime_c_api.h -print -quit 2>/dev/null || true)"
-    [ -n "$h" ] && [ -f "$(dirname "$h")/onnxruntime_cxx_api.h" ] && dirname "$h"
+    local h inc a
+    h="$(find "$dest/root" -path "*/$header" -print -quit 2>/dev/null || true)"
+    [ -n "$h" ] || return 1
+    inc="${h%/"$header"}"
+    for a in ${also[@]+"${also[@]}"}; do
+        [ -f "$inc/$a" ] || return 1
+    done
+    echo "$inc"
 }
 
 if inc="$(find_include)"; then
-    say "headers already fetched"
+    say "$what headers already fetched"
     echo "$inc"
     exit 0
 fi
 
 for tool in apt-get apt-cache dpkg-deb; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found: this script needs a Debian-like system with apt. \
-Otherwise pass -DORT_INCLUDE_DIR=/path/to/onnxruntime/include to CMake (or set ORT_INCLUDE_DIR)."
+Otherwise $bypass."
 done
 [ -r "$sources_file" ] || die "cannot read $sources_file (deb822 apt sources with the Debian mirror). \
-Pass -DORT_INCLUDE_DIR=/path/to/onnxruntime/include to CMake instead (or set ORT_INCLUDE_DIR)."
+Instead, $bypass."
 
 # Mirror URIs and keyring of the stanzas that serve the main archive: those with a plain
 # suite name (bookworm, trixie...), not only -security / -updates suites.
@@ -108,7 +137,7 @@ if ! apt-get "${apt_opts[@]}" -q update >"$work/update.log" 2>&1 \
         || grep -qE '^(E:|W: Failed to fetch|Err:)' "$work/update.log"; then
     grep -E '^(E:|W:|Err:)' "$work/update.log" >&2 || cat "$work/update.log" >&2
     die "apt-get update of the '$suite' suite failed: apt cannot reach the Debian mirror ($uris). \
-Check the network, or pass -DORT_INCLUDE_DIR=/path/to/onnxruntime/include to CMake (or set ORT_INCLUDE_DIR)."
+Check the network, or $bypass."
 fi
 if grep -qE '^W:' "$work/update.log"; then
     grep -E '^W:' "$work/update.log" >&2
@@ -117,13 +146,15 @@ if ! apt-cache "${apt_opts[@]}" show "${packages[0]}" >"$work/show.txt" 2>&1; th
     cat "$work/show.txt" >&2
     die "package '${packages[0]}' not found in the '$suite' suite of $uris (apt could not fetch the index?)"
 fi
-say "$(grep -m1 '^Version:' "$work/show.txt" | sed 's/^/libonnxruntime-dev /')"
+say "$(grep -m1 '^Version:' "$work/show.txt" | sed "s/^/${packages[0]} /")"
 
 # The headers may be split into another package: follow the -dev package's dependencies
 # on *onnxruntime*-dev / *-headers packages.
-extra="$(awk -F': ' '/^Depends:/ { print $2; exit }' "$work/show.txt" | tr ',' '\n' \
-         | sed 's/[(|].*//; s/[[:space:]]//g' | grep -E 'onnxruntime.*(dev|headers|include)' || true)"
-for p in $extra; do packages+=("$p"); done
+if [ -n "$deps_pattern" ]; then
+    extra="$(awk -F': ' '/^Depends:/ { print $2; exit }' "$work/show.txt" | tr ',' '\n' \
+             | sed 's/[(|].*//; s/[[:space:]]//g' | grep -E "$deps_pattern" || true)"
+    for p in $extra; do packages+=("$p"); done
+fi
 
 (
     cd "$work/debs"
@@ -136,8 +167,8 @@ for deb in "$work"/debs/*.deb; do
     say "unpacking $(basename "$deb")"
     dpkg-deb -x "$deb" "$dest/root"
 done
-inc="$(find_include)" || die "no onnxruntime_c_api.h / onnxruntime_cxx_api.h in ${packages[*]} \
-(list the package with 'dpkg-deb -c'); pass -DORT_INCLUDE_DIR=... instead"
+inc="$(find_include)" || die "no $header ${also[*]+${also[*]} }in ${packages[*]} \
+(list the package with 'dpkg-deb -c'); $bypass instead"
 rm -rf "$work/lists" "$work/cache"  # the private apt indexes (~10 MB) are not needed any more
-say "headers in $inc"
+say "$what headers in $inc"
 echo "$inc"

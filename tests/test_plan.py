@@ -42,7 +42,8 @@ def test_plan_json_round_trip_gives_an_equal_plan(tiny_spec):
     plan = make_plan(tiny_spec)
     d = json.loads(plan.to_json())
     assert d["format"] == PLAN_FORMAT and d["version"] == PLAN_VERSION
-    assert d["weights"]["factorization"] == {"type": "FisherWhitenSvd", "ridge": 1e-5, "power": 0.5, "floor": 0.02}
+    assert d["weights"]["factorization"] == {"type": "FisherWhitenSvd", "ridge": 1e-5, "power": 0.5, "floor": 0.02,
+                                              "full": False}
     assert d["schedule"]["form"] == {"type": "Steps", "points": [[1, 1.0], [8, 0.5], [64, 0.25]]}
     back = Plan.from_dict(d)
     assert back == plan

@@ -22,9 +22,9 @@ from lrexport.allocate.registry import (
     ALLOCATORS,
     AllocContext,
     ProjectionInfo,
+    RatioAllocation,
     align_up,
     budget_for,
-    check_alloc_args,
     finish,
 )
 from lrexport.config import register_config
@@ -33,13 +33,8 @@ from lrexport.errors import ConfigError
 
 @register_config
 @dataclass(frozen=True)
-class Flrc:
-    ratio: float
-    align: int = 1
-    min_rank: int = 1
-
-    def __post_init__(self):
-        check_alloc_args(self.ratio, self.align, self.min_rank)
+class Flrc(RatioAllocation):
+    """Fine-grained greedy allocation over every projection's rank prefixes (this module)."""
 
 
 def candidates(p: ProjectionInfo, align: int, min_rank: int) -> list[tuple[int | None, int, float]]:

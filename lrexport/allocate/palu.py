@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from lrexport.allocate.registry import (
     ALLOCATORS,
     AllocContext,
+    RatioAllocation,
     align_down,
     align_up,
     budget_for,
-    check_alloc_args,
     finish,
 )
 from lrexport.config import register_config
@@ -26,13 +26,8 @@ from lrexport.errors import ConfigError
 
 @register_config
 @dataclass(frozen=True)
-class PaluFisher:
-    ratio: float
-    align: int = 1
-    min_rank: int = 1
-
-    def __post_init__(self):
-        check_alloc_args(self.ratio, self.align, self.min_rank)
+class PaluFisher(RatioAllocation):
+    """Palu's Fisher-proportional allocation (this module)."""
 
 
 @ALLOCATORS.register(PaluFisher)

@@ -117,6 +117,18 @@ def allocate(cfg, ctx: AllocContext) -> Allocation:
     return alloc
 
 
+@dataclass(frozen=True)
+class RatioAllocation:
+    """Fields every allocator config shares: the fraction removed, rank granularity, rank floor."""
+
+    ratio: float  # fraction of the budgeted quantity (parameters, cache channels) to remove
+    align: int = 1  # ranks are multiples of this (8/16/32 suit the kernels)
+    min_rank: int = 1
+
+    def __post_init__(self):
+        check_alloc_args(self.ratio, self.align, self.min_rank)
+
+
 def check_alloc_args(ratio: float, align: int, min_rank: int) -> None:
     from lrexport.config import check_ratio
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from lrexport.allocate.registry import (
     ALLOCATORS,
     AllocContext,
+    RatioAllocation,
     align_down,
     align_up,
     budget_for,
-    check_alloc_args,
     finish,
 )
 from lrexport.config import register_config
@@ -28,14 +28,13 @@ from lrexport.util import progress
 
 @register_config
 @dataclass(frozen=True)
-class Strs:
-    ratio: float
+class Strs(RatioAllocation):
+    """ASVD's sensitivity search over kept fractions ``grid`` (this module)."""
+
     grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    align: int = 1
-    min_rank: int = 1
 
     def __post_init__(self):
-        check_alloc_args(self.ratio, self.align, self.min_rank)
+        super().__post_init__()
         if not self.grid or any(not 0 < g < 1 for g in self.grid):
             raise ConfigError(f"Strs.grid must hold fractions in (0, 1), got {self.grid}")
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from lrexport.allocate.registry import (
     ALLOCATORS,
     AllocContext,
+    RatioAllocation,
     align_down,
     align_up,
     budget_for,
-    check_alloc_args,
     finish,
 )
 from lrexport.config import register_config
@@ -19,13 +19,8 @@ from lrexport.config import register_config
 
 @register_config
 @dataclass(frozen=True)
-class Uniform:
-    ratio: float  # fraction of the projections' parameters to remove
-    align: int = 1
-    min_rank: int = 1
-
-    def __post_init__(self):
-        check_alloc_args(self.ratio, self.align, self.min_rank)
+class Uniform(RatioAllocation):
+    """The same kept fraction for every projection."""
 
 
 @ALLOCATORS.register(Uniform)

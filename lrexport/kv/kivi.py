@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
 from lrexport.passes.base import PassResult
-from lrexport.trace.attention_op import apply_rope, causal_mask, check_positions, positions, write_cache
+from lrexport.trace.attention_op import causal_mask, rope_and_store
 from lrexport.trace.export import TracedGraph
 
 
@@ -77,16 +77,11 @@ def kivi_attention(query_BSQ: torch.Tensor, key_BSK: torch.Tensor, value_BSK: to
                    cos_Pd: torch.Tensor, sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, window: int,
                    scale: float, bits: int, token_group: int, channel_group: int,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, kc, vc, pos_BS = rope_and_store(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B,
+                                       cos_Pd, sin_Pd, num_heads, num_kv_heads, "kivi_attention")
     B, S, _ = query_BSQ.shape
     P = key_cache_BPK.shape[1]
     D = query_BSQ.shape[-1] // num_heads
-    pos_BS = positions(past_len_B, S)
-    check_positions(pos_BS, P, cos_Pd.shape[0], "kivi_attention")
-    cos, sin = cos_Pd[pos_BS], sin_Pd[pos_BS]
-    q = apply_rope(query_BSQ.view(B, S, num_heads, D), cos, sin)
-    k = apply_rope(key_BSK.view(B, S, num_kv_heads, D), cos, sin)
-    kc = write_cache(key_cache_BPK, k.reshape(B, S, -1), pos_BS)
-    vc = write_cache(value_cache_BPK, value_BSK, pos_BS)
     valid = torch.arange(P)[None, :] < (past_len_B + S)[:, None]
     kq = _quant_keys(kc, valid, bits, token_group)
     vq = _quant_values(vc, bits, channel_group)

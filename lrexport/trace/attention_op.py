@@ -90,20 +90,32 @@ def _check_inputs(query, key, value, key_cache, value_cache, past_len, num_heads
         raise ShapeError(f"attention: past_len must be [B={query.shape[0]}], got {tuple(past_len.shape)}")
 
 
-def attention_reference(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, cos_Pd, sin_Pd,
-                        num_heads, num_kv_heads, window, scale):
-    """The op's semantics in plain PyTorch (differentiable; any float dtype)."""
+def rope_and_store(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, cos_Pd, sin_Pd,
+                   num_heads, num_kv_heads, what: str = "attention"):
+    """Check the inputs, RoPE the new queries and keys, write keys and values into the caches.
+
+    Returns ``(q_BSHD, key_cache, value_cache, pos_BS)``."""
     _check_inputs(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, num_heads, num_kv_heads)
     B, S, _ = query_BSQ.shape
-    P = key_cache_BPK.shape[1]
     D = query_BSQ.shape[-1] // num_heads
     pos_BS = positions(past_len_B, S)
-    check_positions(pos_BS, P, cos_Pd.shape[0], "attention")
+    check_positions(pos_BS, key_cache_BPK.shape[1], cos_Pd.shape[0], what)
     cos, sin = cos_Pd[pos_BS], sin_Pd[pos_BS]
     q_BSHD = apply_rope(query_BSQ.view(B, S, num_heads, D), cos, sin)
     k_BSHD = apply_rope(key_BSK.view(B, S, num_kv_heads, D), cos, sin)
     kc = write_cache(key_cache_BPK, k_BSHD.reshape(B, S, -1), pos_BS)
     vc = write_cache(value_cache_BPK, value_BSK, pos_BS)
+    return q_BSHD, kc, vc, pos_BS
+
+
+def attention_reference(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK, past_len_B, cos_Pd, sin_Pd,
+                        num_heads, num_kv_heads, window, scale):
+    """The op's semantics in plain PyTorch (differentiable; any float dtype)."""
+    q_BSHD, kc, vc, pos_BS = rope_and_store(query_BSQ, key_BSK, value_BSK, key_cache_BPK, value_cache_BPK,
+                                            past_len_B, cos_Pd, sin_Pd, num_heads, num_kv_heads)
+    B, S, _ = query_BSQ.shape
+    P = key_cache_BPK.shape[1]
+    D = query_BSQ.shape[-1] // num_heads
     keys_BHPD = kc.view(B, P, num_kv_heads, D).transpose(1, 2)
     vals_BHPD = vc.view(B, P, num_kv_heads, D).transpose(1, 2)
     mask = causal_mask(pos_BS, P, window)
