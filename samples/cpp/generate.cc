@@ -2,6 +2,7 @@
 //
 //   lrexport_generate <export_folder> --prompt-ids 1,2,3 [--max-new-tokens N] [--no-library]
 //                     [--lib PATH] [--threads N] [--verbose]
+//   lrexport_generate <export_folder> --print-ranks N
 //
 // The folder is what `lrexport export` writes: model.onnx (+ model.onnx.data) and lrexport.json,
 // whose "onnx" section gives the graph's inputs, the cache tensors, the stored ranks of the
@@ -82,11 +83,13 @@ struct Options {
   std::string lib;  // empty: $LREXPORT_OPS_LIB, else LREXPORT_OPS_LIB_DEFAULT
   int threads = 0;  // 0: ONNX Runtime's default
   bool verbose = false;
+  int64_t print_ranks = -1;  // >= 0: print the schedule's ranks of steps 0..N and exit
 };
 
 const char* kUsage =
     "usage: lrexport_generate <export_folder> --prompt-ids 1,2,3 [--max-new-tokens N] [--no-library]\n"
     "                         [--lib PATH] [--threads N] [--verbose]\n"
+    "       lrexport_generate <export_folder> --print-ranks N\n"
     "\n"
     "Greedy generation from a folder written by `lrexport export`; prints the generated token ids.\n"
     "  --prompt-ids IDS      comma-separated prompt token ids (required)\n"
@@ -95,7 +98,9 @@ const char* kUsage =
     "  --lib PATH            the custom-op library (default: $LREXPORT_OPS_LIB, else\n"
     "                        " LREXPORT_OPS_LIB_DEFAULT ")\n"
     "  --threads N           ONNX Runtime intra-op threads (default: its own choice)\n"
-    "  --verbose             per-step ranks and timings on stderr\n";
+    "  --verbose             per-step ranks and timings on stderr\n"
+    "  --print-ranks N       print the ranks of the schedule at steps 0 (prefill) to N, one line\n"
+    "                        per step, and exit (reads lrexport.json only)\n";
 
 int64_t parse_int(const std::string& s, const std::string& what) {
   if (s.empty()) throw UsageError(cat(what, ": expected an integer, got an empty string"));
@@ -159,6 +164,9 @@ Options parse_args(int argc, char** argv) {
       int64_t t = parse_int(next(), a);
       if (t < 0 || t > 1024) throw UsageError(cat("--threads must be in [0, 1024], got ", t));
       o.threads = static_cast<int>(t);
+    } else if (a == "--print-ranks") {
+      o.print_ranks = parse_int(next(), a);
+      if (o.print_ranks < 0) throw UsageError(cat("--print-ranks must be >= 0, got ", o.print_ranks));
     } else if (a == "--verbose" || a == "-v") {
       o.verbose = true;
     } else if (a.size() > 1 && a[0] == '-') {
@@ -168,7 +176,7 @@ Options parse_args(int argc, char** argv) {
     }
   }
   if (positional.size() != 1) throw UsageError("give exactly one export folder");
-  if (!have_prompt) throw UsageError("--prompt-ids is required");
+  if (!have_prompt && o.print_ranks < 0) throw UsageError("--prompt-ids is required");
   if (!o.use_library && !o.lib.empty()) throw UsageError("--lib and --no-library exclude each other");
   o.folder = positional[0];
   return o;
@@ -467,6 +475,7 @@ class Generator {
       if (!fs::is_regular_file(lib, ec))
         throw Error(cat("the custom-op library ", lib, " does not exist: build it with `python -m lrexport.ortops` "
                         "(or `make custom-ops`), pass --lib PATH, or run with --no-library"));
+      lib = fs::absolute(lib, ec).string();  // dlopen searches the library path for a bare file name
       try {
         so.RegisterCustomOpsLibrary(fs::path(lib).c_str());
       } catch (const Ort::Exception& e) {
@@ -480,8 +489,7 @@ class Generator {
     try {
       session_ = std::make_unique<Ort::Session>(env_, model.c_str(), so);
     } catch (const Ort::Exception& e) {
-      throw Error(cat("ONNX Runtime could not load ", model, ": ", e.what(),
-                      opt_.use_library ? "" : " (a model with LowRankKVAttention nodes may need the custom-op library)"));
+      throw Error(cat("ONNX Runtime could not load ", model, ": ", e.what()));
     }
     check_io();
   }
@@ -651,6 +659,12 @@ void init_ort_api() {
 int run_main(int argc, char** argv) {
   Options opt = parse_args(argc, argv);
   ExportInfo info = read_export(opt.folder);
+  if (opt.print_ranks >= 0) {  // what the loop feeds as `ranks` at each step (the stored ranks without a schedule)
+    for (int64_t step = 0; step <= opt.print_ranks; ++step)
+      std::cout << join(info.schedule ? info.schedule->ranks(step, info.rank_max) : info.rank_max, " ") << "\n";
+    std::cout.flush();
+    return 0;
+  }
   init_ort_api();
   if (opt.verbose && info.schedule) std::cerr << kProg << ": schedule " << info.schedule->describe() << "\n";
   Generator gen(opt, std::move(info));
