@@ -102,15 +102,12 @@ def _lowrank_quant(q, lk, lv, ck, ckp, cv, cvp, past_len, k_up, k_bias, v_up, co
                     quant_group=quant_group)
 
 
-TRANSLATIONS = {
-    torch.ops.lrexport.attention.default: _dense,
-}
-
-
 def _translations() -> dict:
+    """lrexport's ops -> their ONNX nodes (the torch.onnx custom translation table)."""
     import lrexport.trace.latent_attention_op  # noqa: F401  (registers the latent ops)
 
-    return {**TRANSLATIONS, torch.ops.lrexport.latent_attention.default: _lowrank_float,
+    return {torch.ops.lrexport.attention.default: _dense,
+            torch.ops.lrexport.latent_attention.default: _lowrank_float,
             torch.ops.lrexport.latent_attention_quant.default: _lowrank_quant}
 
 
