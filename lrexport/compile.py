@@ -91,6 +91,11 @@ def param_accounting(spec: ModelSpec, plan: Plan, rank_names: list[str]) -> dict
     shapes = {n: spec.projection_shape(n.rsplit(".", 1)[1]) for n in spec.linear_names()}
     static = sum(m * n for name, (m, n) in shapes.items() if name not in ranks)
     static += sum(r * sum(shapes[name]) for name, r in ranks.items() if name not in rank_names)
+    if plan.kv is not None:  # k/v projections became latent down- and up-projections
+        G, sD = int(plan.kv["groups"]), int(plan.kv["group_size"]) * spec.head_dim
+        for rk_rv in plan.kv["ranks"].values():
+            static -= 2 * spec.kv_dim * spec.hidden_size
+            static += sum(G * r * (spec.hidden_size + sD) for r in rk_rv)
     return {"rank_cost": [sum(shapes[n]) for n in rank_names], "dense_params": static, "total_params": total}
 
 
