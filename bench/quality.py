@@ -216,7 +216,8 @@ class Bench:
             KiviPass(row.kv)(cm.graph)
         compile_s = time.perf_counter() - t
         kv_meta = self.kv_meta(row, cm)
-        res = {"name": row.name, "weights_removed": row.ratio, "allocation": ALLOC_NAMES[row.alloc],
+        res = {"name": row.name, "set": self.args.set, "weights_removed": row.ratio,
+               "allocation": ALLOC_NAMES[row.alloc],
                "factorization": type(row.method).__name__ if row.method else None,
                "schedule": plan.schedule.describe() if plan.schedule else None,
                "stored_weights_removed": row.stored_ratio, **kv_meta, "params_kept": kept, **row.extra}
@@ -392,6 +393,11 @@ def write(args, rows: list[dict], bench: Bench) -> None:
                                        "the static row's",
                         "kv_bytes": "float32 cache for unquantized rows; scales and zero points included"},
            "rows": rows}
+    # rows of an earlier run of another set keep their settings: record them per set
+    old = json.loads(Path(args.out + ".json").read_text()) if Path(args.out + ".json").is_file() else {}
+    by_set = old.get("settings_by_set") or ({"weights": old["settings"]} if "settings" in old else {})
+    by_set[args.set] = doc["settings"]
+    doc["settings_by_set"] = by_set
     Path(args.out + ".json").write_text(json.dumps(doc, indent=2))
     cols = ["name", "ppl", "rougeL", "rougeL_fidelity", "params_kept", "avg_active_params", "kv_bytes_per_token",
             "alloc_s", "compress_s"]
