@@ -320,7 +320,8 @@ def main(argv=None) -> int:
         write(args, list(done.values()), bench)
         return res
 
-    if "base" not in done or bench.base is None or not args.append:
+    # the base row is needed once, and again only when XSum fidelity needs its generations
+    if not args.append or "base" not in done or (bench.pairs and bench.base is None):
         record(Row("base"))
     if args.set in ("weights", "all"):
         for row in weight_rows([float(r) for r in args.ratios.split(",")], args.delta):
