@@ -344,6 +344,12 @@ def main(argv=None) -> int:
                                         hadamard=had))
                     if want(row.name):
                         record(row)
+            for bits in (3, 2):  # finer quantization groups: more scale bytes, less error
+                row = Row(f"{best['name']}-{bits}bit-g16", kv=PaluKV(allocation=cfg.allocation,
+                                                                    group_size=cfg.group_size, bits=bits,
+                                                                    quant_group=16))
+                if want(row.name):
+                    record(row)
         if best30 is not None:  # about 3.5 bits per original element
             cfg = _kv_config_of(best30, bench.lm.spec)
             row = Row(f"{best30['name']}-4bit", kv=PaluKV(allocation=cfg.allocation, group_size=cfg.group_size,
