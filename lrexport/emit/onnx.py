@@ -168,6 +168,8 @@ def emit(tg: TracedGraph) -> EmitResult:
     """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it)."""
     inputs, outputs = io_names(tg)
     _rename_inputs(tg, inputs)
+    # torch.onnx notes at WARNING level every torchvision op it cannot register: not ours to hear
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     ep = tg.reexport()
     prog = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=_translations(), output_names=outputs,
                              optimize=True, verbose=False)
