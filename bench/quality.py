@@ -299,6 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strs-window", type=int, default=256, help="STRS probes: tokens per window")
     ap.add_argument("--only", default=None, help="comma list of row-name prefixes to run")
     ap.add_argument("--append", action="store_true", help="keep the other rows already in the results file")
+    ap.add_argument("--resume", action="store_true", help="with --append: skip rows already in the results file")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 ppl windows, 8 pairs, 50 zero-shot items")
     ap.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
     args = ap.parse_args(argv)
@@ -311,8 +312,10 @@ def main(argv=None) -> int:
     done: dict[str, dict] = {r["name"]: r for r in existing}
     keep = tuple(args.only.split(",")) if args.only else None
 
+    measured = set(done) if args.resume else set()
+
     def want(name: str) -> bool:
-        return keep is None or name.startswith(keep)
+        return (keep is None or name.startswith(keep)) and name not in measured
 
     def record(row: Row) -> dict:
         res = bench.run(row)
