@@ -154,6 +154,7 @@ class Bench:
         self.tasks = tuple(t for t in args.zeroshot.split(",") if t)
         self.decomp_cache: dict = {}
         self.strs: _Memo | None = None
+        self._fisher_s: float | None = None
         self.base = self._load_base()
 
     # ------------------------------------------------------------------ weights
@@ -187,7 +188,7 @@ class Bench:
         if row.alloc is Strs:  # the whole sensitivity table counts, also when it was memoized
             alloc_s = self.strs.seconds + alloc.seconds - (self.strs.seconds - probe_before)
         if row.alloc in (Flrc, PaluFisher):
-            alloc_s += self.stats.seconds_fisher  # their Fisher pass is part of the allocation
+            alloc_s += self.fisher_seconds()  # their Fisher pass is part of the allocation
         factors = {n: ds[n].factors(r) for n, r in alloc.ranks.items()}
         factors = {n: type(f)(f.U.float(), f.V.float()) for n, f in factors.items()}
         plan.weights = WeightPlan(factorization=row.method, allocation=row.alloc(ratio=stored), ranks=alloc.ranks,
@@ -197,6 +198,17 @@ class Bench:
             steps = self.base["steps"] if self.base else [32] * max(len(self.pairs), 1)
             plan.schedule = solve_schedule(row.schedule, 1.0 - row.ratio, alloc.ranks, self.lm.spec, steps)
         return factors, alloc.params_kept / alloc.total_dense, alloc_s, factorize_s
+
+    def fisher_seconds(self) -> float:
+        """Wall time of the Fisher (backward) pass, timed in this process like the STRS probes
+        (the cached statistics may have been computed on a busier or quieter machine)."""
+        if self._fisher_s is None:
+            from lrexport.calib.stats import collect_stats
+
+            windows = api.calibration_windows(self.lm, self.calib)
+            t = collect_stats(self.lm.model, windows, fisher=True, fisher_windows=self.calib.fisher_windows)
+            self._fisher_s = t.seconds_fisher
+        return self._fisher_s
 
     # ------------------------------------------------------------------ one row
     def run(self, row: Row) -> dict:
@@ -393,7 +405,7 @@ def write(args, rows: list[dict], bench: Bench) -> None:
                                        f"(Fisher pass on {min(8, args.calib_windows)} of them)",
                         "strs": f"{args.strs_windows} windows of {args.strs_window} tokens per probe, "
                                 "grid 0.1..0.9 of dense parameters",
-                        "calibration_s": bench.calib_s, "fisher_s": bench.stats.seconds_fisher,
+                        "calibration_s": bench.calib_s, "fisher_s_timed_in_run": bench._fisher_s,
                         "xsum": f"first {args.xsum} pairs, articles truncated to {args.article_tokens} tokens, "
                                 f"greedy, {MIN_NEW_TOKENS} to 48 new tokens, first line kept, chat-template prompt "
                                 "'Summarize the following article in one sentence.\\n\\nArticle: {article}'",
