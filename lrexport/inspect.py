@@ -11,19 +11,26 @@ from lrexport.models.spec import PROJECTIONS, spec_from_hf_config
 from lrexport.plan import Plan
 
 
-def _rank_matrix(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """(kept fraction of dense params, rank) per layer x projection; dense -> 1.0 / -1."""
+def _rank_matrix(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept fraction, rank, label) per layer x projection: dense -> 1.0 / -1 / "D"; k/v
+    projections of a latent KV cache -> the kept fraction of their latent and "L<rank>"."""
     spec = spec_from_hf_config(plan.model)
     frac = np.ones((spec.num_layers, len(PROJECTIONS)))
     rank = -np.ones((spec.num_layers, len(PROJECTIONS)), dtype=int)
+    label = np.full((spec.num_layers, len(PROJECTIONS)), "D", dtype=object)
     ranks = plan.weights.ranks if plan.weights else {}
     for name, r in ranks.items():
         parts = name.split(".")
         li, pj = int(parts[2]), PROJECTIONS.index(parts[-1])
         m, n = spec.projection_shape(parts[-1])
         frac[li, pj] = r * (m + n) / (m * n)
-        rank[li, pj] = r
-    return frac, rank
+        rank[li, pj], label[li, pj] = r, str(r)
+    if plan.kv:
+        sD = plan.kv["group_size"] * spec.head_dim
+        for li, (rk, rv) in plan.kv["ranks"].items():
+            for pj, r in ((PROJECTIONS.index("k_proj"), rk), (PROJECTIONS.index("v_proj"), rv)):
+                frac[int(li), pj], rank[int(li), pj], label[int(li), pj] = r / sD, r, f"L{r}"
+    return frac, rank, label
 
 
 def summarize(folder: str | Path) -> str:
@@ -43,13 +50,13 @@ def summarize(folder: str | Path) -> str:
                      f"(ratio={w.allocation.ratio}); kept {w.params_kept:,}/{w.params_total:,} "
                      f"({w.params_kept / w.params_total:.1%}), {len(w.ranks)} low-rank linears, "
                      f"allocation {w.alloc_seconds:.2f}s")
-        frac, rank = _rank_matrix(plan)
+        frac, rank, label = _rank_matrix(plan)
         lines.append("kept fraction per projection (mean over layers): " + ", ".join(
             f"{p} {frac[:, j].mean():.2f}" for j, p in enumerate(PROJECTIONS)))
         header = "layer " + " ".join(f"{p[:6]:>7s}" for p in PROJECTIONS)
         lines.append(header)
         for li in range(rank.shape[0]):
-            lines.append(f"{li:5d} " + " ".join(f"{'dense' if r < 0 else r:>7}" for r in rank[li]))
+            lines.append(f"{li:5d} " + " ".join(f"{'dense' if lab == 'D' else lab:>7}" for lab in label[li]))
     lines.append(f"schedule: {plan.schedule.describe() if plan.schedule else 'none'}")
     if plan.kv:
         k = plan.kv
@@ -72,7 +79,7 @@ def plot_plan(folder: str | Path, png: str | Path) -> Path:
     plan = Plan.load(folder)
     if plan.weights is None:
         raise PlanError(f"{folder}: the plan has no weight compression to plot")
-    frac, rank = _rank_matrix(plan)
+    frac, rank, label = _rank_matrix(plan)
     ncols = 2 if plan.schedule else 1
     fig, axes = plt.subplots(1, ncols, figsize=(7 + 4 * (ncols - 1), max(4, 0.28 * frac.shape[0] + 1.5)),
                              gridspec_kw={"width_ratios": [3, 2][:ncols]})
@@ -80,11 +87,10 @@ def plot_plan(folder: str | Path, png: str | Path) -> Path:
     im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(PROJECTIONS)), PROJECTIONS, rotation=45, ha="right")
     ax.set_ylabel("layer")
-    ax.set_title(f"{type(plan.weights.allocation).__name__}: kept fraction (rank; D = dense)")
+    ax.set_title(f"{type(plan.weights.allocation).__name__}: kept fraction (rank; D dense, L KV latent)")
     if frac.shape[0] <= 40:
-        for (i, j), r in np.ndenumerate(rank):
-            ax.text(j, i, "D" if r < 0 else str(r), ha="center", va="center", fontsize=6,
-                    color="white" if frac[i, j] < 0.6 else "black")
+        for (i, j), lab in np.ndenumerate(label):
+            ax.text(j, i, lab, ha="center", va="center", fontsize=6, color="white" if frac[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     if plan.schedule:
         ax2 = axes[1]
