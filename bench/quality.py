@@ -152,6 +152,7 @@ class Bench:
         self.text = wikitext_test_text()
         self.pairs = xsum_pairs(n=args.xsum) if args.xsum else []
         self.tasks = tuple(t for t in args.zeroshot.split(",") if t)
+        self.xsum_rows = tuple(p for p in args.xsum_rows.split(",") if p) if args.xsum_rows != "all" else ("",)
         self.decomp_cache: dict = {}
         self.strs: _Memo | None = None
         self._fisher_s: float | None = None
@@ -236,7 +237,7 @@ class Bench:
         backend = cm.backend()
         res["ppl"] = perplexity(backend, self.tok, self.text, window=512, num_windows=self.args.ppl_windows).ppl
         res.update(rougeL=None, rougeL_fidelity=None, avg_active_params=kept)
-        if self.pairs:
+        if self.pairs and (row.name == "base" or row.name.startswith(self.xsum_rows)):
             gen = api.generate_fn(cm, min_new_tokens=MIN_NEW_TOKENS)
             xs = xsum_rouge(gen, self.tok, pairs=self.pairs, n=len(self.pairs),
                             max_article_tokens=self.args.article_tokens)
@@ -309,6 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--strs-windows", type=int, default=2, help="STRS probes: calibration windows per probe")
     ap.add_argument("--strs-window", type=int, default=256, help="STRS probes: tokens per window")
+    ap.add_argument("--xsum-rows", default="svdllm-uniform,flrc",
+                    help="comma list of row-name prefixes that run XSum (the rows its targets compare; "
+                         "'all' for every row); the others report rougeL null")
     ap.add_argument("--only", default=None, help="comma list of row-name prefixes to run")
     ap.add_argument("--append", action="store_true", help="keep the other rows already in the results file")
     ap.add_argument("--resume", action="store_true", help="with --append: skip rows already in the results file")
@@ -408,7 +412,8 @@ def write(args, rows: list[dict], bench: Bench) -> None:
                         "calibration_s": bench.calib_s, "fisher_s_timed_in_run": bench._fisher_s,
                         "xsum": f"first {args.xsum} pairs, articles truncated to {args.article_tokens} tokens, "
                                 f"greedy, {MIN_NEW_TOKENS} to 48 new tokens, first line kept, chat-template prompt "
-                                "'Summarize the following article in one sentence.\\n\\nArticle: {article}'",
+                                "'Summarize the following article in one sentence.\\n\\nArticle: {article}'; "
+                                f"run on rows {args.xsum_rows!r} (others: null)",
                         "zeroshot": f"acc, seeded sample of {args.zeroshot_limit} items per task",
                         "progressive": f"stored ranks for ratio*(1-{args.delta}); schedule solved so that the "
                                        "activated parameters pooled over the base model's XSum decode steps equal "

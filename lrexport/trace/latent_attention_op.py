@@ -190,3 +190,38 @@ def _latent_attention_quant_fake(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k,
     out = _fake_out(query_BSQ, latent_v_BSR, v_up_GrE, num_heads, num_kv_heads, group_size)
     return (out, torch.empty_like(cache_k), torch.empty_like(cache_k_params), torch.empty_like(cache_v),
             torch.empty_like(cache_v_params))
+
+
+def _triton_or_reference(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v, cache_v_params,
+                         past_len_B, k_up_GrE, k_bias, v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size,
+                         window, scale, bits, quant_group):
+    """On CUDA: the Triton kernels (lrexport.kernels.triton_latent) where their shape rules hold."""
+    from lrexport.kernels import triton_latent
+
+    D = query_BSQ.shape[-1] // num_heads
+    if triton_latent.available(query_BSQ.device) and triton_latent.supports(D, k_up_GrE.shape[1], bits, quant_group):
+        return triton_latent.latent_attention(
+            query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v, cache_v_params, past_len_B,
+            k_up_GrE, k_bias, v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale, bits,
+            quant_group)
+    return latent_attention_reference(
+        query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v, cache_v_params, past_len_B, k_up_GrE,
+        k_bias, v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale, bits, quant_group)
+
+
+@latent_attention.register_kernel("cuda")
+def _latent_attention_cuda(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_v, past_len_B, k_up_GrE, k_bias,
+                           v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale):
+    out, ck, _, cv, _ = _triton_or_reference(
+        query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, None, cache_v, None, past_len_B, k_up_GrE, k_bias, v_up_GrE,
+        cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale, 0, 0)
+    return out, ck, cv
+
+
+@latent_attention_quant.register_kernel("cuda")
+def _latent_attention_quant_cuda(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v,
+                                 cache_v_params, past_len_B, k_up_GrE, k_bias, v_up_GrE, cos_Pd, sin_Pd, num_heads,
+                                 num_kv_heads, group_size, window, scale, bits, quant_group):
+    return _triton_or_reference(
+        query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v, cache_v_params, past_len_B, k_up_GrE,
+        k_bias, v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale, bits, quant_group)

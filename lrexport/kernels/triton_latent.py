@@ -1,0 +1,422 @@
+"""Triton kernels for latent-KV attention (the GPU form of ``LowRankKVAttention``).
+
+Semantics are those of :func:`lrexport.trace.latent_attention_op.latent_attention_reference`
+(docs/custom_op.md): the cache holds, per token and per group of ``s`` KV heads, a key latent
+of ``rk`` channels and a value latent of ``rv`` channels, float (fp16/bf16/fp32) or packed
+integer codes with float16 scale / zero-point params (:mod:`lrexport.kv.quant`).
+
+One kernel serves prefill and decode. A program owns one row ``b``, one KV head ``j`` (slot
+``j % s`` of group ``j // s``), a block of new tokens and one split of the cached positions
+(flash-decoding). Its ``M`` query rows are the (token, query head) pairs that share KV head
+``j``. For every tile of ``BLOCK_N`` positions it
+
+1. loads the key latents (dequantizing packed codes in registers),
+2. rebuilds the keys of KV head ``j`` with ``tl.dot(latent, k_up[g][:, slot])`` in
+   ``RKB``-channel chunks, adds the bias and applies RoPE at each key's position,
+3. scores them against the RoPE'd queries, masks causally (and by the sliding window),
+4. updates an online softmax (base 2) and accumulates ``P @ latent_v``.
+
+Decode uses several splits and a second kernel combines them; prefill writes directly.
+The output stays in the value-latent space (``[B, S, Hq*rv]``; ``o_proj`` holds ``B_v``)
+unless ``v_up`` is given, which is applied after the kernel.
+
+Kernel constraints (checked, with clear errors): ``D`` a power of two >= 32, ``rk`` a
+multiple of 16; quantization groups a power of two >= 8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from lrexport.errors import ShapeError
+
+try:  # triton is optional: CPU installs run the reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """True when the Triton path can run on ``device`` (CUDA, or the interpreter on CPU)."""
+    if triton is None:
+        return False
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cpu":
+        return _INTERPRET
+    return torch.cuda.is_available() or _INTERPRET
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_latent(C, Pp, row_c, row_p, offs_n, nmask, ch, chmask,
+                     BITS: tl.constexpr, QG: tl.constexpr, NGROUPS: tl.constexpr):
+        """Latent values [BLOCK_N, len(ch)] (float32) of channels ``ch`` at positions ``offs_n``."""
+        m2 = nmask[:, None] & chmask[None, :]
+        if BITS == 0:
+            x = tl.load(C + row_c + ch[None, :], mask=m2, other=0.0)
+            return x.to(tl.float32)
+        else:
+            bitpos = ch * BITS
+            byte = bitpos // 8
+            shift = bitpos % 8
+            b0 = tl.load(C + row_c + byte[None, :], mask=m2, other=0).to(tl.int32)
+            if BITS == 3:
+                span = (shift > 5) & chmask
+                b1 = tl.load(C + row_c + byte[None, :] + 1, mask=nmask[:, None] & span[None, :], other=0)
+                b0 = b0 | (b1.to(tl.int32) << 8)
+            code = (b0 >> shift[None, :]) & ((1 << BITS) - 1)
+            grp = ch // QG
+            scale = tl.load(Pp + row_p + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+            zero = tl.load(Pp + row_p + NGROUPS + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+            return code.to(tl.float32) * scale + zero
+
+    @triton.jit
+    def _latent_attn_fwd(
+        Q, sq_b, sq_s,
+        CK, sck_b, sck_p, PK, spk_b, spk_p,
+        CV, scv_b, scv_p, PV, spv_b, spv_p,
+        KUP, KBIAS, COS, SIN, PAST,
+        OUT, so_b, so_s,
+        ACC, MAX, SUM,
+        S, split_len, qk_scale,
+        HQ: tl.constexpr, HKV: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
+        RK: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr, RKB: tl.constexpr,
+        NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
+        NSPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        HALF: tl.constexpr = D // 2
+        G: tl.constexpr = HKV // GS
+        pid_bj = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b = pid_bj // HKV
+        j = pid_bj % HKV
+        g = j // GS
+        slot = j % GS
+        cdt = KUP.dtype.element_ty
+
+        past = tl.load(PAST + b).to(tl.int32)
+        t0 = pid_t * BLOCK_T
+        r = tl.arange(0, M)
+        t = t0 + r // NREP
+        head = j * NREP + r % NREP
+        rvalid = (r < BLOCK_T * NREP) & (t < S)
+        qpos = past + t
+        d = tl.arange(0, HALF)
+
+        # queries, RoPE'd at their positions, pre-scaled for exp2
+        qrow = Q + b * sq_b + t * sq_s + head * D
+        q1 = tl.load(qrow[:, None] + d[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(qrow[:, None] + HALF + d[None, :], mask=rvalid[:, None], other=0.0).to(tl.float32)
+        qc = tl.load(COS + qpos[:, None] * HALF + d[None, :], mask=rvalid[:, None], other=0.0)
+        qs = tl.load(SIN + qpos[:, None] * HALF + d[None, :], mask=rvalid[:, None], other=0.0)
+        q1r = ((q1 * qc - q2 * qs) * qk_scale).to(cdt)
+        q2r = ((q2 * qc + q1 * qs) * qk_scale).to(cdt)
+
+        # key positions this program reads: causal, windowed, then its split
+        n_tok = tl.minimum(S - t0, BLOCK_T)
+        hi = past + t0 + n_tok  # one past the last query position of the block
+        lo = 0
+        if WINDOW > 0:
+            lo = tl.maximum(past + t0 - WINDOW + 1, 0)
+        start = tl.maximum(lo, pid_s * split_len)
+        end = tl.minimum(hi, pid_s * split_len + split_len)
+
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, RV_P], tl.float32)
+        cv_idx = tl.arange(0, RV_P)
+        cvmask = cv_idx < RV
+        kch = tl.arange(0, RKB)
+        kup_base = KUP + g * RK * (GS * D) + slot * D
+
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
+            k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+            for c in tl.static_range(RK // RKB):
+                ch = c * RKB + kch
+                lat = _load_latent(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
+                                   offs_n, nmask, g * RK + ch, ch < RK, BITS, QG, (G * RK) // QG).to(cdt)
+                u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
+                u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
+                if IEEE:
+                    k1 += tl.dot(lat, u1, input_precision="ieee")
+                    k2 += tl.dot(lat, u2, input_precision="ieee")
+                else:
+                    k1 += tl.dot(lat, u1)
+                    k2 += tl.dot(lat, u2)
+            if HAS_BIAS:
+                k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
+                k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
+            kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            kr1 = (k1 * kc - k2 * ks).to(cdt)
+            kr2 = (k2 * kc + k1 * ks).to(cdt)
+            if IEEE:
+                s = tl.dot(q1r, tl.trans(kr1), input_precision="ieee")
+                s += tl.dot(q2r, tl.trans(kr2), input_precision="ieee")
+            else:
+                s = tl.dot(q1r, tl.trans(kr1))
+                s += tl.dot(q2r, tl.trans(kr2))
+            ok = nmask[None, :] & (offs_n[None, :] <= qpos[:, None]) & rvalid[:, None]
+            if WINDOW > 0:
+                ok = ok & (offs_n[None, :] > qpos[:, None] - WINDOW)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_latent(CV, PV, b * scv_b + offs_n[:, None] * scv_p, b * spv_b + offs_n[:, None] * spv_p,
+                             offs_n, nmask, g * RV + cv_idx, cvmask, BITS, QG, (G * RV) // QG).to(cdt)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v)
+            m_i = m_new
+
+        if NSPLIT == 1:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV + cv_idx[None, :]
+            tl.store(optr, out.to(OUT.dtype.element_ty), mask=rvalid[:, None] & cvmask[None, :])
+        else:
+            # partials [B, S, HQ, NSPLIT(, RV_P)]
+            part = ((b * S + t) * HQ + head) * NSPLIT + pid_s
+            tl.store(MAX + part, m_i, mask=rvalid)
+            tl.store(SUM + part, l_i, mask=rvalid)
+            tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
+
+    @triton.jit
+    def _combine(ACC, MAX, SUM, OUT, RV: tl.constexpr, RV_P: tl.constexpr, NSPLIT: tl.constexpr,
+                 NSPLIT_P: tl.constexpr):
+        row = tl.program_id(0)  # (b, t, head)
+        sp = tl.arange(0, NSPLIT_P)
+        smask = sp < NSPLIT
+        m = tl.load(MAX + row * NSPLIT + sp, mask=smask, other=float("-inf"))
+        l_ = tl.load(SUM + row * NSPLIT + sp, mask=smask, other=0.0)
+        mx = tl.max(m, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.math.exp2(m - mx)
+        cv = tl.arange(0, RV_P)
+        a = tl.load(ACC + (row * NSPLIT + sp)[:, None] * RV_P + cv[None, :], mask=smask[:, None], other=0.0)
+        num = tl.sum(a * w[:, None], 0)
+        den = tl.sum(l_ * w, 0)
+        den = tl.where(den == 0.0, 1.0, den)
+        tl.store(OUT + row * RV + cv, (num / den).to(OUT.dtype.element_ty), mask=cv < RV)
+
+    @triton.jit
+    def _store_quant(X, sx_row, C, sc_b, sc_p, Pp, sp_b, sp_p, PAST, S,
+                     R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr):
+        """Quantize one new token's latent row (R channels) into the packed cache at its position.
+
+        Program (b, t, quant group); bit-exact with :func:`lrexport.kv.quant.quantize`.
+        """
+        pid = tl.program_id(0)
+        grp = tl.program_id(1)
+        b = pid // S
+        t = pid % S
+        pos = tl.load(PAST + b).to(tl.int32) + t
+        NG: tl.constexpr = R // QG
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        c = tl.arange(0, QG)
+        x = tl.load(X + pid * sx_row + grp * QG + c).to(tl.float32)
+        lo = tl.min(x, 0)
+        hi = tl.max(x, 0)
+        scale = tl.maximum((hi - lo) / LEVELS, 1e-8).to(tl.float16)
+        zero = lo.to(tl.float16)
+        q = (x - zero.to(tl.float32)) / scale.to(tl.float32)
+        q = (q + 12582912.0) - 12582912.0  # round half to even (|q| < 2^22), as torch.round
+        q = tl.where(q != q, 0.0, q)  # 0/0 for a constant group whose scale rounded to 0
+        q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
+        prow = Pp + b * sp_b + pos * sp_p
+        tl.store(prow + grp, scale)
+        tl.store(prow + NG + grp, zero)
+        crow = C + b * sc_b + pos * sc_p + grp * QG * BITS // 8
+        if BITS == 3:
+            words = tl.sum(tl.reshape(q, (QG // 8, 8)) << (tl.arange(0, 8) * 3)[None, :], 1)
+            w = tl.arange(0, QG // 8)
+            tl.store(crow + w * 3, (words & 0xFF).to(tl.uint8))
+            tl.store(crow + w * 3 + 1, ((words >> 8) & 0xFF).to(tl.uint8))
+            tl.store(crow + w * 3 + 2, ((words >> 16) & 0xFF).to(tl.uint8))
+        else:
+            PER: tl.constexpr = 8 // BITS
+            packed = tl.sum(tl.reshape(q, (QG // PER, PER)) << (tl.arange(0, PER) * BITS)[None, :], 1)
+            tl.store(crow + tl.arange(0, QG // PER), packed.to(tl.uint8))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def write_latents(cache: torch.Tensor, params: torch.Tensor | None, new_BSR: torch.Tensor, past_len_B: torch.Tensor,
+                  bits: int, quant_group: int) -> None:
+    """Write the new tokens' latents into ``cache`` (in place) at ``past_len + t``, quantizing when ``bits``."""
+    B, S, R = new_BSR.shape
+    if S == 0:
+        return
+    if not bits:
+        pos = past_len_B[:, None].long() + torch.arange(S, device=cache.device)[None]
+        b_idx = torch.arange(B, device=cache.device)[:, None].expand_as(pos)
+        cache[b_idx, pos] = new_BSR.to(cache.dtype)
+        return
+    x = new_BSR.reshape(B * S, R)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    _store_quant[(B * S, R // quant_group)](
+        x, x.stride(0), cache, cache.stride(0), cache.stride(1), params, params.stride(0), params.stride(1),
+        past_len_B, S, R=R, QG=quant_group, BITS=bits, num_warps=1)
+
+
+def supports(D: int, rk: int, bits: int, quant_group: int) -> bool:
+    """Whether the kernels take these shapes (otherwise callers use the reference)."""
+    try:
+        _check_kernel_shapes(D, rk, bits, quant_group)
+    except ShapeError:
+        return False
+    return True
+
+
+def _check_kernel_shapes(D: int, rk: int, bits: int, quant_group: int) -> None:
+    if D < 32 or D & (D - 1):
+        raise ShapeError(f"triton latent attention: head dim {D} must be a power of two >= 32")
+    if rk % 16:
+        raise ShapeError(f"triton latent attention: key rank {rk} must be a multiple of 16 "
+                         "(round the plan's ranks to 16 for the GPU kernels)")
+    if bits and (quant_group < 8 or quant_group & (quant_group - 1)):
+        raise ShapeError(f"triton latent attention: quantization group {quant_group} must be a power of two >= 8")
+
+
+def latent_attention_(query_BSQ: torch.Tensor, latent_k_BSR: torch.Tensor, latent_v_BSR: torch.Tensor,
+                      cache_k: torch.Tensor, cache_k_params: torch.Tensor | None, cache_v: torch.Tensor,
+                      cache_v_params: torch.Tensor | None, past_len_B: torch.Tensor, k_up_GrE: torch.Tensor,
+                      k_bias: torch.Tensor | None, v_up_GrE: torch.Tensor | None, cos_Pd: torch.Tensor,
+                      sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int,
+                      scale: float, bits: int = 0, quant_group: int = 0, *, block_n: int | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None,
+                      num_splits: int | None = None) -> torch.Tensor:
+    """Latent attention with the caches updated **in place**; returns the output.
+
+    Same arguments and result as the reference (``cache_*`` are written at the new
+    positions instead of being returned). ``k_up`` / ``v_up`` set the compute dtype
+    (fp16, bf16 or fp32); RoPE tables are read as float32.
+    """
+    from lrexport.trace.latent_attention_op import _check  # the shared shape checks
+
+    D, G, rk, rv = _check(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_v, past_len_B, k_up_GrE, v_up_GrE,
+                          num_heads, num_kv_heads, group_size, bits, quant_group)
+    _check_kernel_shapes(D, rk, bits, quant_group)
+    B, S, _ = query_BSQ.shape
+    P = cache_k.shape[1]
+    if S and int((past_len_B + S).max()) > min(P, cos_Pd.shape[0]):
+        from lrexport.errors import CacheOverflowError
+        raise CacheOverflowError(f"latent attention: past_len + {S} new tokens exceeds the cache of {P} positions "
+                                 f"or the RoPE table of {cos_Pd.shape[0]}")
+    write_latents(cache_k, cache_k_params, latent_k_BSR, past_len_B, bits, quant_group)
+    write_latents(cache_v, cache_v_params, latent_v_BSR, past_len_B, bits, quant_group)
+
+    dev = query_BSQ.device
+    cdt = k_up_GrE.dtype
+    nrep = num_heads // num_kv_heads
+    out_dt = query_BSQ.dtype
+    out = torch.empty(B, S, num_heads * rv, dtype=out_dt, device=dev)
+    if S == 0:
+        return out if v_up_GrE is None else query_BSQ.new_empty(B, 0, num_heads * D)
+    q = query_BSQ if query_BSQ.stride(-1) == 1 else query_BSQ.contiguous()
+    k_up = k_up_GrE.contiguous()
+    cos = cos_Pd.float().contiguous()
+    sin = sin_Pd.float().contiguous()
+    past = past_len_B.to(torch.int32).contiguous()
+    ck_params = cache_k_params if bits else cache_k
+    cv_params = cache_v_params if bits else cache_v
+
+    block_t = 1 if S == 1 else max(1, 64 // nrep)
+    m_rows = max(16, _next_pow2(block_t * nrep))
+    n_tblocks = triton.cdiv(S, block_t)
+    kv_max = int((past_len_B + S).max())
+    if block_n is None:
+        block_n = 64 if S == 1 else 32
+    if num_splits is None:
+        if S == 1:
+            base = B * num_kv_heads
+            num_splits = max(1, min(triton.cdiv(2 * _num_sms(dev), base), triton.cdiv(kv_max, 256)))
+        else:
+            num_splits = 1
+    split_len = triton.cdiv(triton.cdiv(kv_max, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(kv_max, split_len)
+    rv_p = max(16, _next_pow2(rv))
+    rkb = 32 if rk % 32 == 0 else 16
+    if num_splits > 1:
+        acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
+        mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
+        sm = torch.empty_like(mx)
+    else:
+        acc = mx = sm = out
+    grid = (B * num_kv_heads, n_tblocks, num_splits)
+    kw = {}
+    if num_warps is not None:
+        kw["num_warps"] = num_warps
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    _latent_attn_fwd[grid](
+        q, q.stride(0), q.stride(1),
+        cache_k, cache_k.stride(0), cache_k.stride(1), ck_params, ck_params.stride(0), ck_params.stride(1),
+        cache_v, cache_v.stride(0), cache_v.stride(1), cv_params, cv_params.stride(0), cv_params.stride(1),
+        k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
+        out, out.stride(0), out.stride(1),
+        acc, mx, sm,
+        S, split_len, scale * LOG2E,
+        HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
+        NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=block_n, NSPLIT=num_splits, BITS=bits,
+        QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
+        **kw)
+    if num_splits > 1:
+        _combine[(B * S * num_heads,)](acc, mx, sm, out, RV=rv, RV_P=rv_p, NSPLIT=num_splits,
+                                       NSPLIT_P=max(2, _next_pow2(num_splits)), num_warps=1)
+    if v_up_GrE is None:
+        return out
+    kv = torch.arange(num_heads, device=dev) // nrep
+    up_HrD = v_up_GrE.view(G, rv, group_size, D)[kv // group_size, :, kv % group_size, :].to(out_dt)
+    return torch.einsum("bshr,hrd->bshd", out.view(B, S, num_heads, rv), up_HrD).reshape(B, S, num_heads * D)
+
+
+def latent_attention(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v, cache_v_params,
+                     past_len_B, k_up_GrE, k_bias, v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size,
+                     window, scale, bits=0, quant_group=0):
+    """Functional form (the ``torch.library`` op's semantics): returns the output and new caches."""
+    ck, cv = cache_k.clone(), cache_v.clone()
+    pk = cache_k_params.clone() if cache_k_params is not None else None
+    pv = cache_v_params.clone() if cache_v_params is not None else None
+    out = latent_attention_(query_BSQ, latent_k_BSR, latent_v_BSR, ck, pk, cv, pv, past_len_B, k_up_GrE, k_bias,
+                            v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale, bits,
+                            quant_group)
+    return out, ck, pk, cv, pv
+
+
+def attention_flops(B: int, S: int, L: int, num_heads: int, num_kv_heads: int, D: int, rk: int, rv: int,
+                    group_size: int) -> int:
+    """FLOPs of one call over ``L`` cached positions: key rebuild per KV head, scores, ``P @ latent_v``."""
+    rebuild = 2 * B * L * rk * D * num_kv_heads  # each KV head rebuilds its D channels from rk
+    scores = 2 * B * S * num_heads * L * D
+    values = 2 * B * S * num_heads * L * rv
+    return rebuild + scores + values
+
+
+def math_scale(D: int) -> float:
+    return 1.0 / math.sqrt(D)

@@ -1,0 +1,165 @@
+"""Triton latent-attention kernels against the float64 PyTorch reference.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here
+before triton is imported), which executes the same kernel code with numpy. The GPU run
+of the same comparisons, in fp16/bf16, is ``bench/gpu_check.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from lrexport.errors import CacheOverflowError, ShapeError  # noqa: E402
+from lrexport.kv.quant import dequantize, quantize  # noqa: E402
+from lrexport.trace.latent_attention_op import latent_attention_reference  # noqa: E402
+
+tlk = pytest.importorskip("lrexport.kernels.triton_latent")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_scalars():
+    """Triton's interpreter turns loop bounds into ints with ``int(array)``, which numpy >= 2.4
+    refuses for its one-element scalars; read the element instead (interpreter only)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = orig
+
+
+def make_case(*, B=2, S=1, Hq=4, Hkv=2, gs=1, D=32, rk=16, rv=12, P=48, past=(5, 17), bits=0, qg=8, bias=True,
+              vup=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = Hkv // gs
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * s
+
+    ang = torch.arange(P, dtype=torch.float64)[:, None] * (1 / 10000 ** (torch.arange(D // 2) / (D // 2)))[None]
+    hist_k, hist_v = rnd(B, P, G * rk), rnd(B, P, G * rv)
+    case = dict(q=rnd(B, S, Hq * D), lk=rnd(B, S, G * rk), lv=rnd(B, S, G * rv), k_up=rnd(G, rk, gs * D, s=rk ** -0.5),
+                k_bias=rnd(Hkv * D) if bias else None, v_up=rnd(G, rv, gs * D) if vup else None,
+                cos=ang.cos(), sin=ang.sin(), past=torch.tensor(past), Hq=Hq, Hkv=Hkv, gs=gs, D=D, bits=bits, qg=qg)
+    if bits:
+        case["ck"], case["pk"] = quantize(hist_k, bits, qg)
+        case["cv"], case["pv"] = quantize(hist_v, bits, qg)
+    else:
+        case["ck"], case["pk"], case["cv"], case["pv"] = hist_k, None, hist_v, None
+    return case
+
+
+def reference(c, window=0):
+    return latent_attention_reference(c["q"], c["lk"], c["lv"], c["ck"], c["pk"], c["cv"], c["pv"], c["past"],
+                                      c["k_up"], c["k_bias"], c["v_up"], c["cos"], c["sin"], c["Hq"], c["Hkv"],
+                                      c["gs"], window, c["D"] ** -0.5, c["bits"], c["qg"])
+
+
+def run_kernel(c, dtype=torch.float32, window=0, **kw):
+    """The in-place kernel on copies of the case's caches; returns (out, ck, pk, cv, pv)."""
+    def dev(x, float_dtype=dtype):
+        if x is None:
+            return None
+        x = x.to(DEVICE)
+        return x.to(float_dtype) if x.dtype == torch.float64 else x.clone()
+
+    ck, cv = dev(c["ck"]), dev(c["cv"])
+    pk, pv = dev(c["pk"]), dev(c["pv"])
+    out = tlk.latent_attention_(dev(c["q"]), dev(c["lk"]), dev(c["lv"]), ck, pk, cv, pv, c["past"].to(DEVICE),
+                                dev(c["k_up"]), dev(c["k_bias"]), dev(c["v_up"]), dev(c["cos"], torch.float32),
+                                dev(c["sin"], torch.float32), c["Hq"], c["Hkv"], c["gs"], window, c["D"] ** -0.5,
+                                c["bits"], c["qg"], **kw)
+    return out.cpu(), ck.cpu(), None if pk is None else pk.cpu(), cv.cpu(), None if pv is None else pv.cpu()
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+# fp32 kernel vs float64 reference: 1e-5 relative (fp32 accumulation over <= 64 positions)
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("S,past", [(1, (5, 17)), (6, (0, 9)), (3, (20, 2))], ids=["decode", "prefill", "chunk"])
+@pytest.mark.parametrize("gs,Hkv,Hq", [(1, 2, 4), (2, 2, 4), (2, 4, 8), (1, 3, 3)], ids=["M-gqa", "J-gqa", "G-gqa",
+                                                                                         "M-mha"])
+def test_float_cache_matches_reference(S, past, gs, Hkv, Hq):
+    c = make_case(S=S, past=past, gs=gs, Hkv=Hkv, Hq=Hq, seed=S * 100 + gs * 10 + Hkv)
+    ref = reference(c)
+    got = run_kernel(c)
+    assert rel_err(got[0], ref[0]) < TOL
+    # the new latents were written at their positions, the rest untouched
+    assert torch.allclose(got[1].double(), ref[1], atol=1e-6) and torch.allclose(got[3].double(), ref[3], atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,qg", [(2, 8), (3, 8), (4, 16), (8, 8)])
+@pytest.mark.parametrize("S", [1, 5])
+def test_quantized_cache_matches_reference(bits, qg, S):
+    c = make_case(S=S, bits=bits, qg=qg, gs=2, rv=16, past=(7, 30), seed=bits * 10 + S)
+    ref = reference(c)
+    out, ck, pk, cv, pv = run_kernel(c)
+    assert rel_err(out, ref[0]) < TOL
+    # packed codes and fp16 params of the new tokens are those of lrexport.kv.quant (bit-exact)
+    assert torch.equal(ck, ref[1]) and torch.equal(cv, ref[3])
+    assert torch.equal(pk, ref[2]) and torch.equal(pv, ref[4])
+    assert torch.equal(dequantize(ck, pk, bits, qg, c["lk"].shape[-1]), dequantize(ref[1], ref[2], bits, qg,
+                                                                                      c["lk"].shape[-1]))
+
+
+def test_window_bias_and_v_up():
+    c = make_case(S=4, past=(10, 3), vup=True, bits=8, qg=8, rv=16)
+    ref = reference(c, window=6)
+    assert rel_err(run_kernel(c, window=6)[0], ref[0]) < TOL
+
+
+def test_split_decode_long_cache():
+    """Flash-decoding: several splits over a long cache, combined, rows of different lengths."""
+    c = make_case(P=700, past=(650, 90), gs=2, Hq=6, Hkv=2, rk=32, seed=7)
+    ref = reference(c)
+    for splits in (1, 3, 5):
+        assert rel_err(run_kernel(c, num_splits=splits, block_n=32)[0], ref[0]) < TOL
+
+
+def test_no_bias_and_empty_rows():
+    """A row with nothing cached yet (past 0) and no key bias."""
+    c = make_case(S=1, past=(0, 4), bias=False)
+    assert rel_err(run_kernel(c)[0], reference(c)[0]) < TOL
+
+
+def test_functional_form_leaves_inputs():
+    c = make_case(S=2, bits=4, qg=8, rv=16)
+    ck0 = c["ck"].clone()
+    args = [c[k] if not (torch.is_tensor(c[k]) and c[k].dtype == torch.float64) else c[k].float()
+            for k in ("q", "lk", "lv", "ck", "pk", "cv", "pv", "past", "k_up", "k_bias", "v_up", "cos", "sin")]
+    out, ck, pk, cv, pv = tlk.latent_attention(*args, c["Hq"], c["Hkv"], c["gs"], 0, c["D"] ** -0.5, 4, 8)
+    assert torch.equal(c["ck"], ck0) and not torch.equal(ck, ck0)
+    assert rel_err(out, reference(c)[0]) < TOL
+
+
+def test_errors():
+    c = make_case(rk=24)
+    with pytest.raises(ShapeError, match="multiple of 16"):
+        run_kernel(c)
+    c = make_case(D=48)
+    with pytest.raises(ShapeError, match="power of two"):
+        run_kernel(c)
+    c = make_case(P=20, past=(19, 3), S=2)
+    with pytest.raises(CacheOverflowError, match="exceeds the cache"):
+        run_kernel(c)
