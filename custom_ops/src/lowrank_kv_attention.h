@@ -49,22 +49,41 @@ struct Attributes {
   int64_t quant_group = 0;
 };
 
-// The kernel state ORT keeps per node (immutable after creation, so Compute is reentrant).
-struct LowRankKVAttentionKernel {
+// The kernel state ORT keeps per node (immutable after creation, so Compute is reentrant). One
+// subclass per execution provider: the CPU kernel (lowrank_kv_attention.cc) and the CUDA kernel
+// (cuda/lowrank_kv_attention_cuda.cc).
+struct KernelBase {
   Attributes attrs;
   bool debug = false;  // LREXPORT_OPS_DEBUG=1: one stderr line per call (aliasing, sizes)
-  OrtStatus* Compute(OrtKernelContext* ctx) const noexcept;
+  virtual ~KernelBase() = default;
+  virtual OrtStatus* Compute(OrtKernelContext* ctx) const noexcept = 0;
 };
 
-// One OrtCustomOp per (K cache dtype, V cache dtype): float (bits = 0) or uint8 (packed codes).
-// All CPU execution provider.
+struct LowRankKVAttentionKernel : KernelBase {
+  OrtStatus* Compute(OrtKernelContext* ctx) const noexcept override;
+};
+
+// One OrtCustomOp per (execution provider, activation dtype, K cache dtype, V cache dtype). The
+// activation dtype is that of query, latent_k/v, k_up, k_bias, v_up, cos, sin and the output:
+// float on the CPU, float or float16 on CUDA. A cache is of the activation dtype (bits = 0) or
+// uint8 (packed codes); the mixed pairs exist so that a cache dtype that disagrees with `bits`
+// reaches the kernel and is reported by name.
 struct LowRankKVAttentionOp : OrtCustomOp {
+  ONNXTensorElementDataType act_type;
   ONNXTensorElementDataType k_cache_type;
   ONNXTensorElementDataType v_cache_type;
-  LowRankKVAttentionOp(ONNXTensorElementDataType k, ONNXTensorElementDataType v) noexcept;
+  const char* provider;                   // "CPUExecutionProvider" or "CUDAExecutionProvider"
+  KernelBase* (*make_kernel)() noexcept;  // a new kernel of this provider (nullptr: out of memory)
+  LowRankKVAttentionOp(const char* provider, KernelBase* (*make_kernel)() noexcept, ONNXTensorElementDataType act,
+                       ONNXTensorElementDataType k, ONNXTensorElementDataType v) noexcept;
 };
 
 // The CPU ops to add to the domain (static storage, valid for the life of the process).
 LowRankKVAttentionOp* cpu_ops(size_t* count) noexcept;
+
+#if defined(LREXPORT_WITH_CUDA)
+// The CUDA ops (cuda/lowrank_kv_attention_cuda.cc), added beside the CPU ones.
+LowRankKVAttentionOp* cuda_ops(size_t* count) noexcept;
+#endif
 
 }  // namespace lrexport

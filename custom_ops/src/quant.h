@@ -13,27 +13,56 @@
 //   lo, hi = min, max (float32); scale = fp16(max((hi - lo) / (2^bits - 1), 1e-8)); zero = fp16(lo);
 //   q = clamp(round_half_even((x - zero) / scale), 0, 2^bits - 1)  (float32 arithmetic on the
 //   float16-rounded scale and zero). A NaN quotient (0/0 when scale rounds to 0) gives code 0.
+//
+// The same functions serve the CPU kernel and the CUDA kernel (custom_ops/src/cuda/): under nvcc
+// they are __host__ __device__, the bit casts use CUDA intrinsics on the device, and the
+// dequantization's multiply and add are kept apart (__fmul_rn / __fadd_rn) so that nvcc cannot fuse
+// them into one FMA (the host side is compiled with -ffp-contract=off for the same reason).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#if defined(__CUDACC__)
+#define LRX_HD __host__ __device__ __forceinline__
+#else
+#define LRX_HD inline
+#endif
+
 namespace lrexport {
 
-inline uint32_t f32_bits(float f) noexcept {
+LRX_HD uint32_t f32_bits(float f) noexcept {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
+#endif
 }
-inline float bits_f32(uint32_t u) noexcept {
+LRX_HD float bits_f32(uint32_t u) noexcept {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+#endif
+}
+
+// a * b + c with two roundings (never one fused multiply-add), like PyTorch's q * scale + zero
+LRX_HD float mul_add_unfused(float a, float b, float c) noexcept {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(a, b), c);
+#else
+  const float prod = a * b;  // the host build has -ffp-contract=off
+  return prod + c;
+#endif
 }
 
 // float32 -> float16, round to nearest even (overflow -> inf, NaN stays NaN).
-inline uint16_t f32_to_f16(float f) noexcept {
+LRX_HD uint16_t f32_to_f16(float f) noexcept {
   const uint32_t f32_infty = 255u << 23;
   const uint32_t f16_max = (127u + 16u) << 23;                    // 2^16: rounds to inf from here on
   const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
@@ -56,7 +85,7 @@ inline uint16_t f32_to_f16(float f) noexcept {
   return static_cast<uint16_t>(o | (sign >> 16));
 }
 
-inline float f16_to_f32(uint16_t h) noexcept {
+LRX_HD float f16_to_f32(uint16_t h) noexcept {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t mant = h & 0x3ffu;
@@ -69,7 +98,7 @@ inline float f16_to_f32(uint16_t h) noexcept {
 }
 
 // Code of channel c in a packed row.
-inline uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
+LRX_HD uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
   if (bits == 8) return row[c];
   if (bits == 3) {
     const uint8_t* w = row + 3 * (c >> 3);
@@ -81,49 +110,54 @@ inline uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
   return (row[c / per] >> (bits * (c % per))) & ((1u << bits) - 1u);
 }
 
-// Quantize one row of `width` floats into packed codes (width*bits/8 bytes) and float16
-// params (2*width/group). width is a multiple of group, group a multiple of 8.
-inline void quantize_row(const float* x, int64_t width, int bits, int64_t group, uint8_t* codes,
-                         uint16_t* params) noexcept {
-  const int64_t ngroups = width / group;
+// Quantize one group of `group` floats (a multiple of 8) into packed codes (group*bits/8 bytes,
+// all written) and its float16 scale and zero point.
+LRX_HD void quantize_group(const float* xg, int64_t group, int bits, uint8_t* codes, uint16_t* scale_h,
+                           uint16_t* zero_h) noexcept {
   const uint32_t levels = (1u << bits) - 1u;
-  std::memset(codes, 0, static_cast<size_t>(width * bits / 8));
-  for (int64_t gi = 0; gi < ngroups; ++gi) {
-    const float* xg = x + gi * group;
-    float lo = xg[0], hi = xg[0];
-    for (int64_t i = 1; i < group; ++i) {
-      lo = std::fmin(lo, xg[i]);
-      hi = std::fmax(hi, xg[i]);
-    }
-    float scale = (hi - lo) / static_cast<float>(levels);
-    if (!(scale >= 1e-8f)) scale = scale != scale ? scale : 1e-8f;  // clamp_min, NaN passes
-    const uint16_t sh = f32_to_f16(scale), zh = f32_to_f16(lo);
-    params[gi] = sh;
-    params[ngroups + gi] = zh;
-    const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
-    for (int64_t i = 0; i < group; ++i) {
-      float q = std::nearbyint((xg[i] - zf) / sf);  // default rounding: half to even
-      if (!(q > 0.0f)) q = 0.0f;                    // also NaN -> 0
-      if (q > static_cast<float>(levels)) q = static_cast<float>(levels);
-      const uint32_t code = static_cast<uint32_t>(q);
-      const int64_t c = gi * group + i;
-      if (bits == 8) {
-        codes[c] = static_cast<uint8_t>(code);
-      } else if (bits == 3) {
-        const int64_t bit = 3 * c;  // 8 channels = 24 bits = 3 bytes: bit offsets are contiguous
-        const uint32_t v = code << (bit & 7);
-        codes[bit >> 3] = static_cast<uint8_t>(codes[bit >> 3] | (v & 0xffu));
-        if (v >> 8) codes[(bit >> 3) + 1] = static_cast<uint8_t>(codes[(bit >> 3) + 1] | (v >> 8));
-      } else {
-        const int per = 8 / bits;
-        codes[c / per] = static_cast<uint8_t>(codes[c / per] | (code << (bits * (c % per))));
-      }
+  float lo = xg[0], hi = xg[0];
+  for (int64_t i = 1; i < group; ++i) {
+    lo = fminf(lo, xg[i]);
+    hi = fmaxf(hi, xg[i]);
+  }
+  float scale = (hi - lo) / static_cast<float>(levels);
+  if (!(scale >= 1e-8f)) scale = scale != scale ? scale : 1e-8f;  // clamp_min, NaN passes
+  const uint16_t sh = f32_to_f16(scale), zh = f32_to_f16(lo);
+  *scale_h = sh;
+  *zero_h = zh;
+  const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
+  for (int64_t i = 0; i < group * bits / 8; ++i) codes[i] = 0;
+  for (int64_t c = 0; c < group; ++c) {
+    float q = nearbyintf((xg[c] - zf) / sf);  // default rounding: half to even
+    if (!(q > 0.0f)) q = 0.0f;                // also NaN -> 0
+    if (q > static_cast<float>(levels)) q = static_cast<float>(levels);
+    const uint32_t code = static_cast<uint32_t>(q);
+    if (bits == 8) {
+      codes[c] = static_cast<uint8_t>(code);
+    } else if (bits == 3) {
+      const int64_t bit = 3 * c;  // 8 channels = 24 bits = 3 bytes: bit offsets are contiguous
+      const uint32_t v = code << (bit & 7);
+      codes[bit >> 3] = static_cast<uint8_t>(codes[bit >> 3] | (v & 0xffu));
+      if (v >> 8) codes[(bit >> 3) + 1] = static_cast<uint8_t>(codes[(bit >> 3) + 1] | (v >> 8));
+    } else {
+      const int per = 8 / bits;
+      codes[c / per] = static_cast<uint8_t>(codes[c / per] | (code << (bits * (c % per))));
     }
   }
 }
 
+// Quantize one row of `width` floats into packed codes (width*bits/8 bytes) and float16
+// params (2*width/group). width is a multiple of group, group a multiple of 8, so every group
+// starts on a byte (and, for 3 bits, on a 24-bit word).
+LRX_HD void quantize_row(const float* x, int64_t width, int bits, int64_t group, uint8_t* codes,
+                         uint16_t* params) noexcept {
+  const int64_t ngroups = width / group;
+  for (int64_t gi = 0; gi < ngroups; ++gi)
+    quantize_group(x + gi * group, group, bits, codes + gi * group * bits / 8, params + gi, params + ngroups + gi);
+}
+
 // Dequantize channels [c0, c1) of a packed row into out[0 .. c1-c0).
-inline void dequantize_range(const uint8_t* codes, const uint16_t* params, int64_t width, int bits,
+LRX_HD void dequantize_range(const uint8_t* codes, const uint16_t* params, int64_t width, int bits,
                              int64_t group, int64_t c0, int64_t c1, float* out) noexcept {
   const int64_t ngroups = width / group;
   int64_t c = c0;
@@ -133,8 +167,7 @@ inline void dequantize_range(const uint8_t* codes, const uint16_t* params, int64
     const float sf = f16_to_f32(params[gi]), zf = f16_to_f32(params[ngroups + gi]);
     for (; c < end; ++c) {
       const float q = static_cast<float>(get_code(codes, c, bits));
-      const float prod = q * sf;  // two roundings, like q * scale + zero in PyTorch
-      out[c - c0] = prod + zf;
+      out[c - c0] = mul_add_unfused(q, sf, zf);  // two roundings, like q * scale + zero in PyTorch
     }
   }
 }

@@ -6,12 +6,13 @@
 // from that version on. It never links libonnxruntime: the API table comes from the
 // OrtApiBase* argument (ORT_API_MANUAL_INIT, see ort_api.h).
 //
-// Execution providers: only CPU kernels are registered (cpu_ops()). A kernel registered only
-// for the CUDA provider would make a CPU-only session fail to find an implementation, whereas
-// a CPU kernel in a CUDA session just runs on the CPU (ORT inserts the copies). GPU kernels go
-// in the LREXPORT_WITH_CUDA block below as more OrtCustomOp objects of the same name and domain
-// whose GetExecutionProviderType returns "CUDAExecutionProvider", added in addition to the CPU
-// ones, so that each session picks the kernel of the provider it assigns the node to.
+// Execution providers: the CPU kernels (cpu_ops()) are always registered. A library built with
+// the CUDA kernel (LREXPORT_WITH_CUDA) adds the CUDA ops (cuda_ops(), OrtCustomOp objects of the
+// same name and domain whose GetExecutionProviderType is "CUDAExecutionProvider") beside them,
+// never instead: a kernel registered only for the CUDA provider would make a CPU-only session
+// fail to find an implementation, whereas with both each session picks the kernel of the provider
+// it assigns the node to. Registering the CUDA ops needs no GPU and no driver (the CUDA runtime is
+// linked statically and first called when a CUDA kernel runs).
 #include <mutex>
 #include <string>
 #include <vector>
@@ -55,9 +56,14 @@ OrtStatus* register_ops(OrtSessionOptions* options) {
     }
   }
 #if defined(LREXPORT_WITH_CUDA)
-  // GPU kernels (not written yet): add the CUDA ops to the same domain here, e.g.
-  //   for (auto& op : lrexport::cuda_ops(&m)) api->CustomOpDomain_Add(domain, &op);
-  // They run on the stream from KernelContext_GetGPUComputeStream.
+  // They run on the stream from KernelContext_GetGPUComputeStream (cuda/lowrank_kv_attention_cuda.cc).
+  lrexport::LowRankKVAttentionOp* cuda = lrexport::cuda_ops(&n);
+  for (size_t i = 0; i < n; ++i) {
+    if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cuda[i])) {
+      api->ReleaseCustomOpDomain(domain);
+      return st;
+    }
+  }
 #endif
   if (OrtStatus* st = api->AddCustomOpDomain(options, domain)) {
     api->ReleaseCustomOpDomain(domain);
@@ -98,3 +104,13 @@ extern "C" LRX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
 
 // The ORT API version the library was built against (for diagnostics).
 extern "C" LRX_EXPORT int lrexport_ops_api_version(void) noexcept { return ORT_API_VERSION; }
+
+// 1 when the library has the CUDA kernel (built with LREXPORT_WITH_CUDA), else 0. Says nothing
+// about the machine: the kernel runs only where ONNX Runtime's CUDA execution provider does.
+extern "C" LRX_EXPORT int lrexport_ops_has_cuda(void) noexcept {
+#if defined(LREXPORT_WITH_CUDA)
+  return 1;
+#else
+  return 0;
+#endif
+}
