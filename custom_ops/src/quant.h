@@ -110,15 +110,18 @@ LRX_HD uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
   return (row[c / per] >> (bits * (c % per))) & ((1u << bits) - 1u);
 }
 
-// Quantize one group of `group` floats (a multiple of 8) into packed codes (group*bits/8 bytes,
-// all written) and its float16 scale and zero point.
-LRX_HD void quantize_group(const float* xg, int64_t group, int bits, uint8_t* codes, uint16_t* scale_h,
-                           uint16_t* zero_h) noexcept {
+// Quantize one group of `group` values (a multiple of 8) into packed codes (group*bits/8 bytes,
+// all written) and its float16 scale and zero point. x(i) gives value i as a float (the CUDA
+// kernel reads float16 latents through it; the float16 -> float conversion is exact).
+template <class Load>
+LRX_HD void quantize_group_with(const Load& x, int64_t group, int bits, uint8_t* codes, uint16_t* scale_h,
+                                uint16_t* zero_h) noexcept {
   const uint32_t levels = (1u << bits) - 1u;
-  float lo = xg[0], hi = xg[0];
+  float lo = x(0), hi = x(0);
   for (int64_t i = 1; i < group; ++i) {
-    lo = fminf(lo, xg[i]);
-    hi = fmaxf(hi, xg[i]);
+    const float v = x(i);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
   }
   float scale = (hi - lo) / static_cast<float>(levels);
   if (!(scale >= 1e-8f)) scale = scale != scale ? scale : 1e-8f;  // clamp_min, NaN passes
@@ -128,7 +131,7 @@ LRX_HD void quantize_group(const float* xg, int64_t group, int bits, uint8_t* co
   const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
   for (int64_t i = 0; i < group * bits / 8; ++i) codes[i] = 0;
   for (int64_t c = 0; c < group; ++c) {
-    float q = nearbyintf((xg[c] - zf) / sf);  // default rounding: half to even
+    float q = nearbyintf((x(c) - zf) / sf);  // default rounding: half to even
     if (!(q > 0.0f)) q = 0.0f;                // also NaN -> 0
     if (q > static_cast<float>(levels)) q = static_cast<float>(levels);
     const uint32_t code = static_cast<uint32_t>(q);
@@ -144,6 +147,16 @@ LRX_HD void quantize_group(const float* xg, int64_t group, int bits, uint8_t* co
       codes[c / per] = static_cast<uint8_t>(codes[c / per] | (code << (bits * (c % per))));
     }
   }
+}
+
+struct FloatLoad {
+  const float* p;
+  LRX_HD float operator()(int64_t i) const noexcept { return p[i]; }
+};
+
+LRX_HD void quantize_group(const float* xg, int64_t group, int bits, uint8_t* codes, uint16_t* scale_h,
+                           uint16_t* zero_h) noexcept {
+  quantize_group_with(FloatLoad{xg}, group, bits, codes, scale_h, zero_h);
 }
 
 // Quantize one row of `width` floats into packed codes (width*bits/8 bytes) and float16

@@ -49,6 +49,9 @@ OrtStatus* register_ops(OrtSessionOptions* options) {
   LRX_RETURN_IF_ERROR(api->CreateCustomOpDomain(lrexport::kDomain, &domain));
   size_t n = 0;
   lrexport::LowRankKVAttentionOp* ops = lrexport::cpu_ops(&n);
+#if defined(LREXPORT_CUDA_EMULATE)
+  n = 0;  // test builds: only the CUDA kernel (run on the CPU by emulate.h, registered for the CPU provider)
+#endif
   for (size_t i = 0; i < n; ++i) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, &ops[i])) {
       api->ReleaseCustomOpDomain(domain);

@@ -1,0 +1,54 @@
+// The interface between the ONNX Runtime side of the CUDA kernel (lowrank_kv_attention_cuda.cc,
+// compiled by the C++ compiler) and the CUDA code (lowrank_kv_attention.cu, compiled by nvcc).
+// Plain data only: neither ONNX Runtime nor CUDA headers are needed to include it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace lrexport {
+namespace cuda {
+
+// One checked call (see op_common.h): shapes, attributes and the tensors' addresses. Every
+// pointer is device memory except past_len (host memory, B values).
+struct Params {
+  int64_t B, S, Hq, Hkv, s, G, D, rk, rv, P, Prope, rep;
+  int64_t Wk, Wv;    // latent widths G*rk, G*rv
+  int64_t Ck, Cv;    // cache row widths (elements for bits = 0, code bytes otherwise)
+  int64_t NPk, NPv;  // float16 params per row (bits > 0)
+  int64_t out_w;     // output width: Hq*D with v_up, else Hq*rv
+  int bits;
+  int64_t quant_group;
+  int64_t window;
+  float scale;
+  bool f16;  // activations (and float caches) are float16, else float
+  const int64_t* past_len;
+  const void *query, *latent_k, *latent_v, *k_up, *k_bias, *v_up, *cos, *sin;  // k_bias, v_up may be null
+  const void *past_k, *past_k_params, *past_v, *past_v_params;
+  void *out, *present_k, *present_k_params, *present_v, *present_v_params;
+  size_t k_bytes, v_bytes, kp_bytes, vp_bytes;  // cache sizes (0 when empty)
+  int device;                                   // the device that holds the tensors
+};
+
+// How a call is split into blocks, and the device scratch memory it needs.
+struct Plan {
+  int64_t qtile = 1;   // new tokens per attention block
+  int64_t nqt = 0;     // query tiles per batch row: ceil(S / qtile)
+  int64_t nsplit = 1;  // blocks along the key positions (flash decoding)
+  size_t smem_attn = 0, smem_combine = 0;
+  size_t scratch_bytes = 0;  // past_len copy + partial results
+  size_t off_ml = 0, off_acc = 0;
+};
+
+// Fills *plan for p (queries the device's properties). Returns "" or an error message.
+std::string plan(const Params& p, Plan* plan);
+
+// Enqueues the call on `stream` (a cudaStream_t; nullptr = the legacy default stream): copies
+// past -> present where they are different buffers, writes (quantizes) the new tokens, attends.
+// `scratch` is device memory of plan.scratch_bytes (null when 0). Returns "" or an error message
+// (a CUDA error of a launch or a copy); nothing is synchronized.
+std::string run(const Params& p, const Plan& plan, void* scratch, void* stream);
+
+}  // namespace cuda
+}  // namespace lrexport

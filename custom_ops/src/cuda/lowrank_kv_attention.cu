@@ -1,0 +1,495 @@
+// CUDA kernels of LowRankKVAttention. Semantics: lrexport.trace.latent_attention_op.
+// latent_attention_reference; layouts: docs/custom_op.md and ../quant.h (shared with the CPU kernel,
+// so codes and params are bit-exact with it).
+//
+// One call, all on the stream ONNX Runtime gives:
+//   0. present <- past (cudaMemcpyAsync) where they are different buffers; past_len -> device;
+//   A. write_tokens: the new tokens' latents into the present caches at past_len[b] + t, quantized
+//      per token and group when bits > 0 (one thread per quantization group);
+//   B. attend_partial, flash-decoding style: one block per (batch row, tile of up to `qtile` new
+//      tokens, KV head, split of the key positions). The block rebuilds the keys of its positions
+//      tile by tile (32 positions) in shared memory: latent rows (dequantized) @ the k_up slice of
+//      its KV head slot, in chunks of 32 latent channels (k_up chunk in shared memory), + k_bias,
+//      RoPE at the key's position. The queries of the tile and of every query head sharing the KV
+//      head (GQA) are scored against them, with an online softmax, and accumulate P . value latent
+//      (rv channels). Each block writes (max, sum, acc) per query row and split.
+//   C. combine: one block per (row, token, query head) merges the splits, normalises and applies
+//      the head's v_up slice when v_up is given.
+// Float32 accumulation everywhere; float16 activations are converted on load. Scratch memory:
+// B int64 + B*S*Hq*nsplit*(rv + 2) floats, where nsplit > 1 only when there are too few blocks
+// to fill the GPU (decode), so it stays linear in the number of new tokens.
+#if defined(LREXPORT_CUDA_EMULATE)
+#include "emulate.h"  // test builds: the kernels run on the CPU (see emulate.h)
+#else
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define LRX_SHARED_FLOATS(name) extern __shared__ float name[]
+#define LRX_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "../quant.h"
+#include "launch.h"
+
+namespace lrexport {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;   // threads of the attention and write blocks
+constexpr int kTile = 32;       // key positions per tile (= warp size: one lane per position)
+constexpr int kChunk = 32;      // latent channels per k_up / value chunk
+constexpr size_t kSmemTarget = 96 * 1024;  // shrink the query tile below this much shared memory
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ---- element access -----------------------------------------------------------------------
+
+template <class T>
+__device__ __forceinline__ float ld(const T* p, int64_t i);
+template <>
+__device__ __forceinline__ float ld<float>(const float* p, int64_t i) {
+  return p[i];
+}
+template <>
+__device__ __forceinline__ float ld<__half>(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+
+template <class T>
+__device__ __forceinline__ void st(T* p, int64_t i, float v);
+template <>
+__device__ __forceinline__ void st<float>(float* p, int64_t i, float v) {
+  p[i] = v;
+}
+template <>
+__device__ __forceinline__ void st<__half>(__half* p, int64_t i, float v) {
+  p[i] = __float2half_rn(v);
+}
+
+template <class T>
+struct Load {
+  const T* p;
+  __device__ float operator()(int64_t i) const { return ld(p, i); }
+};
+
+// The kernels' view of a call (by value: kernel parameters).
+struct Args {
+  int64_t B, S, Hq, Hkv, s, G, D, rk, rv, P, Prope, rep;
+  int64_t Wk, Wv, Ck, Cv, NPk, NPv, out_w;
+  int bits;
+  int64_t qg;
+  int64_t window;
+  float scale;
+  const int64_t* past_len;  // device copy
+  const void *query, *latent_k, *latent_v, *k_up, *k_bias, *v_up, *cos, *sin;
+  void *out, *cache_k, *params_k, *cache_v, *params_v;  // the present caches
+  int64_t qtile, nqt, nsplit;
+  float *part_ml, *part_acc;  // [B*S*Hq*nsplit, 2] (max, sum), [B*S*Hq*nsplit, rv]
+};
+
+// Latent channel `ch` of cache row `row` (a position of a batch row) as a float.
+template <class T>
+__device__ __forceinline__ float cache_value(const void* cache, const void* params, int64_t row, int64_t ch,
+                                             int64_t W, int64_t C, int64_t NP, int bits, int64_t qg) {
+  if (bits == 0) return ld(static_cast<const T*>(cache), row * C + ch);
+  const uint8_t* codes = static_cast<const uint8_t*>(cache) + row * C;
+  const uint16_t* prm = static_cast<const uint16_t*>(params) + row * NP;
+  const int64_t gi = ch / qg;
+  const float sf = f16_to_f32(prm[gi]), zf = f16_to_f32(prm[W / qg + gi]);
+  return mul_add_unfused(static_cast<float>(get_code(codes, ch, bits)), sf, zf);
+}
+
+// ---- A: write the new tokens ----------------------------------------------------------------
+
+// grid (B*S, 2): blockIdx.y 0 = keys, 1 = values.
+template <class T>
+__global__ void __launch_bounds__(kThreads) write_tokens(Args a) {
+  const int64_t row = blockIdx.x;  // b * S + t
+  const int64_t b = row / a.S, t = row % a.S;
+  const int64_t pos = a.past_len[b] + t;
+  const bool is_v = blockIdx.y == 1;
+  const T* src = static_cast<const T*>(is_v ? a.latent_v : a.latent_k) + row * (is_v ? a.Wv : a.Wk);
+  const int64_t W = is_v ? a.Wv : a.Wk;
+  const int64_t C = is_v ? a.Cv : a.Ck;
+  const int64_t crow = b * a.P + pos;
+  if (a.bits == 0) {
+    T* dst = static_cast<T*>(is_v ? a.cache_v : a.cache_k) + crow * C;
+    for (int64_t c = threadIdx.x; c < W; c += blockDim.x) dst[c] = src[c];
+    return;
+  }
+  uint8_t* codes = static_cast<uint8_t*>(is_v ? a.cache_v : a.cache_k) + crow * C;
+  const int64_t NP = is_v ? a.NPv : a.NPk;
+  uint16_t* prm = static_cast<uint16_t*>(is_v ? a.params_v : a.params_k) + crow * NP;
+  const int64_t ngroups = W / a.qg;
+  for (int64_t gi = threadIdx.x; gi < ngroups; gi += blockDim.x)
+    quantize_group_with(Load<T>{src + gi * a.qg}, a.qg, a.bits, codes + gi * a.qg * a.bits / 8, prm + gi,
+                        prm + ngroups + gi);
+}
+
+// ---- B: attention over a split of the key positions ---------------------------------------
+
+struct Smem {  // offsets (floats) into the dynamic shared memory of attend_partial
+  int64_t q, k, buf, up, p, acc, m, l, corr, total;
+};
+
+__host__ __device__ inline Smem smem_layout(int64_t nq, int64_t D, int64_t rv) {
+  Smem s;
+  s.q = 0;                                  // [nq, D] RoPE'd, scaled queries
+  s.k = s.q + nq * D;                       // [kTile, D + 1] keys (padded rows: no bank conflicts)
+  s.buf = s.k + kTile * (D + 1);            // [kTile, kChunk] latent or value chunk
+  s.up = s.buf + kTile * kChunk;            // [kChunk, D] k_up chunk
+  s.p = s.up + kChunk * D;                  // [nq, kTile] scores, then probabilities
+  s.acc = s.p + nq * kTile;                 // [nq, rv] value-latent accumulators
+  s.m = s.acc + nq * rv;                    // [nq] running max
+  s.l = s.m + nq;                           // [nq] running sum
+  s.corr = s.l + nq;                        // [nq] rescale factor of this tile
+  s.total = s.corr + nq;
+  return s;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// grid: B * nqt * Hkv * nsplit blocks (split fastest), kThreads threads.
+template <class T>
+__global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
+  LRX_SHARED_FLOATS(sm);
+  int64_t bid = blockIdx.x;
+  const int64_t split = bid % a.nsplit;
+  bid /= a.nsplit;
+  const int64_t kv = bid % a.Hkv;
+  bid /= a.Hkv;
+  const int64_t qt = bid % a.nqt;
+  const int64_t b = bid / a.nqt;
+  const int64_t g = kv / a.s, slot = kv % a.s;
+  const int64_t D = a.D, half = D / 2, rv = a.rv, rk = a.rk, rep = a.rep;
+  const int64_t t0 = qt * a.qtile;
+  const int64_t ntok = imin(a.qtile, a.S - t0);
+  const int64_t nq = ntok * rep;  // query rows n = i * rep + r: token t0 + i, query head kv * rep + r
+  const Smem L = smem_layout(nq, D, rv);
+  float* q_s = sm + L.q;
+  float* k_s = sm + L.k;
+  float* buf = sm + L.buf;
+  float* up_s = sm + L.up;
+  float* p_s = sm + L.p;
+  float* acc = sm + L.acc;
+  float* m_s = sm + L.m;
+  float* l_s = sm + L.l;
+  float* corr_s = sm + L.corr;
+
+  const T* query = static_cast<const T*>(a.query);
+  const T* kup = static_cast<const T*>(a.k_up);
+  const T* kbias = static_cast<const T*>(a.k_bias);
+  const T* cosp = static_cast<const T*>(a.cos);
+  const T* sinp = static_cast<const T*>(a.sin);
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+
+  // positions: queries p0 .. p0 + ntok - 1; keys some query may see: [lo, p1]
+  const int64_t p0 = a.past_len[b] + t0, p1 = p0 + ntok - 1;
+  const int64_t lo = a.window > 0 ? imax(0, p0 - a.window + 1) : 0;
+  const int64_t span = p1 - lo + 1;
+  int64_t chunk = (span + a.nsplit - 1) / a.nsplit;
+  chunk = (chunk + kTile - 1) / kTile * kTile;
+  const int64_t j_begin = lo + split * chunk;
+  const int64_t j_end = imin(p1 + 1, j_begin + chunk);
+
+  // queries, RoPE'd at their positions and scaled
+  for (int64_t o = tid; o < nq * half; o += nthreads) {
+    const int64_t n = o / half, d = o % half;
+    const int64_t i = n / rep, h = kv * rep + n % rep;
+    const int64_t pos = p0 + i;
+    const int64_t qrow = ((b * a.S + t0 + i) * a.Hq + h) * D;
+    const float x1 = ld(query, qrow + d), x2 = ld(query, qrow + d + half);
+    const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
+    q_s[n * D + d] = a.scale * (x1 * c - x2 * sn);
+    q_s[n * D + d + half] = a.scale * (x2 * c + x1 * sn);
+  }
+  for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o] = 0.0f;
+  for (int64_t n = tid; n < nq; n += nthreads) {
+    m_s[n] = -INFINITY;
+    l_s[n] = 0.0f;
+  }
+  __syncthreads();
+
+  const int64_t Dp = D + 1;
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kTile) {
+    const int64_t nk = imin(kTile, j_end - j0);
+    // -- keys of positions j0 .. j0 + nk - 1: bias, then + latent @ k_up slice, chunk by chunk
+    for (int64_t o = tid; o < kTile * D; o += nthreads) {
+      const int64_t j = o / D, d = o % D;
+      k_s[j * Dp + d] = kbias ? ld(kbias, kv * D + d) : 0.0f;
+    }
+    for (int64_t r0 = 0; r0 < rk; r0 += kChunk) {
+      const int64_t rc = imin(kChunk, rk - r0);
+      __syncthreads();  // the previous chunk has been used
+      for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
+        const int64_t j = o / kChunk, r = o % kChunk;
+        buf[o] = (j < nk && r < rc) ? cache_value<T>(a.cache_k, a.params_k, b * a.P + j0 + j, g * rk + r0 + r, a.Wk,
+                                                     a.Ck, a.NPk, a.bits, a.qg)
+                                    : 0.0f;
+      }
+      for (int64_t o = tid; o < kChunk * D; o += nthreads) {
+        const int64_t r = o / D, d = o % D;
+        up_s[o] = r < rc ? ld(kup, (g * rk + r0 + r) * (a.s * D) + slot * D + d) : 0.0f;
+      }
+      __syncthreads();
+      for (int64_t o = tid; o < nk * D; o += nthreads) {
+        const int64_t j = o / D, d = o % D;
+        const float* lrow = buf + j * kChunk;
+        float sum = 0.0f;
+#pragma unroll 8
+        for (int r = 0; r < kChunk; ++r) sum += lrow[r] * up_s[r * D + d];
+        k_s[j * Dp + d] += sum;
+      }
+    }
+    __syncthreads();
+    // -- RoPE of the keys at their positions
+    for (int64_t o = tid; o < nk * half; o += nthreads) {
+      const int64_t j = o / half, d = o % half;
+      const int64_t pos = j0 + j;
+      const float x1 = k_s[j * Dp + d], x2 = k_s[j * Dp + d + half];
+      const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
+      k_s[j * Dp + d] = x1 * c - x2 * sn;
+      k_s[j * Dp + d + half] = x2 * c + x1 * sn;
+    }
+    __syncthreads();
+    // -- scores (masked: causal, window)
+    for (int64_t o = tid; o < nq * kTile; o += nthreads) {
+      const int64_t n = o / kTile, j = o % kTile;
+      const int64_t pq = p0 + n / rep, pk = j0 + j;
+      const bool valid = j < nk && pk <= pq && (a.window <= 0 || pk > pq - a.window);
+      float s = -INFINITY;
+      if (valid) {
+        const float* qr = q_s + n * D;
+        const float* kr = k_s + j * Dp;
+        s = 0.0f;
+        for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+      }
+      p_s[o] = s;
+    }
+    __syncthreads();
+    // -- online softmax, one warp per query row, one lane per position
+    for (int64_t n = warp; n < nq; n += nwarps) {
+      const float v = p_s[n * kTile + lane];
+      const float m_old = m_s[n];
+      const float m_new = fmaxf(m_old, warp_max(v));
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float e = v == -INFINITY ? 0.0f : expf(v - m_use);
+      p_s[n * kTile + lane] = e;
+      const float sum = warp_sum(e);
+      if (lane == 0) {
+        const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_use);
+        corr_s[n] = corr;
+        l_s[n] = l_s[n] * corr + sum;
+        m_s[n] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o] *= corr_s[o / rv];
+    // -- acc += P @ value latents, chunk by chunk
+    for (int64_t c0 = 0; c0 < rv; c0 += kChunk) {
+      const int64_t cc = imin(kChunk, rv - c0);
+      for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
+        const int64_t j = o / kChunk, c = o % kChunk;
+        buf[o] = (j < nk && c < cc) ? cache_value<T>(a.cache_v, a.params_v, b * a.P + j0 + j, g * rv + c0 + c, a.Wv,
+                                                     a.Cv, a.NPv, a.bits, a.qg)
+                                    : 0.0f;
+      }
+      __syncthreads();
+      for (int64_t o = tid; o < nq * cc; o += nthreads) {
+        const int64_t n = o / cc, c = o % cc;
+        const float* pr = p_s + n * kTile;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < nk; ++j) sum += pr[j] * buf[j * kChunk + c];
+        acc[n * rv + c0 + c] += sum;
+      }
+      __syncthreads();
+    }
+  }
+
+  // partial results of this split
+  for (int64_t o = tid; o < nq * rv; o += nthreads) {
+    const int64_t n = o / rv, c = o % rv;
+    const int64_t h = kv * rep + n % rep, t = t0 + n / rep;
+    const int64_t prow = ((b * a.S + t) * a.Hq + h) * a.nsplit + split;
+    a.part_acc[prow * rv + c] = acc[o];
+  }
+  for (int64_t n = tid; n < nq; n += nthreads) {
+    const int64_t h = kv * rep + n % rep, t = t0 + n / rep;
+    const int64_t prow = ((b * a.S + t) * a.Hq + h) * a.nsplit + split;
+    a.part_ml[prow * 2] = m_s[n];
+    a.part_ml[prow * 2 + 1] = l_s[n];
+  }
+}
+
+// ---- C: merge the splits, normalise, v_up ---------------------------------------------------
+
+// grid: B * S * Hq blocks; shared memory: rv + nsplit floats.
+template <class T>
+__global__ void __launch_bounds__(128) combine(Args a) {
+  LRX_SHARED_FLOATS(sm);
+  float* o_s = sm;
+  float* w_s = sm + a.rv;
+  const int64_t row = blockIdx.x;  // (b * S + t) * Hq + h
+  const int64_t h = row % a.Hq, bt = row / a.Hq;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    float M = -INFINITY;
+    for (int64_t sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, a.part_ml[(row * a.nsplit + sp) * 2]);
+    float total = 0.0f;
+    for (int64_t sp = 0; sp < a.nsplit; ++sp) {
+      const float m = a.part_ml[(row * a.nsplit + sp) * 2];
+      const float w = m == -INFINITY ? 0.0f : expf(m - M);
+      w_s[sp] = w;
+      total += w * a.part_ml[(row * a.nsplit + sp) * 2 + 1];
+    }
+    const float inv = 1.0f / total;  // > 0: every query sees at least its own position
+    for (int64_t sp = 0; sp < a.nsplit; ++sp) w_s[sp] *= inv;
+  }
+  __syncthreads();
+  for (int64_t c = tid; c < a.rv; c += blockDim.x) {
+    float o = 0.0f;
+    for (int64_t sp = 0; sp < a.nsplit; ++sp) o += w_s[sp] * a.part_acc[(row * a.nsplit + sp) * a.rv + c];
+    o_s[c] = o;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out) + bt * a.out_w;
+  if (!a.v_up) {
+    for (int64_t c = tid; c < a.rv; c += blockDim.x) st(out, h * a.rv + c, o_s[c]);
+    return;
+  }
+  const T* vup = static_cast<const T*>(a.v_up);
+  const int64_t kv = h / a.rep, g = kv / a.s, slot = kv % a.s, sD = a.s * a.D;
+  for (int64_t d = tid; d < a.D; d += blockDim.x) {
+    float y = 0.0f;
+    for (int64_t c = 0; c < a.rv; ++c) y += o_s[c] * ld(vup, (g * a.rv + c) * sD + slot * a.D + d);
+    st(out, h * a.D + d, y);
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+std::string cuda_error(const char* what, cudaError_t e) {
+  return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+}
+
+size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+template <class T>
+std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream) {
+  cudaError_t e;
+  const int64_t rows = p.B * p.S;
+  if (rows > 0) {
+    LRX_LAUNCH(write_tokens<T>, dim3(static_cast<unsigned>(rows), 2), 128, 0, stream, a);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the cache write", e);
+    if (pl.smem_attn > 48 * 1024) {
+      e = cudaFuncSetAttribute(attend_partial<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(pl.smem_attn));
+      if (e != cudaSuccess) return cuda_error("cudaFuncSetAttribute (shared memory of the attention)", e);
+    }
+    const int64_t blocks = p.B * pl.nqt * p.Hkv * pl.nsplit;
+    LRX_LAUNCH(attend_partial<T>, static_cast<unsigned>(blocks), kThreads, pl.smem_attn, stream, a);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the attention", e);
+    LRX_LAUNCH(combine<T>, static_cast<unsigned>(rows * p.Hq), 128, pl.smem_combine, stream, a);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
+  }
+  return "";
+}
+
+}  // namespace
+
+std::string plan(const Params& p, Plan* pl) {
+  *pl = Plan{};
+  if (p.B == 0 || p.S == 0) return "";
+  int dev = 0, sms = 0, smem_optin = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess && dev != p.device) e = cudaSetDevice(p.device);
+  if (e != cudaSuccess) return cuda_error("cudaGetDevice / cudaSetDevice", e);
+  if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device)) != cudaSuccess)
+    return cuda_error("cudaDeviceGetAttribute (multiprocessors)", e);
+  if ((e = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device)) != cudaSuccess)
+    return cuda_error("cudaDeviceGetAttribute (shared memory per block)", e);
+  // query tile: as many new tokens as fit the shared-memory target (decode: 1)
+  int64_t qtile = std::min<int64_t>(16, p.S);
+  auto smem = [&](int64_t qt) { return static_cast<size_t>(smem_layout(qt * p.rep, p.D, p.rv).total) * 4; };
+  while (qtile > 1 && smem(qtile) > kSmemTarget) qtile = (qtile + 1) / 2;
+  pl->qtile = qtile;
+  pl->smem_attn = smem(qtile);
+  if (pl->smem_attn > static_cast<size_t>(smem_optin))
+    return "the CUDA kernel needs " + std::to_string(pl->smem_attn) + " bytes of shared memory per block (head dim " +
+           std::to_string(p.D) + ", rv=" + std::to_string(p.rv) + ", " + std::to_string(p.rep) +
+           " query heads per KV head); the device allows " + std::to_string(smem_optin);
+  pl->nqt = (p.S + qtile - 1) / qtile;
+  // splits along the keys only when the blocks would not fill the GPU (decode)
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < p.B; ++b) max_len = std::max(max_len, p.past_len[b] + p.S);
+  int64_t span = p.window > 0 ? std::min(max_len, p.window + qtile - 1) : max_len;
+  const int64_t blocks = p.B * pl->nqt * p.Hkv;
+  const int64_t target = 2 * static_cast<int64_t>(sms);
+  int64_t nsplit = 1;
+  if (blocks < target) nsplit = std::min((target + blocks - 1) / blocks, std::max<int64_t>(1, span / (2 * kTile)));
+  pl->nsplit = std::max<int64_t>(1, nsplit);
+  pl->smem_combine = static_cast<size_t>(p.rv + pl->nsplit) * 4;
+  const size_t prows = static_cast<size_t>(p.B * p.S * p.Hq * pl->nsplit);
+  pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
+  pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
+  pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(p.rv) * 4;
+  return "";
+}
+
+std::string run(const Params& p, const Plan& pl, void* scratch, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  cudaGetLastError();  // clear an earlier, unrelated error: what follows reports only ours
+  cudaError_t e;
+  // present <- past where they are different buffers (prepare_call checked any other overlap)
+  struct Copy {
+    const void* src;
+    void* dst;
+    size_t n;
+  };
+  const Copy copies[] = {{p.past_k, p.present_k, p.k_bytes},
+                         {p.past_v, p.present_v, p.v_bytes},
+                         {p.past_k_params, p.present_k_params, p.kp_bytes},
+                         {p.past_v_params, p.present_v_params, p.vp_bytes}};
+  for (const Copy& c : copies) {
+    if (c.n == 0 || c.src == c.dst) continue;
+    if ((e = cudaMemcpyAsync(c.dst, c.src, c.n, cudaMemcpyDeviceToDevice, stream)) != cudaSuccess)
+      return cuda_error("cudaMemcpyAsync (past -> present cache)", e);
+  }
+  if (p.B == 0 || p.S == 0) return "";
+  char* base = static_cast<char*>(scratch);
+  int64_t* past_len_dev = reinterpret_cast<int64_t*>(base);
+  // from pageable host memory: staged before the call returns, so the host array may go
+  if ((e = cudaMemcpyAsync(past_len_dev, p.past_len, static_cast<size_t>(p.B) * 8, cudaMemcpyHostToDevice,
+                           stream)) != cudaSuccess)
+    return cuda_error("cudaMemcpyAsync (past_len)", e);
+  Args a{};
+  a.B = p.B, a.S = p.S, a.Hq = p.Hq, a.Hkv = p.Hkv, a.s = p.s, a.G = p.G, a.D = p.D, a.rk = p.rk, a.rv = p.rv;
+  a.P = p.P, a.Prope = p.Prope, a.rep = p.rep, a.Wk = p.Wk, a.Wv = p.Wv, a.Ck = p.Ck, a.Cv = p.Cv;
+  a.NPk = p.NPk, a.NPv = p.NPv, a.out_w = p.out_w, a.bits = p.bits, a.qg = p.quant_group, a.window = p.window;
+  a.scale = p.scale;
+  a.past_len = past_len_dev;
+  a.query = p.query, a.latent_k = p.latent_k, a.latent_v = p.latent_v, a.k_up = p.k_up, a.k_bias = p.k_bias;
+  a.v_up = p.v_up, a.cos = p.cos, a.sin = p.sin;
+  a.out = p.out, a.cache_k = p.present_k, a.params_k = p.present_k_params, a.cache_v = p.present_v;
+  a.params_v = p.present_v_params;
+  a.qtile = pl.qtile, a.nqt = pl.nqt, a.nsplit = pl.nsplit;
+  a.part_ml = reinterpret_cast<float*>(base + pl.off_ml);
+  a.part_acc = reinterpret_cast<float*>(base + pl.off_acc);
+  return p.f16 ? launch<__half>(p, pl, a, stream) : launch<float>(p, pl, a, stream);
+}
+
+}  // namespace cuda
+}  // namespace lrexport
