@@ -442,6 +442,9 @@ std::string plan(const Params& p, Plan* pl) {
   if (blocks < target) nsplit = std::min((target + blocks - 1) / blocks, std::max<int64_t>(1, span / (2 * kTile)));
   pl->nsplit = std::max<int64_t>(1, nsplit);
   pl->smem_combine = static_cast<size_t>(p.rv + pl->nsplit) * 4;
+  const int64_t kMaxGrid = 0x7fffffff;  // gridDim.x
+  if (p.B * p.S * p.Hq > kMaxGrid || p.B * pl->nqt * p.Hkv * pl->nsplit > kMaxGrid)
+    return "too many blocks for one launch (B*S*num_heads = " + std::to_string(p.B * p.S * p.Hq) + ")";
   const size_t prows = static_cast<size_t>(p.B * p.S * p.Hq * pl->nsplit);
   pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
   pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
