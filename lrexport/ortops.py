@@ -267,9 +267,13 @@ def build(build_dir: Path | None = None, asan: bool = False, jobs: int = 2, extr
             cached = _cached(build_dir, "CMAKE_CUDA_COMPILER")
             if cached is not None and (cached == "" or cached.endswith("NOTFOUND")):
                 cuda_args.append("-UCMAKE_CUDA_COMPILER")  # not found last time: look again
+    generator = []
+    if (not (build_dir / "CMakeCache.txt").is_file() and "CMAKE_GENERATOR" not in os.environ
+            and not shutil.which("make") and shutil.which("ninja")):
+        generator = ["-G", "Ninja"]  # CMake's default generator needs make
     with _lock(REPO_ROOT / "build" / ".custom_ops.lock"):
         include = ort_include_dir()
-        configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+        configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
                      f"-DORT_INCLUDE_DIR={include}", f"-DLREXPORT_ASAN={'ON' if asan else 'OFF'}", *cuda_args,
                      *extra_args]
         out = _run(configure, "CMake configure of the custom-op library", env=env)
