@@ -73,6 +73,7 @@ def reference(c, window=0):
 
 
 def run_kernel(c, dtype=torch.float32, window=0, **kw):
+    kw.setdefault("hoist", c["gs"] == 1)  # both ways of reading k_up: on chip (M-LRD default) and streamed
     """The in-place kernel on copies of the case's caches; returns (out, ck, pk, cv, pv)."""
     def dev(x, float_dtype=dtype):
         if x is None:
@@ -134,7 +135,8 @@ def test_split_decode_long_cache():
     c = make_case(P=700, past=(650, 90), gs=2, Hq=6, Hkv=2, rk=32, seed=7)
     ref = reference(c)
     for splits in (1, 3, 5):
-        assert rel_err(run_kernel(c, num_splits=splits, block_n=32)[0], ref[0]) < TOL
+        for hoist in (False, True):
+            assert rel_err(run_kernel(c, num_splits=splits, block_n=32, hoist=hoist)[0], ref[0]) < TOL
 
 
 def test_no_bias_and_empty_rows():
@@ -148,9 +150,10 @@ def test_functional_form_leaves_inputs():
     ck0 = c["ck"].clone()
     args = [c[k] if not (torch.is_tensor(c[k]) and c[k].dtype == torch.float64) else c[k].float()
             for k in ("q", "lk", "lv", "ck", "pk", "cv", "pv", "past", "k_up", "k_bias", "v_up", "cos", "sin")]
+    args = [a.to(DEVICE) if torch.is_tensor(a) else a for a in args]
     out, ck, pk, cv, pv = tlk.latent_attention(*args, c["Hq"], c["Hkv"], c["gs"], 0, c["D"] ** -0.5, 4, 8)
-    assert torch.equal(c["ck"], ck0) and not torch.equal(ck, ck0)
-    assert rel_err(out, reference(c)[0]) < TOL
+    assert torch.equal(args[3].cpu(), ck0) and not torch.equal(ck.cpu(), ck0)
+    assert rel_err(out.cpu(), reference(c)[0]) < TOL
 
 
 def test_errors():

@@ -36,6 +36,7 @@ from lrexport.errors import ShapeError
 try:  # triton is optional: CPU installs run the reference
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
@@ -86,12 +87,12 @@ if triton is not None:
         KUP, KBIAS, COS, SIN, PAST,
         OUT, so_b, so_s,
         ACC, MAX, SUM,
-        S, split_len, qk_scale,
+        S, split_len, nsplit, qk_scale,
         HQ: tl.constexpr, HKV: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
         RK: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr, RKB: tl.constexpr,
         NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NSPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -139,23 +140,39 @@ if triton is not None:
         kch = tl.arange(0, RKB)
         kup_base = KUP + g * RK * (GS * D) + slot * D
 
+        if HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
+            chp = tl.arange(0, RK_P)
+            u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
+            u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
+
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
-            k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
-            k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
-            for c in tl.static_range(RK // RKB):
-                ch = c * RKB + kch
+            if HOIST:
                 lat = _load_latent(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
-                                   offs_n, nmask, g * RK + ch, ch < RK, BITS, QG, (G * RK) // QG).to(cdt)
-                u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
-                u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
+                                   offs_n, nmask, g * RK + chp, chp < RK, BITS, QG, (G * RK) // QG).to(cdt)
                 if IEEE:
-                    k1 += tl.dot(lat, u1, input_precision="ieee")
-                    k2 += tl.dot(lat, u2, input_precision="ieee")
+                    k1 = tl.dot(lat, u1h, input_precision="ieee")
+                    k2 = tl.dot(lat, u2h, input_precision="ieee")
                 else:
-                    k1 += tl.dot(lat, u1)
-                    k2 += tl.dot(lat, u2)
+                    k1 = tl.dot(lat, u1h)
+                    k2 = tl.dot(lat, u2h)
+            else:
+                k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
+                k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+                for c in tl.static_range(RK // RKB):
+                    ch = c * RKB + kch
+                    lat = _load_latent(CK, PK, b * sck_b + offs_n[:, None] * sck_p,
+                                       b * spk_b + offs_n[:, None] * spk_p, offs_n, nmask, g * RK + ch, ch < RK, BITS,
+                                       QG, (G * RK) // QG).to(cdt)
+                    u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
+                    u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
+                    if IEEE:
+                        k1 += tl.dot(lat, u1, input_precision="ieee")
+                        k2 += tl.dot(lat, u2, input_precision="ieee")
+                    else:
+                        k1 += tl.dot(lat, u1)
+                        k2 += tl.dot(lat, u2)
             if HAS_BIAS:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
@@ -186,20 +203,19 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v)
             m_i = m_new
 
-        if NSPLIT == 1:
+        if not SPLIT:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV + cv_idx[None, :]
             tl.store(optr, out.to(OUT.dtype.element_ty), mask=rvalid[:, None] & cvmask[None, :])
         else:
             # partials [B, S, HQ, NSPLIT(, RV_P)]
-            part = ((b * S + t) * HQ + head) * NSPLIT + pid_s
+            part = ((b * S + t) * HQ + head) * nsplit + pid_s
             tl.store(MAX + part, m_i, mask=rvalid)
             tl.store(SUM + part, l_i, mask=rvalid)
             tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
 
     @triton.jit
-    def _combine(ACC, MAX, SUM, OUT, RV: tl.constexpr, RV_P: tl.constexpr, NSPLIT: tl.constexpr,
-                 NSPLIT_P: tl.constexpr):
+    def _combine(ACC, MAX, SUM, OUT, NSPLIT, RV: tl.constexpr, RV_P: tl.constexpr, NSPLIT_P: tl.constexpr):
         row = tl.program_id(0)  # (b, t, head)
         sp = tl.arange(0, NSPLIT_P)
         smask = sp < NSPLIT
@@ -217,7 +233,7 @@ if triton is not None:
 
     @triton.jit
     def _store_quant(X, sx_row, C, sc_b, sc_p, Pp, sp_b, sp_p, PAST, S,
-                     R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr):
+                     R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, INTERP: tl.constexpr):
         """Quantize one new token's latent row (R channels) into the packed cache at its position.
 
         Program (b, t, quant group); bit-exact with :func:`lrexport.kv.quant.quantize`.
@@ -233,10 +249,13 @@ if triton is not None:
         x = tl.load(X + pid * sx_row + grp * QG + c).to(tl.float32)
         lo = tl.min(x, 0)
         hi = tl.max(x, 0)
-        scale = tl.maximum((hi - lo) / LEVELS, 1e-8).to(tl.float16)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, LEVELS + 0.0), 1e-8).to(tl.float16)
         zero = lo.to(tl.float16)
-        q = (x - zero.to(tl.float32)) / scale.to(tl.float32)
-        q = (q + 12582912.0) - 12582912.0  # round half to even (|q| < 2^22), as torch.round
+        q = tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32))  # IEEE division, as torch
+        if INTERP:  # the interpreter lacks libdevice: 1.5 * 2^23 rounds half to even for |q| < 2^22
+            q = (q + 12582912.0) - 12582912.0
+        else:
+            q = libdevice.rint(q)  # round half to even, as torch.round
         q = tl.where(q != q, 0.0, q)  # 0/0 for a constant group whose scale rounded to 0
         q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
         prow = Pp + b * sp_b + pos * sp_p
@@ -281,7 +300,7 @@ def write_latents(cache: torch.Tensor, params: torch.Tensor | None, new_BSR: tor
         x = x.contiguous()
     _store_quant[(B * S, R // quant_group)](
         x, x.stride(0), cache, cache.stride(0), cache.stride(1), params, params.stride(0), params.stride(1),
-        past_len_B, S, R=R, QG=quant_group, BITS=bits, num_warps=1)
+        past_len_B, S, R=R, QG=quant_group, BITS=bits, INTERP=_INTERPRET, num_warps=1)
 
 
 def supports(D: int, rk: int, bits: int, quant_group: int) -> bool:
@@ -308,14 +327,13 @@ def latent_attention_(query_BSQ: torch.Tensor, latent_k_BSR: torch.Tensor, laten
                       cache_v_params: torch.Tensor | None, past_len_B: torch.Tensor, k_up_GrE: torch.Tensor,
                       k_bias: torch.Tensor | None, v_up_GrE: torch.Tensor | None, cos_Pd: torch.Tensor,
                       sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int,
-                      scale: float, bits: int = 0, quant_group: int = 0, *, block_n: int | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None,
-                      num_splits: int | None = None) -> torch.Tensor:
+                      scale: float, bits: int = 0, quant_group: int = 0, **config) -> torch.Tensor:
     """Latent attention with the caches updated **in place**; returns the output.
 
     Same arguments and result as the reference (``cache_*`` are written at the new
     positions instead of being returned). ``k_up`` / ``v_up`` set the compute dtype
-    (fp16, bf16 or fp32); RoPE tables are read as float32.
+    (fp16, bf16 or fp32); ``config`` passes kernel settings to :func:`attend_`. The RoPE
+    tables are read in their own dtype (the model's, as in Hugging Face), math in float32.
     """
     from lrexport.trace.latent_attention_op import _check  # the shared shape checks
 
@@ -330,7 +348,26 @@ def latent_attention_(query_BSQ: torch.Tensor, latent_k_BSR: torch.Tensor, laten
                                  f"or the RoPE table of {cos_Pd.shape[0]}")
     write_latents(cache_k, cache_k_params, latent_k_BSR, past_len_B, bits, quant_group)
     write_latents(cache_v, cache_v_params, latent_v_BSR, past_len_B, bits, quant_group)
+    return attend_(query_BSQ, cache_k, cache_k_params, cache_v, cache_v_params, past_len_B, k_up_GrE, k_bias,
+                   v_up_GrE, cos_Pd, sin_Pd, num_heads, num_kv_heads, group_size, window, scale, bits, quant_group,
+                   rv=rv, **config)
 
+
+def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torch.Tensor | None,
+            cache_v: torch.Tensor, cache_v_params: torch.Tensor | None, past_len_B: torch.Tensor,
+            k_up_GrE: torch.Tensor, k_bias: torch.Tensor | None, v_up_GrE: torch.Tensor | None, cos_Pd: torch.Tensor,
+            sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
+            bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int | None = None,
+            num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
+            waves: int = 2, hoist: bool | None = None) -> torch.Tensor:
+    """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
+
+    ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
+    """
+    B, S, Q = query_BSQ.shape
+    D = Q // num_heads
+    G = num_kv_heads // group_size
+    rk = k_up_GrE.shape[1]
     dev = query_BSQ.device
     cdt = k_up_GrE.dtype
     nrep = num_heads // num_kv_heads
@@ -340,28 +377,32 @@ def latent_attention_(query_BSQ: torch.Tensor, latent_k_BSR: torch.Tensor, laten
         return out if v_up_GrE is None else query_BSQ.new_empty(B, 0, num_heads * D)
     q = query_BSQ if query_BSQ.stride(-1) == 1 else query_BSQ.contiguous()
     k_up = k_up_GrE.contiguous()
-    cos = cos_Pd.float().contiguous()
-    sin = sin_Pd.float().contiguous()
-    past = past_len_B.to(torch.int32).contiguous()
+    cos = cos_Pd.contiguous()
+    sin = sin_Pd.contiguous()
+    past = past_len_B if past_len_B.dtype == torch.int32 else past_len_B.to(torch.int32)
     ck_params = cache_k_params if bits else cache_k
     cv_params = cache_v_params if bits else cache_v
 
     block_t = 1 if S == 1 else max(1, 64 // nrep)
     m_rows = max(16, _next_pow2(block_t * nrep))
     n_tblocks = triton.cdiv(S, block_t)
-    kv_max = int((past_len_B + S).max())
+    if kv_max is None:
+        kv_max = int((past_len_B + S).max())
     if block_n is None:
         block_n = 64 if S == 1 else 32
     if num_splits is None:
-        if S == 1:
+        if S == 1:  # flash-decoding: about `waves` programs per multiprocessor, splits of >= 256 positions
             base = B * num_kv_heads
-            num_splits = max(1, min(triton.cdiv(2 * _num_sms(dev), base), triton.cdiv(kv_max, 256)))
+            num_splits = max(1, min(triton.cdiv(waves * _num_sms(dev), base), triton.cdiv(kv_max, 256)))
         else:
             num_splits = 1
     split_len = triton.cdiv(triton.cdiv(kv_max, num_splits), block_n) * block_n
     num_splits = triton.cdiv(kv_max, split_len)
     rv_p = max(16, _next_pow2(rv))
     rkb = 32 if rk % 32 == 0 else 16
+    rk_p = _next_pow2(rk)
+    if hoist is None:  # keep k_up on chip when its slice is small (M-LRD); stream it in chunks otherwise
+        hoist = rk_p * D * k_up_GrE.element_size() <= 32768
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
         mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
@@ -381,13 +422,13 @@ def latent_attention_(query_BSQ: torch.Tensor, latent_k_BSR: torch.Tensor, laten
         k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
         out, out.stride(0), out.stride(1),
         acc, mx, sm,
-        S, split_len, scale * LOG2E,
+        S, split_len, num_splits, scale * LOG2E,
         HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
-        NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=block_n, NSPLIT=num_splits, BITS=bits,
+        NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=block_n, SPLIT=num_splits > 1, BITS=bits,
         QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
-        **kw)
+        HOIST=hoist, RK_P=rk_p, **kw)
     if num_splits > 1:
-        _combine[(B * S * num_heads,)](acc, mx, sm, out, RV=rv, RV_P=rv_p, NSPLIT=num_splits,
+        _combine[(B * S * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p,
                                        NSPLIT_P=max(2, _next_pow2(num_splits)), num_warps=1)
     if v_up_GrE is None:
         return out

@@ -1,0 +1,240 @@
+"""Decode-attention kernels on the GPU: lrexport's Triton latent attention vs PyTorch SDPA.
+
+    python bench/gpu_kernels.py                         # full sweep (an H200: a few minutes)
+    python bench/gpu_kernels.py --contexts 4096 --batches 1 --shapes llama3-8b   # smoke
+
+One decode step (one query token per sequence, ``L`` cached tokens) with Llama-2-7B shapes
+(32 heads, head size 128) and Llama-3-8B shapes (32 query / 8 KV heads), fp16:
+
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the uncompressed
+  fp16 K/V cache (GQA through ``enable_gqa``);
+* ``lrexport``: the Triton kernel of ``lrexport.kernels.triton_latent`` over Palu latents
+  (M-LRD: one KV head per group; G-LRD: groups of 4 KV heads), at 30% and 50% KV reduction,
+  fp16 latents or 4-bit packed latents (quantization groups of 32, fp16 scale and zero).
+  Ranks are per group, ``rk = rv = floor16((1 - reduction) * s * D)``; the row's
+  ``kv_removed`` is the exact fraction. The time is the attention kernel plus the split
+  combine; the output stays in the value-latent space (``B_v`` fused into ``o_proj``).
+
+Each row: median time (``triton.testing.do_bench``), bytes moved (caches, up-projections, RoPE
+tables, queries, outputs), FLOPs (key rebuild, scores, values), achieved bandwidth and the
+ratio to the roofline floor ``max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)`` (H200, measured
+ceilings: device copy and bf16 dense matmul). Writes bench/results/gpu_kernels.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEAK_BW = 4.3e12
+PEAK_FLOPS = 7.9e14
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
+GROUP = {"M": 1, "G": 4}
+QG = 32  # quantization group of the 4-bit rows
+
+
+def floor16(x: float) -> int:
+    return max(16, int(x) // 16 * 16)
+
+
+def roofline_us(nbytes: int, flops: int) -> float:
+    return max(nbytes / PEAK_BW, flops / PEAK_FLOPS) * 1e6
+
+
+def bench_sdpa(B, L, Hq, Hkv, D, dtype):
+    from triton.testing import do_bench
+
+    q = torch.randn(B, Hq, 1, D, dtype=dtype, device="cuda")
+    k = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
+    v = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
+    fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)  # noqa: E731
+    fn()
+    t = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    esz = torch.finfo(dtype).bits // 8
+    nbytes = 2 * B * Hkv * L * D * esz + 2 * B * Hq * D * esz
+    flops = 4 * B * Hq * L * D
+    return t, nbytes, flops
+
+
+def make_latent_case(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, dtype):
+    G = Hkv // s
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    if bits:
+        ck = torch.randint(0, 256, (B, L, G * rk * bits // 8), dtype=torch.uint8, device=dev, generator=g)
+        cv = torch.randint(0, 256, (B, L, G * rv * bits // 8), dtype=torch.uint8, device=dev, generator=g)
+        pk = torch.cat([torch.full((B, L, G * rk // qg), 0.05), torch.full((B, L, G * rk // qg), -0.4)], -1)
+        pv = torch.cat([torch.full((B, L, G * rv // qg), 0.05), torch.full((B, L, G * rv // qg), -0.4)], -1)
+        pk, pv = pk.to(dev, torch.float16), pv.to(dev, torch.float16)
+    else:
+        ck = torch.randn(B, L, G * rk, dtype=dtype, device=dev, generator=g)
+        cv = torch.randn(B, L, G * rv, dtype=dtype, device=dev, generator=g)
+        pk = pv = None
+    k_up = (torch.randn(G, rk, s * D, device=dev, generator=g) / rk ** 0.5).to(dtype)
+    ang = torch.arange(L, device=dev, dtype=torch.float32)[:, None] * (
+        1 / 10000 ** (torch.arange(D // 2, device=dev) / (D // 2)))[None]
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    q = torch.randn(B, 1, Hq * D, dtype=dtype, device=dev)
+    past = torch.full((B,), L - 1, dtype=torch.int32, device=dev)
+    return dict(q=q, ck=ck, pk=pk, cv=cv, pv=pv, k_up=k_up, cos=cos, sin=sin, past=past)
+
+
+def latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz):
+    from lrexport.kernels.triton_latent import attention_flops
+
+    G = Hkv // s
+    if bits:
+        cache = B * L * G * ((rk + rv) * bits // 8 + 4 * (rk + rv) // qg)
+    else:
+        cache = B * L * G * (rk + rv) * esz
+    tables = 2 * L * (D // 2) * esz
+    weights = G * rk * s * D * esz
+    io = B * Hq * D * esz + B * Hq * rv * esz
+    flops = attention_flops(B, 1, L, Hq, Hkv, D, rk, rv, s)
+    return cache + tables + weights + io, flops, cache
+
+
+def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
+    from triton.testing import do_bench
+
+    from lrexport.kernels.triton_latent import attend_
+
+    def fn():
+        return attend_(c["q"], c["ck"], c["pk"], c["cv"], c["pv"], c["past"], c["k_up"], None, None, c["cos"],
+                       c["sin"], Hq, Hkv, s, 0, D ** -0.5, bits, qg, rv=rv, kv_max=L, **cfg)
+
+    fn()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv)
+           for bn, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (64, 4, 1))
+           for wv in (2, 4)]
+
+
+def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
+    """Pick the fastest kernel config for this variant (timed at the tuning context)."""
+    best = None
+    for cfg in CONFIGS:
+        try:
+            t = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
+        except Exception as e:  # a config that does not fit (shared memory, registers)
+            print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    return None if best is None else best[1]
+
+
+def save(args, argv, rows, t_start) -> None:
+    """Write the rows so far (atomically): a sweep cut short still leaves its measurements."""
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{props.name}, {props.multi_processor_count} SMs, {platform.machine()}, torch "
+                         f"{torch.__version__}, triton {triton.__version__}",
+              "command": " ".join(["python", "bench/gpu_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
+              "settings": {"dtype": "float16", "quant_group": QG, "peak_bw": PEAK_BW, "peak_flops": PEAK_FLOPS,
+                           "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)",
+                           "lrexport_time": "attention kernel + split combine; cache holds the new token",
+                           "wall_s": time.time() - t_start},
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json.tmp").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".json.tmp").replace(out)
+    write_md(result, out.with_suffix(".md"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama2-7b,llama3-8b")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
+    ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
+                    help="reduction:grouping:bits, comma separated")
+    ap.add_argument("--tune-context", type=int, default=32768)
+    ap.add_argument("--out", default=str(RESULTS / "gpu_kernels.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_kernels: no CUDA device; this benchmark runs on a GPU machine", file=sys.stderr)
+        return 2
+    dtype = torch.float16
+    esz = 2
+    qg = QG
+    rows = []
+    variants = [(float(r), gname, int(b)) for r, gname, b in (v.split(":") for v in args.variants.split(","))]
+    t_start = time.time()
+    for shape in args.shapes.split(","):
+        Hq, Hkv, D = SHAPES[shape]
+        configs = {}
+        for B in map(int, args.batches.split(",")):
+            for L in map(int, args.contexts.split(",")):
+                t, nbytes, flops = bench_sdpa(B, L, Hq, Hkv, D, dtype)
+                base = dict(shape=shape, batch=B, context=L, variant="sdpa", kv_removed=0.0, grouping=None, bits=None,
+                            time_us=t, bytes=nbytes, flops=flops, roofline_us=roofline_us(nbytes, flops),
+                            kv_bytes=2 * B * Hkv * L * D * esz)
+                base.update(bw_tb_s=nbytes / t / 1e6, of_roofline=t / base["roofline_us"], speedup_vs_sdpa=1.0)
+                rows.append(base)
+                print(f"{shape} B={B} L={L} sdpa {t:.1f} us ({base['bw_tb_s']:.2f} TB/s)", flush=True)
+                torch.cuda.empty_cache()
+                for red, gname, bits in variants:
+                    s = GROUP[gname]
+                    rk = rv = floor16((1 - red) * s * D)
+                    c = make_latent_case(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
+                    key = (red, gname, bits)
+                    if key not in configs:
+                        tc = make_latent_case(1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
+                        configs[key] = tune(tc, 1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg)
+                        del tc
+                    cfg = configs[key]
+                    if cfg is None:
+                        print(f"  lrexport {gname} -{red:.0%} bits={bits}: no kernel config fits", flush=True)
+                        continue
+                    tl_us = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
+                    nb, fl, cache = latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz)
+                    row = dict(shape=shape, batch=B, context=L, variant="lrexport", kv_removed=1 - rk / (s * D),
+                               grouping=gname, bits=bits or None, rank_k=rk, rank_v=rv, group_size=s, time_us=tl_us,
+                               bytes=nb, flops=fl, roofline_us=roofline_us(nb, fl), kv_bytes=cache, config=cfg)
+                    row.update(bw_tb_s=nb / tl_us / 1e6, of_roofline=tl_us / row["roofline_us"],
+                               speedup_vs_sdpa=t / tl_us)
+                    rows.append(row)
+                    bound = "compute" if fl / PEAK_FLOPS > nb / PEAK_BW else "memory"
+                    print(f"  lrexport {gname} -{red:.0%} bits={bits} r={rk}: {tl_us:.1f} us, x{t / tl_us:.2f} vs "
+                          f"sdpa, {row['of_roofline']:.2f} of roofline ({bound}-bound floor) cfg={cfg}", flush=True)
+                    del c
+                    torch.cuda.empty_cache()
+                save(args, argv, rows, t_start)
+    save(args, argv, rows, t_start)
+    return 0
+
+
+def write_md(result: dict, path: Path) -> None:
+    lines = [f"# Decode attention on the GPU ({result['date']})", "", f"Machine: {result['machine']}", "",
+             f"Command: `{result['command']}`", "",
+             "fp16; time = median; `x sdpa` = SDPA time / this time (same shape, batch, context, same run); "
+             "`roofline` = time / max(bytes/4.3 TB/s, FLOPs/790 TFLOP/s).", "",
+             "| shape | batch | context | variant | kv_removed | grouping | bits | time_us | TB/s | roofline "
+             "| x sdpa |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} | {r['kv_removed']:.3f} | "
+                     f"{r['grouping'] or '-'} | {r['bits'] or '-'} | {r['time_us']:.1f} | {r['bw_tb_s']:.2f} | "
+                     f"{r['of_roofline']:.2f} | {r['speedup_vs_sdpa']:.2f} |")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
