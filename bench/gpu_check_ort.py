@@ -534,6 +534,9 @@ def run_all(ck: Checker, quick: bool):
                 sh = Shape(s=s, bits=bits, v_up=s != 2, k_bias=s != 2, **GROUP_SHAPES[s])
                 prefill = 20 if bits in (0, 3, 8) else 9  # 20: two query tiles of 16
                 ck.chain("grid", sh, dt, steps=(prefill, 1, 1, 1), past_len=(0, 5), seed=100 * bits + s)
+    # more rows than the kernel passes past_len for in its parameters (16): past_len copied to the device
+    ck.chain("batch 17", Shape(B=17, s=4, bits=2, **GROUP_SHAPES[4]), np.float32, steps=(3, 1),
+             past_len=tuple(range(0, 34, 2)), seed=12)
     # MHA (no GQA), a sliding window, prefill on top of a filled cache
     ck.chain("mha", Shape(Hq=4, Hkv=4, s=2, bits=3, **GROUP_SHAPES[2]), np.float32, steps=(7, 1, 1), seed=5)
     for dt in dtypes:

@@ -3,7 +3,8 @@
 // so codes and params are bit-exact with it).
 //
 // One call, all on the stream ONNX Runtime gives:
-//   0. present <- past (cudaMemcpyAsync) where they are different buffers; past_len -> device;
+//   0. present <- past (cudaMemcpyAsync) where they are different buffers; past_len in the kernel
+//      parameters (up to 16 rows) or copied to the device;
 //   A. write_tokens: the new tokens' latents into the present caches at past_len[b] + t, quantized
 //      per token and group when bits > 0 (one thread per quantization group);
 //   B. attend_partial, flash-decoding style: one block per (batch row, tile of up to `qtile` new
@@ -42,6 +43,7 @@ constexpr int kThreads = 256;   // threads of the attention and write blocks
 constexpr int kTile = 32;       // key positions per tile (= warp size: one lane per position)
 constexpr int kChunk = 32;      // latent channels per k_up / value chunk
 constexpr size_t kSmemTarget = 96 * 1024;  // shrink the query tile below this much shared memory
+constexpr int kInlineRows = 16;            // past_len of up to this many rows: in the kernel parameters
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -84,12 +86,17 @@ struct Args {
   int64_t qg;
   int64_t window;
   float scale;
-  const int64_t* past_len;  // device copy
+  const int64_t* past_len;  // device copy (more than kInlineRows rows), else null
+  int64_t past_len_inline[kInlineRows];  // B <= kInlineRows: the values, no copy (no stream sync)
   const void *query, *latent_k, *latent_v, *k_up, *k_bias, *v_up, *cos, *sin;
   void *out, *cache_k, *params_k, *cache_v, *params_v;  // the present caches
   int64_t qtile, nqt, nsplit;
   float *part_ml, *part_acc;  // [B*S*Hq*nsplit, 2] (max, sum), [B*S*Hq*nsplit, rv]
 };
+
+__device__ __forceinline__ int64_t past_len_of(const Args& a, int64_t b) {
+  return a.past_len ? a.past_len[b] : a.past_len_inline[b];
+}
 
 // Latent channel `ch` of cache row `row` (a position of a batch row) as a float.
 template <class T>
@@ -110,7 +117,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) write_tokens(Args a) {
   const int64_t row = blockIdx.x;  // b * S + t
   const int64_t b = row / a.S, t = row % a.S;
-  const int64_t pos = a.past_len[b] + t;
+  const int64_t pos = past_len_of(a, b) + t;
   const bool is_v = blockIdx.y == 1;
   const T* src = static_cast<const T*>(is_v ? a.latent_v : a.latent_k) + row * (is_v ? a.Wv : a.Wk);
   const int64_t W = is_v ? a.Wv : a.Wk;
@@ -197,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
 
   // positions: queries p0 .. p0 + ntok - 1; keys some query may see: [lo, p1]
-  const int64_t p0 = a.past_len[b] + t0, p1 = p0 + ntok - 1;
+  const int64_t p0 = past_len_of(a, b) + t0, p1 = p0 + ntok - 1;
   const int64_t lo = a.window > 0 ? imax(0, p0 - a.window + 1) : 0;
   const int64_t span = p1 - lo + 1;
   int64_t chunk = (span + a.nsplit - 1) / a.nsplit;
@@ -473,17 +480,23 @@ std::string run(const Params& p, const Plan& pl, void* scratch, void* stream_ptr
   }
   if (p.B == 0 || p.S == 0) return "";
   char* base = static_cast<char*>(scratch);
-  int64_t* past_len_dev = reinterpret_cast<int64_t*>(base);
-  // from pageable host memory: staged before the call returns, so the host array may go
-  if ((e = cudaMemcpyAsync(past_len_dev, p.past_len, static_cast<size_t>(p.B) * 8, cudaMemcpyHostToDevice,
-                           stream)) != cudaSuccess)
-    return cuda_error("cudaMemcpyAsync (past_len)", e);
   Args a{};
+  if (p.B <= kInlineRows) {
+    for (int64_t b = 0; b < p.B; ++b) a.past_len_inline[b] = p.past_len[b];
+    a.past_len = nullptr;
+  } else {
+    // From pageable host memory: staged before the call returns (so the host array may go), but
+    // the driver may synchronize the stream first; small batches avoid it (kernel parameters).
+    int64_t* past_len_dev = reinterpret_cast<int64_t*>(base);
+    if ((e = cudaMemcpyAsync(past_len_dev, p.past_len, static_cast<size_t>(p.B) * 8, cudaMemcpyHostToDevice,
+                             stream)) != cudaSuccess)
+      return cuda_error("cudaMemcpyAsync (past_len)", e);
+    a.past_len = past_len_dev;
+  }
   a.B = p.B, a.S = p.S, a.Hq = p.Hq, a.Hkv = p.Hkv, a.s = p.s, a.G = p.G, a.D = p.D, a.rk = p.rk, a.rv = p.rv;
   a.P = p.P, a.Prope = p.Prope, a.rep = p.rep, a.Wk = p.Wk, a.Wv = p.Wv, a.Ck = p.Ck, a.Cv = p.Cv;
   a.NPk = p.NPk, a.NPv = p.NPv, a.out_w = p.out_w, a.bits = p.bits, a.qg = p.quant_group, a.window = p.window;
   a.scale = p.scale;
-  a.past_len = past_len_dev;
   a.query = p.query, a.latent_k = p.latent_k, a.latent_v = p.latent_v, a.k_up = p.k_up, a.k_bias = p.k_bias;
   a.v_up = p.v_up, a.cos = p.cos, a.sin = p.sin;
   a.out = p.out, a.cache_k = p.present_k, a.params_k = p.present_k_params, a.cache_v = p.present_v;
