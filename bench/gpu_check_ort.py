@@ -590,7 +590,16 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from lrexport import ortops
+    from lrexport.errors import LrexportError
 
+    try:
+        return _check(args, ort, ortops)
+    except LrexportError as e:  # the library could not be built
+        print(f"error: {e}. Nothing was checked.")
+        return 2
+
+
+def _check(args, ort, ortops) -> int:
     if args.emulated:
         gpu_lib = args.emulated
     else:
