@@ -117,7 +117,7 @@ def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
 
 
 CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv)
-           for bn, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (64, 4, 1))
+           for bn, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 8, 2))
            for wv in (2, 4)]
 
 

@@ -112,10 +112,11 @@ def test_float_cache_matches_reference(S, past, gs, Hkv, Hq):
 
 @pytest.mark.parametrize("bits,qg", [(2, 8), (3, 8), (4, 16), (8, 8)])
 @pytest.mark.parametrize("S", [1, 5])
-def test_quantized_cache_matches_reference(bits, qg, S):
+@pytest.mark.parametrize("vector_unpack", [True, False], ids=["vector", "gather"])
+def test_quantized_cache_matches_reference(bits, qg, S, vector_unpack):
     c = make_case(S=S, bits=bits, qg=qg, gs=2, rv=16, past=(7, 30), seed=bits * 10 + S)
     ref = reference(c)
-    out, ck, pk, cv, pv = run_kernel(c)
+    out, ck, pk, cv, pv = run_kernel(c, vector_unpack=vector_unpack)
     assert rel_err(out, ref[0]) < TOL
     # packed codes and fp16 params of the new tokens are those of lrexport.kv.quant (bit-exact)
     assert torch.equal(ck, ref[1]) and torch.equal(cv, ref[3])
@@ -128,6 +129,17 @@ def test_window_bias_and_v_up():
     c = make_case(S=4, past=(10, 3), vup=True, bits=8, qg=8, rv=16)
     ref = reference(c, window=6)
     assert rel_err(run_kernel(c, window=6)[0], ref[0]) < TOL
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("rk,rv", [(32, 16), (48, 24)], ids=["pow2", "padded"])
+def test_quantized_mlrd_hoisted(bits, rk, rv):
+    """k_up on chip with a padded rank, vector unpacking of whole quantization groups."""
+    c = make_case(S=3, bits=bits, qg=8, gs=1, rk=rk, rv=rv, past=(12, 40), seed=bits + rk)
+    ref = reference(c)
+    out, ck, pk, cv, pv = run_kernel(c, hoist=True)
+    assert rel_err(out, ref[0]) < TOL
+    assert torch.equal(ck, ref[1]) and torch.equal(pv, ref[4])
 
 
 def test_split_decode_long_cache():

@@ -57,20 +57,46 @@ def available(device: torch.device | str | None = None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_latent(C, Pp, row_c, row_p, offs_n, nmask, ch, chmask,
-                     BITS: tl.constexpr, QG: tl.constexpr, NGROUPS: tl.constexpr):
-        """Latent values [BLOCK_N, len(ch)] (float32) of channels ``ch`` at positions ``offs_n``."""
-        m2 = nmask[:, None] & chmask[None, :]
+    def _load_block(C, Pp, row_c, row_p, nmask, base, BLOCK_N: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr,
+                    BITS: tl.constexpr, QG: tl.constexpr, NGROUPS: tl.constexpr, FAST: tl.constexpr):
+        """Latent values [BLOCK_N, W] (float32) of channels ``base .. base+W`` (the first VALID of them).
+
+        ``row_c`` / ``row_p``: [BLOCK_N, 1] offsets of the positions' cache / params rows. FAST (2, 4
+        and 8 bits with whole quantization groups, ``base`` a multiple of QG): bytes are loaded as
+        vectors and split into codes in registers, one scale / zero per group. Otherwise each
+        channel gathers its bits (3-bit codes straddle bytes).
+        """
+        w = tl.arange(0, W)
+        m2 = nmask[:, None] & (w < VALID)[None, :]
         if BITS == 0:
-            x = tl.load(C + row_c + ch[None, :], mask=m2, other=0.0)
-            return x.to(tl.float32)
+            return tl.load(C + row_c + base + w[None, :], mask=m2, other=0.0).to(tl.float32)
+        elif FAST:
+            PER: tl.constexpr = 8 // BITS
+            wb = tl.arange(0, W // PER)
+            byt = tl.load(C + row_c + base // PER + wb[None, :], mask=nmask[:, None] & (wb * PER < VALID)[None, :],
+                          other=0).to(tl.int32)
+            if BITS == 8:
+                code = byt
+            elif BITS == 4:
+                code = tl.reshape(tl.join(byt & 15, byt >> 4), (BLOCK_N, W))
+            else:
+                code = tl.reshape(tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, byt >> 6)),
+                                  (BLOCK_N, W))
+            NGW: tl.constexpr = W // QG
+            gw = tl.arange(0, NGW)
+            gmask = nmask[:, None] & (gw * QG < VALID)[None, :]
+            sc = tl.load(Pp + row_p + base // QG + gw[None, :], mask=gmask, other=0.0).to(tl.float32)
+            ze = tl.load(Pp + row_p + NGROUPS + base // QG + gw[None, :], mask=gmask, other=0.0).to(tl.float32)
+            x = tl.reshape(code.to(tl.float32), (BLOCK_N, NGW, QG)) * sc[:, :, None] + ze[:, :, None]
+            return tl.reshape(x, (BLOCK_N, W))
         else:
+            ch = base + w
             bitpos = ch * BITS
             byte = bitpos // 8
             shift = bitpos % 8
             b0 = tl.load(C + row_c + byte[None, :], mask=m2, other=0).to(tl.int32)
             if BITS == 3:
-                span = (shift > 5) & chmask
+                span = (shift > 5) & (w < VALID)
                 b1 = tl.load(C + row_c + byte[None, :] + 1, mask=nmask[:, None] & span[None, :], other=0)
                 b0 = b0 | (b1.to(tl.int32) << 8)
             code = (b0 >> shift[None, :]) & ((1 << BITS) - 1)
@@ -93,6 +119,7 @@ if triton is not None:
         NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
+        FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -149,8 +176,8 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             if HOIST:
-                lat = _load_latent(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
-                                   offs_n, nmask, g * RK + chp, chp < RK, BITS, QG, (G * RK) // QG).to(cdt)
+                lat = _load_block(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
+                                  nmask, g * RK, BLOCK_N, RK_P, RK, BITS, QG, (G * RK) // QG, FAST_K).to(cdt)
                 if IEEE:
                     k1 = tl.dot(lat, u1h, input_precision="ieee")
                     k2 = tl.dot(lat, u2h, input_precision="ieee")
@@ -162,9 +189,9 @@ if triton is not None:
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 for c in tl.static_range(RK // RKB):
                     ch = c * RKB + kch
-                    lat = _load_latent(CK, PK, b * sck_b + offs_n[:, None] * sck_p,
-                                       b * spk_b + offs_n[:, None] * spk_p, offs_n, nmask, g * RK + ch, ch < RK, BITS,
-                                       QG, (G * RK) // QG).to(cdt)
+                    lat = _load_block(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
+                                      nmask, g * RK + c * RKB, BLOCK_N, RKB, RKB, BITS, QG, (G * RK) // QG,
+                                      FAST_KC).to(cdt)
                     u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
                     u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
                     if IEEE:
@@ -195,8 +222,8 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_safe)
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_latent(CV, PV, b * scv_b + offs_n[:, None] * scv_p, b * spv_b + offs_n[:, None] * spv_p,
-                             offs_n, nmask, g * RV + cv_idx, cvmask, BITS, QG, (G * RV) // QG).to(cdt)
+            v = _load_block(CV, PV, b * scv_b + offs_n[:, None] * scv_p, b * spv_b + offs_n[:, None] * spv_p,
+                            nmask, g * RV, BLOCK_N, RV_P, RV, BITS, QG, (G * RV) // QG, FAST_V).to(cdt)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision="ieee")
             else:
@@ -359,10 +386,14 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int | None = None,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = 2, hoist: bool | None = None) -> torch.Tensor:
+            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
+    Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
+    ``num_splits`` (or ``waves`` programs per multiprocessor), ``hoist`` (keep ``k_up`` on
+    chip), ``vector_unpack`` (False: per-channel code gathers, for testing). A setting whose
+    shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
     D = Q // num_heads
@@ -410,23 +441,39 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     else:
         acc = mx = sm = out
     grid = (B * num_kv_heads, n_tblocks, num_splits)
+
+    def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
+        return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
+
     kw = {}
     if num_warps is not None:
         kw["num_warps"] = num_warps
     if num_stages is not None:
         kw["num_stages"] = num_stages
-    _latent_attn_fwd[grid](
-        q, q.stride(0), q.stride(1),
-        cache_k, cache_k.stride(0), cache_k.stride(1), ck_params, ck_params.stride(0), ck_params.stride(1),
-        cache_v, cache_v.stride(0), cache_v.stride(1), cv_params, cv_params.stride(0), cv_params.stride(1),
-        k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
-        out, out.stride(0), out.stride(1),
-        acc, mx, sm,
-        S, split_len, num_splits, scale * LOG2E,
-        HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
-        NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=block_n, SPLIT=num_splits > 1, BITS=bits,
-        QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
-        HOIST=hoist, RK_P=rk_p, **kw)
+    stages = [kw.get("num_stages")] if "num_stages" in kw else [None]
+    attempts = [(block_n, st) for st in stages] + [(block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
+    for i, (bn, st) in enumerate(attempts):
+        if st is None:
+            kw.pop("num_stages", None)
+        else:
+            kw["num_stages"] = st
+        try:
+            _latent_attn_fwd[grid](
+            q, q.stride(0), q.stride(1),
+            cache_k, cache_k.stride(0), cache_k.stride(1), ck_params, ck_params.stride(0), ck_params.stride(1),
+            cache_v, cache_v.stride(0), cache_v.stride(1), cv_params, cv_params.stride(0), cv_params.stride(1),
+            k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
+            out, out.stride(0), out.stride(1),
+            acc, mx, sm,
+            S, split_len, num_splits, scale * LOG2E,
+            HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
+            NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
+            QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
+            HOIST=hoist, RK_P=rk_p, FAST_K=fast(rk, rk_p), FAST_KC=fast(rk, rkb), FAST_V=fast(rv, rv_p), **kw)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if i == len(attempts) - 1:
+                raise
     if num_splits > 1:
         _combine[(B * S * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p,
                                        NSPLIT_P=max(2, _next_pow2(num_splits)), num_warps=1)
