@@ -126,7 +126,7 @@ if triton is not None:
         pid_bj = tl.program_id(0)
         pid_t = tl.program_id(1)
         pid_s = tl.program_id(2)
-        b = pid_bj // HKV
+        b = (pid_bj // HKV).to(tl.int64)  # 64-bit offsets: caches past 2^31 elements
         j = pid_bj % HKV
         g = j // GS
         slot = j % GS
@@ -175,8 +175,9 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
+            pos64 = offs_n.to(tl.int64)[:, None]
             if HOIST:
-                lat = _load_block(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
+                lat = _load_block(CK, PK, b * sck_b + pos64 * sck_p, b * spk_b + pos64 * spk_p,
                                   nmask, g * RK, BLOCK_N, RK_P, RK, BITS, QG, (G * RK) // QG, FAST_K).to(cdt)
                 if IEEE:
                     k1 = tl.dot(lat, u1h, input_precision="ieee")
@@ -189,7 +190,7 @@ if triton is not None:
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 for c in tl.static_range(RK // RKB):
                     ch = c * RKB + kch
-                    lat = _load_block(CK, PK, b * sck_b + offs_n[:, None] * sck_p, b * spk_b + offs_n[:, None] * spk_p,
+                    lat = _load_block(CK, PK, b * sck_b + pos64 * sck_p, b * spk_b + pos64 * spk_p,
                                       nmask, g * RK + c * RKB, BLOCK_N, RKB, RKB, BITS, QG, (G * RK) // QG,
                                       FAST_KC).to(cdt)
                     u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
@@ -222,7 +223,7 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_safe)
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_block(CV, PV, b * scv_b + offs_n[:, None] * scv_p, b * spv_b + offs_n[:, None] * spv_p,
+            v = _load_block(CV, PV, b * scv_b + pos64 * scv_p, b * spv_b + pos64 * spv_p,
                             nmask, g * RV, BLOCK_N, RV_P, RV, BITS, QG, (G * RV) // QG, FAST_V).to(cdt)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision="ieee")
@@ -267,9 +268,9 @@ if triton is not None:
         """
         pid = tl.program_id(0)
         grp = tl.program_id(1)
-        b = pid // S
+        b = (pid // S).to(tl.int64)
         t = pid % S
-        pos = tl.load(PAST + b).to(tl.int32) + t
+        pos = tl.load(PAST + b).to(tl.int64) + t
         NG: tl.constexpr = R // QG
         LEVELS: tl.constexpr = (1 << BITS) - 1
         c = tl.arange(0, QG)
