@@ -634,9 +634,15 @@ def _check(args, ort, ortops) -> int:
           + ("all bit-exact with the CPU kernel" if not near else f"{len(near)} steps with codes one step apart"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": environment(ort, bool(args.emulated)),
-                                        "library": str(gpu_lib), "passed": not fails,
-                                        "rows": [asdict(r) for r in ck.rows]}, indent=1))
+        import datetime as dt
+
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                   "command": " ".join(["python", "bench/gpu_check_ort.py", *sys.argv[1:]]),
+                                   "environment": environment(ort, bool(args.emulated)),
+                                   "library": str(gpu_lib), "passed": not fails,
+                                   "rows": [asdict(r) for r in ck.rows]}, indent=1))
+        tmp.replace(args.out)
         print(f"results: {args.out}")
     if fails:
         print(f"{len(fails)} FAILED:")
