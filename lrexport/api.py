@@ -283,11 +283,20 @@ def is_onnx_folder(path: str | Path | None) -> bool:
     return meta.is_file() and bool(json.loads(meta.read_text()).get("onnx"))
 
 
+DEVICES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
 def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "auto",
-                use_library: bool = True) -> Runner:
-    """An exported ONNX folder runs on ONNX Runtime; anything else on the PyTorch graph."""
+                use_library: bool = True, device: str = "cpu") -> Runner:
+    """An exported ONNX folder runs on ONNX Runtime; anything else on the PyTorch graph.
+
+    ``device``: ``cpu`` or ``cuda`` (ONNX Runtime's CUDA execution provider, caches kept on the
+    GPU; needs onnxruntime-gpu and the library's CUDA kernel).
+    """
     if backend not in ("auto", "torch", "onnx"):
         raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
     onnx_folder = is_onnx_folder(model)
     if backend == "onnx" and not onnx_folder:
         raise ConfigError(f"{model} is not an exported ONNX folder; run `lrexport export` first")
@@ -295,13 +304,15 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
         from lrexport.export import load_onnx_backend
         from lrexport.models.load import load_tokenizer
 
-        be, meta = load_onnx_backend(model, use_library=use_library)
+        be, meta = load_onnx_backend(model, use_library=use_library, providers=DEVICES[device])
         plan = Plan.from_dict({k: v for k, v in meta.items() if k != "onnx"})
         tok = load_tokenizer(Path(model))
         stops = set(meta["onnx"].get("eos_token_ids", []))
         if tok is not None and tok.eos_token_id is not None:
             stops.add(int(tok.eos_token_id))
         return Runner(be, tok, plan, sorted(stops), "onnx")
+    if device != "cpu":
+        raise ConfigError(f"device {device!r} is for exported ONNX folders; the PyTorch graph runs on the CPU here")
     cm = open_model(model)
     return Runner(cm.backend(), cm.tokenizer, cm.plan, stop_ids(cm), "torch")
 

@@ -136,7 +136,7 @@ def cmd_generate(args) -> int:
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = len(args.prompt) == 1 and not args.no_stream
-    run = api.open_runner(args.model, backend=args.backend, use_library=not args.no_library)
+    run = api.open_runner(args.model, backend=args.backend, use_library=not args.no_library, device=args.device)
 
     def on_token(step, ids):
         if ids[0] is not None:
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: ONNX Runtime for exported folders, PyTorch otherwise")
     g.add_argument("--no-library", action="store_true",
                    help="ONNX Runtime without lrexport's custom-op library (the fallback bodies run)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: ONNX Runtime's CUDA execution provider with the caches on the GPU "
+                        "(onnxruntime-gpu and the library's CUDA kernel)")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a compressed model as an ONNX folder for ONNX Runtime")

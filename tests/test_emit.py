@@ -27,7 +27,10 @@ STEPS = 32
 CASES = {  # name: (group_size, bits, low-rank weights with a rank input)
     "dense": (None, None, False),
     "M-float-ranks": (1, None, True),
+    "M-2bit": (1, 2, False),
+    "G-float": (2, None, False),
     "G-4bit": (2, 4, False),
+    "J-float": (4, None, False),
     "J-3bit-ranks": (4, 3, True),
 }
 
@@ -124,3 +127,33 @@ def test_export_is_atomic_and_checked(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     np.testing.assert_equal(len(list(tmp_path.iterdir())), 0)
+
+
+def test_cuda_device_keeps_caches_on_gpu_or_says_why(exported):
+    """On a machine with onnxruntime-gpu: the CUDA backend (caches on the GPU, in place) agrees with
+    the PyTorch graph; elsewhere asking for it is a clear error naming the missing provider."""
+    import onnxruntime as ort
+
+    from lrexport.errors import LrexportError
+
+    case, torch_backend, folder, res = exported
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(LrexportError, match="CUDAExecutionProvider"):
+            load_onnx_backend(folder, providers=cuda)
+        return
+    backend, _ = load_onnx_backend(folder, providers=cuda)
+    assert backend.device == "cuda"
+    prompts = [list(range(3, 12)), list(range(20, 25))]
+    ref = _drive(torch_backend, prompts, 8, lambda t: None)
+    got = _drive(backend, prompts, 8, lambda t: None)
+    for t, (a, b) in enumerate(zip(got, ref)):
+        assert float((a - b).abs().max() / b.abs().max()) < REL, (case, t)
+
+
+def test_cuda_backend_needs_the_library(exported):
+    from lrexport.errors import LrexportError
+
+    case, torch_backend, folder, res = exported
+    with pytest.raises(LrexportError, match="custom-op library"):
+        load_onnx_backend(folder, use_library=False, providers=["CUDAExecutionProvider"])

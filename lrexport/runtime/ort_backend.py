@@ -4,7 +4,9 @@ Runs an exported ``model.onnx`` (see :mod:`lrexport.export`) through an
 ``onnxruntime.InferenceSession``. With the custom-op library registered and
 ``in_place=True``, each step binds every ``present_*`` output to the buffer of its
 ``past_*`` input (IO binding), so the kernel writes the new tokens into the cache in place
-and nothing is copied between steps.
+and nothing is copied between steps. With ``CUDAExecutionProvider`` first among the
+providers, the caches are allocated on the GPU and stay there between steps; only the
+token ids, lengths and ranks go up, and only the logits come back.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class OrtBackend:
         from lrexport import ortops
 
         providers = providers or ["CPUExecutionProvider"]
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        self.device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
+        if self.device == "cuda" and (in_place is False or not use_library):
+            raise LrexportError("the CUDA backend keeps the caches on the GPU and needs the custom-op library with "
+                                "in-place caches (use_library=True, in_place=True)")
         if use_library:
             opts = ortops.session_options(providers=providers)
         else:
@@ -60,8 +67,14 @@ class OrtBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.present = ["present_" + n.removeprefix("past_") for n in self.cache_names]
 
-    def new_caches(self, batch: int, capacity: int) -> list[np.ndarray]:
-        return [np.zeros((batch, capacity, w), dtype=_NP[d]) for w, d in zip(self.cache_widths, self.cache_dtypes)]
+    def new_caches(self, batch: int, capacity: int) -> list[Any]:
+        """Zeroed caches: numpy arrays on the CPU, ``OrtValue``s in GPU memory with CUDA."""
+        host = [np.zeros((batch, capacity, w), dtype=_NP[d]) for w, d in zip(self.cache_widths, self.cache_dtypes)]
+        if self.device == "cpu":
+            return host
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(h, "cuda", 0) for h in host]
 
     def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: list[np.ndarray],
              ranks: list[int] | None) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -80,11 +93,12 @@ class OrtBackend:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         for name, present, buf in zip(self.cache_names, self.present, caches):
-            ov = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the numpy buffer
+            # CPU: an OrtValue sharing the numpy buffer; CUDA: the device OrtValue itself
+            ov = buf if isinstance(buf, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(buf)
             binding.bind_ortvalue_input(name, ov)
             binding.bind_ortvalue_output(present, ov)
         self.session.run_with_iobinding(binding)
