@@ -116,8 +116,9 @@ def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv)
-           for bn, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 8, 2))
+CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, cuda_core_scores=cc)
+           for bn, w, st, cc in ((32, 4, 3, False), (64, 4, 2, False), (64, 4, 3, False), (128, 8, 2, False),
+                                 (32, 4, 3, True), (64, 4, 2, True))
            for wv in (2, 4)]
 
 

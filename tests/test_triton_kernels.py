@@ -178,3 +178,14 @@ def test_errors():
     c = make_case(P=20, past=(19, 3), S=2)
     with pytest.raises(CacheOverflowError, match="exceeds the cache"):
         run_kernel(c)
+
+
+@pytest.mark.parametrize("gs,Hkv,Hq,bits", [(1, 2, 2, 0), (1, 2, 4, 4), (2, 2, 6, 0), (4, 4, 8, 2)],
+                         ids=["mha", "gqa-4bit", "nrep3", "J-2bit"])
+def test_cuda_core_scores_decode(gs, Hkv, Hq, bits):
+    """Decode with scores and P @ V on the CUDA cores (no 16-row MMA padding), splits combined."""
+    c = make_case(S=1, gs=gs, Hkv=Hkv, Hq=Hq, bits=bits, qg=8, rv=16, P=300, past=(250, 37), seed=Hq + bits)
+    ref = reference(c)
+    for splits in (1, 3):
+        out = run_kernel(c, cuda_core_scores=True, num_splits=splits, block_n=32)[0]
+        assert rel_err(out, ref[0]) < TOL

@@ -119,7 +119,7 @@ if triton is not None:
         NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
-        FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr,
+        FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -208,7 +208,10 @@ if triton is not None:
             ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
             kr1 = (k1 * kc - k2 * ks).to(cdt)
             kr2 = (k2 * kc + k1 * ks).to(cdt)
-            if IEEE:
+            if CC:  # few query rows: multiply-and-reduce on the CUDA cores, no padded MMA rows
+                s = tl.sum(q1r.to(tl.float32)[:, None, :] * kr1.to(tl.float32)[None, :, :], 2)
+                s += tl.sum(q2r.to(tl.float32)[:, None, :] * kr2.to(tl.float32)[None, :, :], 2)
+            elif IEEE:
                 s = tl.dot(q1r, tl.trans(kr1), input_precision="ieee")
                 s += tl.dot(q2r, tl.trans(kr2), input_precision="ieee")
             else:
@@ -225,7 +228,10 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_block(CV, PV, b * scv_b + pos64 * scv_p, b * spv_b + pos64 * spv_p,
                             nmask, g * RV, BLOCK_N, RV_P, RV, BITS, QG, (G * RV) // QG, FAST_V).to(cdt)
-            if IEEE:
+            if CC:
+                acc = acc * alpha[:, None] + tl.sum(p.to(cdt).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :],
+                                                    1)
+            elif IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v)
@@ -387,13 +393,16 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int | None = None,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True) -> torch.Tensor:
+            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True,
+            cuda_core_scores: bool | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
     ``num_splits`` (or ``waves`` programs per multiprocessor), ``hoist`` (keep ``k_up`` on
-    chip), ``vector_unpack`` (False: per-channel code gathers, for testing). A setting whose
+    chip), ``vector_unpack`` (False: per-channel code gathers, for testing),
+    ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
+    multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -416,7 +425,10 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     cv_params = cache_v_params if bits else cache_v
 
     block_t = 1 if S == 1 else max(1, 64 // nrep)
-    m_rows = max(16, _next_pow2(block_t * nrep))
+    if cuda_core_scores is None:
+        cuda_core_scores = False
+    cuda_core_scores = cuda_core_scores and S == 1 and nrep <= 8
+    m_rows = _next_pow2(block_t * nrep) if cuda_core_scores else max(16, _next_pow2(block_t * nrep))
     n_tblocks = triton.cdiv(S, block_t)
     if kv_max is None:
         kv_max = int((past_len_B + S).max())
@@ -470,7 +482,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
             NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
             QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
-            HOIST=hoist, RK_P=rk_p, FAST_K=fast(rk, rk_p), FAST_KC=fast(rk, rkb), FAST_V=fast(rv, rv_p), **kw)
+            HOIST=hoist, RK_P=rk_p, FAST_K=fast(rk, rk_p), FAST_KC=fast(rk, rkb), FAST_V=fast(rv, rv_p),
+                CC=cuda_core_scores, **kw)
             break
         except triton.runtime.errors.OutOfResources:
             if i == len(attempts) - 1:
