@@ -56,11 +56,12 @@ struct KernelBase {
   Attributes attrs;
   bool debug = false;  // LREXPORT_OPS_DEBUG=1: one stderr line per call (aliasing, sizes)
   virtual ~KernelBase() = default;
-  virtual OrtStatus* Compute(OrtKernelContext* ctx) const noexcept = 0;
+  // May throw: the one caller (op_common.cc) turns exceptions into error statuses.
+  virtual OrtStatus* Compute(OrtKernelContext* ctx) const = 0;
 };
 
 struct LowRankKVAttentionKernel : KernelBase {
-  OrtStatus* Compute(OrtKernelContext* ctx) const noexcept override;
+  OrtStatus* Compute(OrtKernelContext* ctx) const override;
 };
 
 // One OrtCustomOp per (execution provider, activation dtype, K cache dtype, V cache dtype). The

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <new>
@@ -445,8 +446,17 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
   }
 }
 
+// Every kernel's exceptions end here, as error statuses: none reaches ONNX Runtime.
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) noexcept {
-  return static_cast<const KernelBase*>(kernel)->Compute(ctx);
+  try {
+    return static_cast<const KernelBase*>(kernel)->Compute(ctx);
+  } catch (const std::bad_alloc&) {
+    return make_error(ORT_FAIL, err_prefix() + "out of memory");
+  } catch (const std::exception& e) {
+    return make_error(ORT_FAIL, err_prefix() + e.what());
+  } catch (...) {
+    return make_error(ORT_FAIL, err_prefix() + "unexpected error");
+  }
 }
 
 void ORT_API_CALL destroy(void* kernel) noexcept { delete static_cast<KernelBase*>(kernel); }

@@ -25,93 +25,85 @@ namespace lrexport {
 namespace {
 
 struct CudaKernel : KernelBase {
-  OrtStatus* Compute(OrtKernelContext* ctx) const noexcept override;
+  OrtStatus* Compute(OrtKernelContext* ctx) const override;
 };
 
 OrtStatus* cuda_fail(const std::string& msg) { return make_error(ORT_FAIL, err_prefix() + "CUDA kernel: " + msg); }
 
-OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const noexcept {
-  try {
-    Call call;
-    LRX_RETURN_IF_ERROR(prepare_call(ctx, attrs, /*allow_f16=*/true, &call));
-    const Shapes& z = call.z;
-    const In* in = call.in;
+OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
+  Call call;
+  LRX_RETURN_IF_ERROR(prepare_call(ctx, attrs, /*allow_f16=*/true, &call));
+  const Shapes& z = call.z;
+  const In* in = call.in;
 
-    // the device holding the tensors (query's), and its allocator for the scratch memory
-    const OrtValue* qv = nullptr;
-    LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetInput(ctx, kQuery, &qv));
-    const OrtMemoryInfo* mem = nullptr;
-    LRX_RETURN_IF_ERROR(g_ort->GetTensorMemoryInfo(qv, &mem));
-    int device = 0;
-    LRX_RETURN_IF_ERROR(g_ort->MemoryInfoGetId(mem, &device));
-    void* stream = nullptr;
-    LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetGPUComputeStream(ctx, &stream));
+  // the device holding the tensors (query's), and its allocator for the scratch memory
+  const OrtValue* qv = nullptr;
+  LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetInput(ctx, kQuery, &qv));
+  const OrtMemoryInfo* mem = nullptr;
+  LRX_RETURN_IF_ERROR(g_ort->GetTensorMemoryInfo(qv, &mem));
+  int device = 0;
+  LRX_RETURN_IF_ERROR(g_ort->MemoryInfoGetId(mem, &device));
+  void* stream = nullptr;
+  LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetGPUComputeStream(ctx, &stream));
 
-    cuda::Params p{};
-    p.B = z.B, p.S = z.S, p.Hq = z.Hq, p.Hkv = z.Hkv, p.s = z.s, p.G = z.G, p.D = z.D, p.rk = z.rk, p.rv = z.rv;
-    p.P = z.P, p.Prope = z.Prope, p.rep = z.rep, p.Wk = z.Wk, p.Wv = z.Wv, p.Ck = z.Ck, p.Cv = z.Cv;
-    p.NPk = z.NPk, p.NPv = z.NPv, p.out_w = call.out_w;
-    p.bits = call.bits;
-    p.quant_group = attrs.quant_group;
-    p.window = attrs.window;
-    p.scale = z.scale;
-    p.f16 = z.act == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    p.past_len = call.past_len;
-    p.query = in[kQuery].data, p.latent_k = in[kLatentK].data, p.latent_v = in[kLatentV].data;
-    p.k_up = in[kKUp].data, p.k_bias = z.has_kbias ? in[kKBias].data : nullptr;
-    p.v_up = z.has_vup ? in[kVUp].data : nullptr, p.cos = in[kCos].data, p.sin = in[kSin].data;
-    p.past_k = in[kPastK].data, p.past_v = in[kPastV].data;
-    p.past_k_params = in[kPastKParams].data, p.past_v_params = in[kPastVParams].data;
-    p.out = call.out, p.present_k = call.present_k, p.present_v = call.present_v;
-    p.present_k_params = call.present_k_params, p.present_v_params = call.present_v_params;
-    p.k_bytes = call.k_bytes, p.v_bytes = call.v_bytes, p.kp_bytes = call.kp_bytes, p.vp_bytes = call.vp_bytes;
-    p.device = device;
+  cuda::Params p{};
+  p.B = z.B, p.S = z.S, p.Hq = z.Hq, p.Hkv = z.Hkv, p.s = z.s, p.G = z.G, p.D = z.D, p.rk = z.rk, p.rv = z.rv;
+  p.P = z.P, p.Prope = z.Prope, p.rep = z.rep, p.Wk = z.Wk, p.Wv = z.Wv, p.Ck = z.Ck, p.Cv = z.Cv;
+  p.NPk = z.NPk, p.NPv = z.NPv, p.out_w = call.out_w;
+  p.bits = call.bits;
+  p.quant_group = attrs.quant_group;
+  p.window = attrs.window;
+  p.scale = z.scale;
+  p.f16 = z.act == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  p.past_len = call.past_len;
+  p.query = in[kQuery].data, p.latent_k = in[kLatentK].data, p.latent_v = in[kLatentV].data;
+  p.k_up = in[kKUp].data, p.k_bias = z.has_kbias ? in[kKBias].data : nullptr;
+  p.v_up = z.has_vup ? in[kVUp].data : nullptr, p.cos = in[kCos].data, p.sin = in[kSin].data;
+  p.past_k = in[kPastK].data, p.past_v = in[kPastV].data;
+  p.past_k_params = in[kPastKParams].data, p.past_v_params = in[kPastVParams].data;
+  p.out = call.out, p.present_k = call.present_k, p.present_v = call.present_v;
+  p.present_k_params = call.present_k_params, p.present_v_params = call.present_v_params;
+  p.k_bytes = call.k_bytes, p.v_bytes = call.v_bytes, p.kp_bytes = call.kp_bytes, p.vp_bytes = call.vp_bytes;
+  p.device = device;
 
-    cuda::Plan plan;
-    std::string err = cuda::plan(p, &plan);
-    if (!err.empty()) return cuda_fail(err);
-    if (debug)
-      std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits\n",
-                   describe_call(call).c_str(), device, static_cast<long long>(plan.qtile),
-                   static_cast<long long>(plan.nsplit));
+  cuda::Plan plan;
+  std::string err = cuda::plan(p, &plan);
+  if (!err.empty()) return cuda_fail(err);
+  if (debug)
+    std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits\n",
+                 describe_call(call).c_str(), device, static_cast<long long>(plan.qtile),
+                 static_cast<long long>(plan.nsplit));
 
-    // Scratch memory from ONNX Runtime's allocator for this device, on this stream: handed back
-    // right after the launches, which is safe in stream order (ORT's own CUDA kernels do the same).
-    void* scratch = nullptr;
-    OrtAllocator* alloc = nullptr;
+  // Scratch memory from ONNX Runtime's allocator for this device, on this stream: handed back
+  // right after the launches, which is safe in stream order (ORT's own CUDA kernels do the same).
+  void* scratch = nullptr;
+  OrtAllocator* alloc = nullptr;
 #if defined(LREXPORT_CUDA_EMULATE)
-    struct Free {
-      void operator()(void* p) const { std::free(p); }
-    };
-    std::unique_ptr<void, Free> host_scratch(plan.scratch_bytes ? std::malloc(plan.scratch_bytes) : nullptr);
-    if (plan.scratch_bytes && !host_scratch) return cuda_fail("out of memory (emulated scratch)");
-    err = cuda::run(p, plan, host_scratch.get(), stream);
-    if (!err.empty()) return cuda_fail(err);
-    return nullptr;
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> host_scratch(plan.scratch_bytes ? std::malloc(plan.scratch_bytes) : nullptr);
+  if (plan.scratch_bytes && !host_scratch) return cuda_fail("out of memory (emulated scratch)");
+  err = cuda::run(p, plan, host_scratch.get(), stream);
+  if (!err.empty()) return cuda_fail(err);
+  return nullptr;
 #endif
-    if (plan.scratch_bytes > 0) {
-      LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetAllocator(ctx, mem, &alloc));
-      if (OrtStatus* st = g_ort->KernelContext_GetScratchBuffer(ctx, mem, plan.scratch_bytes, &scratch)) {
-        g_ort->ReleaseAllocator(alloc);
-        return st;
-      }
-      if (scratch == nullptr) {
-        g_ort->ReleaseAllocator(alloc);
-        return cuda_fail("could not allocate " + std::to_string(plan.scratch_bytes) + " bytes of scratch memory");
-      }
+  if (plan.scratch_bytes > 0) {
+    LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetAllocator(ctx, mem, &alloc));
+    if (OrtStatus* st = g_ort->KernelContext_GetScratchBuffer(ctx, mem, plan.scratch_bytes, &scratch)) {
+      g_ort->ReleaseAllocator(alloc);
+      return st;
     }
-    err = cuda::run(p, plan, scratch, stream);
-    if (scratch) alloc->Free(alloc, scratch);
-    if (alloc) g_ort->ReleaseAllocator(alloc);
-    if (!err.empty()) return cuda_fail(err);
-    return nullptr;
-  } catch (const std::bad_alloc&) {
-    return make_error(ORT_FAIL, err_prefix() + "out of memory");
-  } catch (const std::exception& e) {
-    return make_error(ORT_FAIL, err_prefix() + e.what());
-  } catch (...) {
-    return make_error(ORT_FAIL, err_prefix() + "unexpected error");
+    if (scratch == nullptr) {
+      g_ort->ReleaseAllocator(alloc);
+      return cuda_fail("could not allocate " + std::to_string(plan.scratch_bytes) + " bytes of scratch memory");
+    }
   }
+  err = cuda::run(p, plan, scratch, stream);
+  if (scratch) alloc->Free(alloc, scratch);
+  if (alloc) g_ort->ReleaseAllocator(alloc);
+  if (!err.empty()) return cuda_fail(err);
+  return nullptr;
 }
 
 KernelBase* make_cuda_kernel() noexcept { return new (std::nothrow) CudaKernel(); }
