@@ -26,7 +26,6 @@ multiple of 16; quantization groups a power of two >= 8.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -106,6 +105,14 @@ if triton is not None:
             return code.to(tl.float32) * scale + zero
 
     @triton.jit
+    def _mma(a, b, IEEE: tl.constexpr):
+        """``a @ b`` on the tensor cores; exact float32 products for float32 models."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
     def _latent_attn_fwd(
         Q, sq_b, sq_s,
         CK, sck_b, sck_p, PK, spk_b, spk_p,
@@ -179,12 +186,8 @@ if triton is not None:
             if HOIST:
                 lat = _load_block(CK, PK, b * sck_b + pos64 * sck_p, b * spk_b + pos64 * spk_p,
                                   nmask, g * RK, BLOCK_N, RK_P, RK, BITS, QG, (G * RK) // QG, FAST_K).to(cdt)
-                if IEEE:
-                    k1 = tl.dot(lat, u1h, input_precision="ieee")
-                    k2 = tl.dot(lat, u2h, input_precision="ieee")
-                else:
-                    k1 = tl.dot(lat, u1h)
-                    k2 = tl.dot(lat, u2h)
+                k1 = _mma(lat, u1h, IEEE)
+                k2 = _mma(lat, u2h, IEEE)
             else:
                 k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -195,12 +198,8 @@ if triton is not None:
                                       FAST_KC).to(cdt)
                     u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
                     u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
-                    if IEEE:
-                        k1 += tl.dot(lat, u1, input_precision="ieee")
-                        k2 += tl.dot(lat, u2, input_precision="ieee")
-                    else:
-                        k1 += tl.dot(lat, u1)
-                        k2 += tl.dot(lat, u2)
+                    k1 += _mma(lat, u1, IEEE)
+                    k2 += _mma(lat, u2, IEEE)
             if HAS_BIAS:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
@@ -211,12 +210,8 @@ if triton is not None:
             if CC:  # few query rows: multiply-and-reduce on the CUDA cores, no padded MMA rows
                 s = tl.sum(q1r.to(tl.float32)[:, None, :] * kr1.to(tl.float32)[None, :, :], 2)
                 s += tl.sum(q2r.to(tl.float32)[:, None, :] * kr2.to(tl.float32)[None, :, :], 2)
-            elif IEEE:
-                s = tl.dot(q1r, tl.trans(kr1), input_precision="ieee")
-                s += tl.dot(q2r, tl.trans(kr2), input_precision="ieee")
             else:
-                s = tl.dot(q1r, tl.trans(kr1))
-                s += tl.dot(q2r, tl.trans(kr2))
+                s = _mma(q1r, tl.trans(kr1), IEEE) + _mma(q2r, tl.trans(kr2), IEEE)
             ok = nmask[None, :] & (offs_n[None, :] <= qpos[:, None]) & rvalid[:, None]
             if WINDOW > 0:
                 ok = ok & (offs_n[None, :] > qpos[:, None] - WINDOW)
@@ -231,10 +226,8 @@ if triton is not None:
             if CC:
                 acc = acc * alpha[:, None] + tl.sum(p.to(cdt).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :],
                                                     1)
-            elif IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v)
+                acc = acc * alpha[:, None] + _mma(p.to(cdt), v, IEEE)
             m_i = m_new
 
         if not SPLIT:
@@ -391,10 +384,10 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             cache_v: torch.Tensor, cache_v_params: torch.Tensor | None, past_len_B: torch.Tensor,
             k_up_GrE: torch.Tensor, k_bias: torch.Tensor | None, v_up_GrE: torch.Tensor | None, cos_Pd: torch.Tensor,
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
-            bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int | None = None,
+            bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int = 4,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
             waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True,
-            cuda_core_scores: bool | None = None) -> torch.Tensor:
+            cuda_core_scores: bool = False) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -425,8 +418,6 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     cv_params = cache_v_params if bits else cache_v
 
     block_t = 1 if S == 1 else max(1, 64 // nrep)
-    if cuda_core_scores is None:
-        cuda_core_scores = False
     cuda_core_scores = cuda_core_scores and S == 1 and nrep <= 8
     m_rows = _next_pow2(block_t * nrep) if cuda_core_scores else max(16, _next_pow2(block_t * nrep))
     n_tblocks = triton.cdiv(S, block_t)
@@ -458,32 +449,24 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
         return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
 
-    kw = {}
-    if num_warps is not None:
-        kw["num_warps"] = num_warps
-    if num_stages is not None:
-        kw["num_stages"] = num_stages
-    stages = [kw.get("num_stages")] if "num_stages" in kw else [None]
-    attempts = [(block_n, st) for st in stages] + [(block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
+    # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
+    attempts = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
     for i, (bn, st) in enumerate(attempts):
-        if st is None:
-            kw.pop("num_stages", None)
-        else:
-            kw["num_stages"] = st
+        stage = {} if st is None else {"num_stages": st}
         try:
             _latent_attn_fwd[grid](
-            q, q.stride(0), q.stride(1),
-            cache_k, cache_k.stride(0), cache_k.stride(1), ck_params, ck_params.stride(0), ck_params.stride(1),
-            cache_v, cache_v.stride(0), cache_v.stride(1), cv_params, cv_params.stride(0), cv_params.stride(1),
-            k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
-            out, out.stride(0), out.stride(1),
-            acc, mx, sm,
-            S, split_len, num_splits, scale * LOG2E,
-            HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
-            NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
-            QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
-            HOIST=hoist, RK_P=rk_p, FAST_K=fast(rk, rk_p), FAST_KC=fast(rk, rkb), FAST_V=fast(rv, rv_p),
-                CC=cuda_core_scores, **kw)
+                q, q.stride(0), q.stride(1),
+                cache_k, cache_k.stride(0), cache_k.stride(1), ck_params, ck_params.stride(0), ck_params.stride(1),
+                cache_v, cache_v.stride(0), cache_v.stride(1), cv_params, cv_params.stride(0), cv_params.stride(1),
+                k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
+                out, out.stride(0), out.stride(1),
+                acc, mx, sm,
+                S, split_len, num_splits, scale * LOG2E,
+                HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
+                NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
+                QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
+                HOIST=hoist, RK_P=rk_p, FAST_K=fast(rk, rk_p), FAST_KC=fast(rk, rkb), FAST_V=fast(rv, rv_p),
+                CC=cuda_core_scores, num_warps=num_warps, **stage)
             break
         except triton.runtime.errors.OutOfResources:
             if i == len(attempts) - 1:
@@ -519,6 +502,3 @@ def attention_flops(B: int, S: int, L: int, num_heads: int, num_kv_heads: int, D
     values = 2 * B * S * num_heads * L * rv
     return rebuild + scores + values
 
-
-def math_scale(D: int) -> float:
-    return 1.0 / math.sqrt(D)
