@@ -234,11 +234,11 @@ class Bench:
                "factorization": type(row.method).__name__ if row.method else None,
                "schedule": plan.schedule.describe() if plan.schedule else None,
                "stored_weights_removed": row.stored_ratio, **kv_meta, "params_kept": kept, **row.extra}
-        backend = cm.backend()
+        backend = cm.backend(self.args.device)
         res["ppl"] = perplexity(backend, self.tok, self.text, window=512, num_windows=self.args.ppl_windows).ppl
         res.update(rougeL=None, rougeL_fidelity=None, avg_active_params=kept)
         if self.pairs and (row.name == "base" or row.name.startswith(self.xsum_rows)):
-            gen = api.generate_fn(cm, min_new_tokens=MIN_NEW_TOKENS)
+            gen = api.generate_fn(cm, min_new_tokens=MIN_NEW_TOKENS, device=self.args.device)
             xs = xsum_rouge(gen, self.tok, pairs=self.pairs, n=len(self.pairs),
                             max_article_tokens=self.args.article_tokens)
             res.update(rougeL=xs.rougeL, avg_active_params=gen.avg_active())
@@ -318,6 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="with --append: skip rows already in the results file")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 ppl windows, 8 pairs, 50 zero-shot items")
     ap.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the compressed graphs are evaluated (calibration and factorization stay on the CPU)")
     args = ap.parse_args(argv)
     if args.quick:
         args.ppl_windows, args.xsum, args.zeroshot_limit, args.calib_windows = 4, 8, 50, 8
@@ -401,7 +403,8 @@ def write(args, rows: list[dict], bench: Bench) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, "
-                      f"torch {torch.__version__}, {platform.processor() or 'cpu'}",
+                      f"torch {torch.__version__}, {platform.processor() or 'cpu'}"
+                      + (f"; evaluated on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
            "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
            "settings": {"ppl": f"WikiText-2 test (wiki.test.raw), {args.ppl_windows} windows of 512 tokens",

@@ -195,14 +195,15 @@ def stop_ids(cm: CompressedModel) -> list[int]:
 
 
 def generate_fn(cm: CompressedModel, *, schedule: Schedule | None | bool = True, batch_size: int = 8,
-                min_new_tokens: int = 0):
+                min_new_tokens: int = 0, device: str = "cpu"):
     """A ``GenerateFn`` (greedy) over the compressed graph, applying the plan's schedule.
 
     ``schedule=True`` uses the plan's schedule, ``None``/``False`` none, or pass another one.
     ``fn.avg_active()`` is the activated-parameter fraction pooled over every decode step of
     every prompt so far, and ``fn.steps`` the number of decode steps of each prompt.
+    ``device="cuda"`` runs the graph on the GPU.
     """
-    backend = cm.backend()
+    backend = cm.backend(device)
     sched = cm.plan.schedule if schedule is True else (schedule or None)
     stops = stop_ids(cm)
     acc = {"sum": 0.0, "n": 0, "prefill": 1.0}
@@ -227,21 +228,23 @@ def evaluate(*, model: str | Path | CompressedModel | None = None, ppl: bool = T
              ppl_windows: int | None = 40, xsum: int = 0, xsum_min_new_tokens: int = 4,
              zeroshot_tasks: tuple[str, ...] = (),
              zeroshot_limit: int | None = None, data_dir: str | Path | None = None,
-             schedule: Schedule | None | bool = True, reference_predictions: list[str] | None = None) -> dict[str, Any]:
-    """Perplexity, XSum ROUGE-L and zero-shot accuracy of a (compressed) model, as a dict."""
+             schedule: Schedule | None | bool = True, reference_predictions: list[str] | None = None,
+             device: str = "cpu") -> dict[str, Any]:
+    """Perplexity, XSum ROUGE-L and zero-shot accuracy of a (compressed) model, as a dict
+    (``device="cuda"``: the graph runs on the GPU)."""
     from lrexport import eval as ev
 
     cm = open_model(model)
     if cm.tokenizer is None:
         raise ConfigError("evaluation needs a tokenizer; the model folder has none")
-    backend = cm.backend()
+    backend = cm.backend(device)
     out: dict[str, Any] = {}
     if ppl:
         text = ev.wikitext_test_text(data_dir=data_dir)
         r = ev.perplexity(backend, cm.tokenizer, text, window=ppl_window, num_windows=ppl_windows)
         out["ppl"] = {"ppl": r.ppl, "window": r.window, "windows": r.windows, "tokens": r.tokens}
     if xsum:
-        gen = generate_fn(cm, schedule=schedule, min_new_tokens=xsum_min_new_tokens)
+        gen = generate_fn(cm, schedule=schedule, min_new_tokens=xsum_min_new_tokens, device=device)
         pairs = ev.xsum_pairs(n=xsum, data_dir=data_dir)
         r = ev.xsum_rouge(gen, cm.tokenizer, pairs=pairs, n=xsum)
         out["xsum"] = {"rougeL": r.rougeL, "n": r.n, "prompt_format": r.prompt_format,
@@ -290,8 +293,9 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
                 use_library: bool = True, device: str = "cpu") -> Runner:
     """An exported ONNX folder runs on ONNX Runtime; anything else on the PyTorch graph.
 
-    ``device``: ``cpu`` or ``cuda`` (ONNX Runtime's CUDA execution provider, caches kept on the
-    GPU; needs onnxruntime-gpu and the library's CUDA kernel).
+    ``device``: ``cpu`` or ``cuda``. ONNX folders use ONNX Runtime's CUDA execution provider
+    (caches kept on the GPU; needs onnxruntime-gpu and the library's CUDA kernel); the PyTorch
+    graph moves to the GPU and runs lrexport's Triton kernels there.
     """
     if backend not in ("auto", "torch", "onnx"):
         raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r}")
@@ -311,10 +315,8 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
         if tok is not None and tok.eos_token_id is not None:
             stops.add(int(tok.eos_token_id))
         return Runner(be, tok, plan, sorted(stops), "onnx")
-    if device != "cpu":
-        raise ConfigError(f"device {device!r} is for exported ONNX folders; the PyTorch graph runs on the CPU here")
     cm = open_model(model)
-    return Runner(cm.backend(), cm.tokenizer, cm.plan, stop_ids(cm), "torch")
+    return Runner(cm.backend(device), cm.tokenizer, cm.plan, stop_ids(cm), "torch")
 
 
 def export(*, model: str | Path | CompressedModel | None = None, out: str | Path):

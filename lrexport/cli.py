@@ -105,7 +105,8 @@ def cmd_eval(args) -> int:
     out = api.evaluate(model=args.model, ppl=not args.no_ppl, ppl_window=args.ppl_window,
                        ppl_windows=args.ppl_windows, xsum=args.xsum, zeroshot_tasks=tasks,
                        zeroshot_limit=args.zeroshot_limit, data_dir=args.data,
-                       schedule=True if args.schedule is None else parse_schedule(args.schedule))
+                       schedule=True if args.schedule is None else parse_schedule(args.schedule),
+                       device=args.device)
     if "ppl" in out:
         p = out["ppl"]
         print(f"wikitext-2 perplexity {p['ppl']:.3f}  ({p['windows']} windows of {p['window']} tokens)")
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--schedule", default=None, help="override the plan's schedule for generation ('none' disables)")
     e.add_argument("--data", default=None, help="evaluation data folder (default: ../shared/data or $LREXPORT_DATA)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: run the PyTorch graph on the GPU (latent attention on lrexport's Triton kernels)")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text (streams tokens for one prompt)")
@@ -229,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-library", action="store_true",
                    help="ONNX Runtime without lrexport's custom-op library (the fallback bodies run)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: ONNX Runtime's CUDA execution provider with the caches on the GPU "
-                        "(onnxruntime-gpu and the library's CUDA kernel)")
+                   help="cuda: for ONNX folders, ONNX Runtime's CUDA execution provider with the caches on "
+                        "the GPU (onnxruntime-gpu and the library's CUDA kernel); otherwise the PyTorch graph "
+                        "on the GPU (Triton kernels)")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a compressed model as an ONNX folder for ONNX Runtime")

@@ -56,9 +56,11 @@ class CompressedModel:
     tokenizer: Any = None
     pass_results: list[PassResult] = field(default_factory=list)
 
-    def backend(self) -> TorchBackend:
-        """A generation/eval backend that also knows the parameter accounting."""
-        return TorchBackend(self.graph, **param_accounting(self.spec, self.plan, self.graph.rank_names))
+    def backend(self, device: str = "cpu") -> TorchBackend:
+        """A generation/eval backend that also knows the parameter accounting (``device="cuda"``
+        moves the graph's weights to the GPU)."""
+        return TorchBackend(self.graph, **param_accounting(self.spec, self.plan, self.graph.rank_names),
+                            device=device)
 
     def save(self, folder: str | Path) -> Path:
         """Write the folder atomically (an interrupted save leaves no complete-looking folder)."""

@@ -164,6 +164,26 @@ def _lowrank_nodes(model: onnx.ModelProto, head_dim: int) -> tuple[AttnShape | N
     return shapes.pop(), res
 
 
+def _inline(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> onnx.ModelProto:
+    """``onnx.inliner`` over the graph without its weights: the inliner takes the model serialized,
+    and protobuf cannot serialize more than 2 GB (a 7B model's weights); it does not touch them."""
+    aside = {}
+    for t in model.graph.initializer:
+        if len(t.raw_data) > 1024:
+            aside[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        out = onnx.inliner.inline_selected_functions(model, functions)
+    except Exception:
+        out = model  # leave the caller's model whole
+        raise
+    finally:
+        for t in out.graph.initializer:
+            if t.name in aside:
+                t.raw_data = aside[t.name]
+    return out
+
+
 def emit(tg: TracedGraph) -> EmitResult:
     """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it)."""
     inputs, outputs = io_names(tg)
@@ -178,7 +198,7 @@ def emit(tg: TracedGraph) -> EmitResult:
     dense = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == DENSE_OP]
     if dense:
         model.functions.append(dense_attention_function(attention_shape(dense[0], tg.spec.head_dim), OPSET))
-        model = onnx.inliner.inline_selected_functions(model, [(DOMAIN, DENSE_OP)])
+        model = _inline(model, [(DOMAIN, DENSE_OP)])
         results.append(PassResult("dense_attention_inline", changed=len(dense)))
     sh, res = _lowrank_nodes(model, tg.spec.head_dim)
     results.append(res)

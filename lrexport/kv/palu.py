@@ -103,6 +103,22 @@ def _group_decomps(W: torch.Tensor, kind_fqn: str, s: int, D: int, stats: CalibS
     return out
 
 
+def kv_plan(spec: ModelSpec, cfg: PaluKV, ranks: dict[int, list[int]], dtype: torch.dtype,
+            alloc_seconds: float = 0.0) -> dict:
+    """The plan's ``kv`` section: the setting, every layer's ``[rk, rv]`` and the cache bytes."""
+    s = cfg.heads_per_group(spec)
+    G = spec.num_kv_heads // s
+    fb = torch.empty((), dtype=dtype).element_size()
+    kv_dims = sum(G * (rk + rv) for rk, rv in ranks.values())
+    full_dims = spec.num_layers * 2 * spec.kv_dim
+    bpt = sum(bytes_per_token(G * r, cfg.bits, cfg.quant_group, fb) for rr in ranks.values() for r in rr)
+    return {"config": config_to_dict(cfg), "grouping": cfg.grouping(spec), "group_size": s, "groups": G,
+            "ranks": {str(k): list(v) for k, v in ranks.items()}, "bits": cfg.bits, "quant_group": cfg.quant_group,
+            "hadamard": bool(cfg.bits and cfg.hadamard), "kept_dims": kv_dims, "full_dims": full_dims,
+            "kv_removed": 1 - kv_dims / full_dims, "bytes_per_token": bpt,
+            "dense_bytes_per_token": full_dims * fb, "alloc_seconds": alloc_seconds}
+
+
 def build_latent_kv(model: LlamaLR, stats: CalibStats, cfg: PaluKV) -> KVBuild:
     """Decompose, allocate and assemble every layer's latent projections."""
     t0 = time.perf_counter()
@@ -147,15 +163,8 @@ def build_latent_kv(model: LlamaLR, stats: CalibStats, cfg: PaluKV) -> KVBuild:
         layers[layer] = LatentKVLayer(A_k=parts["k"][0], k_up=parts["k"][1], A_v=parts["v"][0], v_up=parts["v"][1],
                                       group_size=s, k_bias=parts["k_bias"], v_bias=parts["v_bias"])
         ranks[layer] = [parts["k"][2], parts["v"][2]]
-    fb = torch.empty((), dtype=dtype).element_size()
-    kv_dims = sum(G * (rk + rv) for rk, rv in ranks.values())
-    full_dims = spec.num_layers * 2 * spec.kv_dim
-    bpt = sum(bytes_per_token(G * r, cfg.bits, cfg.quant_group, fb) for rr in ranks.values() for r in rr)
-    plan = {"config": config_to_dict(cfg), "grouping": cfg.grouping(spec), "group_size": s, "groups": G,
-            "ranks": {str(k): v for k, v in ranks.items()}, "bits": cfg.bits, "quant_group": cfg.quant_group,
-            "hadamard": bool(cfg.bits and cfg.hadamard), "kept_dims": kv_dims, "full_dims": full_dims,
-            "kv_removed": 1 - kv_dims / full_dims, "bytes_per_token": bpt,
-            "dense_bytes_per_token": full_dims * fb, "alloc_seconds": alloc.seconds}
+    plan = kv_plan(spec, cfg, ranks, dtype, alloc.seconds)
+    kv_dims, full_dims, bpt = plan["kept_dims"], plan["full_dims"], plan["bytes_per_token"]
     seconds = time.perf_counter() - t0
     log.info("Palu KV: %s-LRD, kept %d/%d dims (%.1f%%), %d bytes/token", plan["grouping"], kv_dims, full_dims,
              100 * kv_dims / full_dims, bpt)

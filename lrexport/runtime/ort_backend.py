@@ -5,8 +5,9 @@ Runs an exported ``model.onnx`` (see :mod:`lrexport.export`) through an
 ``in_place=True``, each step binds every ``present_*`` output to the buffer of its
 ``past_*`` input (IO binding), so the kernel writes the new tokens into the cache in place
 and nothing is copied between steps. With ``CUDAExecutionProvider`` first among the
-providers, the caches are allocated on the GPU and stay there between steps; only the
-token ids, lengths and ranks go up, and only the logits come back.
+providers, the caches are PyTorch tensors in GPU memory, bound to the session by pointer;
+they stay there between steps. Only the token ids, lengths and ranks go up, and only the
+logits come back.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class OrtBackend:
         providers = providers or ["CPUExecutionProvider"]
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         self.device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
+        self.device_id = 0
+        if self.device == "cuda" and not isinstance(providers[0], str):
+            self.device_id = int(providers[0][1].get("device_id", 0))
         if self.device == "cuda" and (in_place is False or not use_library):
             raise LrexportError("the CUDA backend keeps the caches on the GPU and needs the custom-op library with "
                                 "in-place caches (use_library=True, in_place=True)")
@@ -68,13 +72,13 @@ class OrtBackend:
         self.present = ["present_" + n.removeprefix("past_") for n in self.cache_names]
 
     def new_caches(self, batch: int, capacity: int) -> list[Any]:
-        """Zeroed caches: numpy arrays on the CPU, ``OrtValue``s in GPU memory with CUDA."""
-        host = [np.zeros((batch, capacity, w), dtype=_NP[d]) for w, d in zip(self.cache_widths, self.cache_dtypes)]
+        """Zeroed caches: numpy arrays on the CPU, ``torch`` tensors in GPU memory with CUDA."""
         if self.device == "cpu":
-            return host
-        import onnxruntime as ort
-
-        return [ort.OrtValue.ortvalue_from_numpy(h, "cuda", 0) for h in host]
+            return [np.zeros((batch, capacity, w), dtype=_NP[d]) for w, d in zip(self.cache_widths, self.cache_dtypes)]
+        caches = [torch.zeros(batch, capacity, w, dtype=getattr(torch, d), device=f"cuda:{self.device_id}")
+                  for w, d in zip(self.cache_widths, self.cache_dtypes)]
+        torch.cuda.synchronize(self.device_id)  # ONNX Runtime runs on its own stream
+        return caches
 
     def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: list[np.ndarray],
              ranks: list[int] | None) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -97,8 +101,15 @@ class OrtBackend:
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         for name, present, buf in zip(self.cache_names, self.present, caches):
-            # CPU: an OrtValue sharing the numpy buffer; CUDA: the device OrtValue itself
-            ov = buf if isinstance(buf, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(buf)
+            if isinstance(buf, torch.Tensor):  # GPU memory, bound by pointer: the kernel writes in place
+                if not buf.is_cuda or not buf.is_contiguous():
+                    raise ShapeError(f"{name}: the CUDA backend needs contiguous GPU tensors as caches")
+                where = ("cuda", buf.device.index, _NP[str(buf.dtype).removeprefix("torch.")], list(buf.shape),
+                         buf.data_ptr())
+                binding.bind_input(name, *where)
+                binding.bind_output(present, *where)
+                continue
+            ov = buf if isinstance(buf, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(buf)  # shares memory
             binding.bind_ortvalue_input(name, ov)
             binding.bind_ortvalue_output(present, ov)
         self.session.run_with_iobinding(binding)

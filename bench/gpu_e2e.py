@@ -1,0 +1,258 @@
+"""End-to-end decode speed and GPU memory on ONNX Runtime CUDA: lrexport vs uncompressed.
+
+    python bench/gpu_e2e.py                                   # Llama-3-8B shapes, 4K/16K/32K, batch 1 and 8
+    python bench/gpu_e2e.py --layers 2 --contexts 4096 --batches 1   # a quick look
+    python bench/gpu_e2e.py --smoke --device cpu              # tiny model on the CPU: checks the script
+
+The model has Llama-3-8B's shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336,
+vocabulary 128256) and random fp16 weights; ``--layers`` sets the depth (32 in the real
+model). Variants, each exported by lrexport to an ONNX folder and run by ONNX Runtime's CUDA
+execution provider with the caches bound in place (IO binding, caches in GPU memory):
+
+* ``uncompressed``: the plain export (standard-op attention over the dense cache);
+* ``lrexport``: weights 20% (uniform ranks over q/o/gate/up/down) + KV 50% (M-LRD, uniform),
+  attention as ``LowRankKVAttention`` on lrexport's CUDA kernel;
+* ``lrexport_4bit``: the same with 4-bit latents.
+
+The random model's factors are drawn directly at the ranks the allocators choose for these
+budgets (decomposing random matrices would only cost time: speed depends on the shapes). The
+caches are filled as if ``context`` tokens had been prefilled; each step decodes one token per
+sequence. Reported per (variant, context, batch): median step time over ``--steps`` decode
+steps (after warm-up), decode tokens/s (all sequences), cache bytes, and GPU memory in use
+by the process (weights + caches + ONNX Runtime's workspace). Each variant runs in its own
+process so that the memory figures do not mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("uncompressed", "lrexport", "lrexport_4bit")
+
+
+def llama3_8b_config(layers: int, max_len: int) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+            "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "num_hidden_layers": layers, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "max_position_embeddings": max_len, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 128000, "eos_token_id": 128001}
+
+
+def smoke_config(layers: int, max_len: int) -> dict:
+    return {**llama3_8b_config(layers, max_len), "hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024}
+
+
+def _randn(shape, dtype, gen_device, scale=0.02):
+    import torch
+
+    return (torch.randn(*shape, device=gen_device, dtype=torch.float32) * scale).to(dtype).cpu()
+
+
+def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_device: str, seed: int = 0) -> Path:
+    """Export ``variant`` of the random model to ``out/variant`` (reused when already there)."""
+    import torch
+
+    from lrexport.allocate import AllocContext, ProjectionInfo, Uniform, allocate
+    from lrexport.compile import compile_model
+    from lrexport.export import export_onnx
+    from lrexport.factorize.registry import Factors
+    from lrexport.factorize.svd import PlainSvd
+    from lrexport.kv.palu import PaluKV, kv_plan
+    from lrexport.models.llama import build_model
+    from lrexport.models.spec import spec_from_hf_config
+    from lrexport.passes.latent_kv import LatentKVLayer
+    from lrexport.plan import Plan, WeightPlan
+
+    folder = out / variant
+    if (folder / "lrexport.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    dtype = getattr(torch, dtype_name)
+    spec = spec_from_hf_config(cfg)
+    max_len = int(cfg["max_position_embeddings"])
+    compressed = variant != "uncompressed"
+    targets = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    names = [n for n in spec.linear_names() if n.rsplit(".", 1)[1] in targets] if compressed else []
+    t0 = time.perf_counter()
+    sd = {"model.embed_tokens.weight": _randn((spec.vocab_size, spec.hidden_size), dtype, gen_device),
+          "lm_head.weight": _randn((spec.vocab_size, spec.hidden_size), dtype, gen_device),
+          "model.norm.weight": torch.ones(spec.hidden_size, dtype=dtype)}
+    replaced = set(names)
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.ones(spec.hidden_size, dtype=dtype)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(spec.hidden_size, dtype=dtype)
+        for kind in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            fqn = p + "self_attn." + kind
+            m, n = spec.projection_shape(kind)
+            dense = not (fqn in replaced or (compressed and kind in ("k_proj", "v_proj")))
+            sd[fqn + ".weight"] = _randn((m, n), dtype, gen_device) if dense else torch.zeros(m, n, dtype=dtype)
+        for kind in ("gate_proj", "up_proj", "down_proj"):
+            fqn = p + "mlp." + kind
+            m, n = spec.projection_shape(kind)
+            sd[fqn + ".weight"] = torch.zeros(m, n, dtype=dtype) if fqn in replaced else _randn((m, n), dtype,
+                                                                                                  gen_device)
+    model = build_model(spec, sd, max_len=max_len, dtype=dtype)
+    del sd
+    plan = Plan(model=cfg, source={"kind": "random", "seed": seed}, max_len=max_len, dtype=dtype_name)
+    factors, latent = {}, {}
+    if compressed:
+        shapes = {n: spec.projection_shape(n.rsplit(".", 1)[1]) for n in names}
+        infos = [ProjectionInfo(name=n, m=m, n=k, sigma2=torch.ones(min(m, k), dtype=torch.float64))
+                 for n, (m, k) in shapes.items()]
+        alloc = allocate(Uniform(0.2), AllocContext(infos=infos))
+        for n, r in alloc.ranks.items():
+            m, k = shapes[n]
+            factors[n] = Factors(_randn((m, r), dtype, gen_device, scale=r ** -0.5),
+                                 _randn((r, k), dtype, gen_device))
+        plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(0.2), ranks=alloc.ranks,
+                                  params_kept=alloc.params_kept, params_total=alloc.total_dense)
+        bits = 4 if variant.endswith("4bit") else None
+        kv = PaluKV(allocation=Uniform(0.5), group_size=1, bits=bits)
+        D, G = spec.head_dim, spec.num_kv_heads
+        r = D // 2  # M-LRD 50%: half of each KV head's dimensions (a multiple of 16 and of 32)
+        for i in range(spec.num_layers):
+            latent[i] = LatentKVLayer(A_k=_randn((G * r, spec.hidden_size), dtype, gen_device),
+                                      k_up=_randn((G, r, D), dtype, gen_device, scale=r ** -0.5),
+                                      A_v=_randn((G * r, spec.hidden_size), dtype, gen_device),
+                                      v_up=_randn((G, r, D), dtype, gen_device, scale=r ** -0.5), group_size=1)
+        plan.kv = kv_plan(spec, kv, {i: [r, r] for i in range(spec.num_layers)}, dtype)
+    built_s = time.perf_counter() - t0
+    cm = compile_model(model, plan, factors, latent=latent)
+    res = export_onnx(cm, folder)
+    meta = json.loads((folder / "lrexport.json").read_text())
+    meta["bench"] = {"build_s": built_s, "export_s": res.seconds,
+                     "onnx_bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*"))}
+    (folder / "lrexport.json").write_text(json.dumps(meta, indent=2, default=str))
+    print(f"{variant}: built in {built_s:.0f}s, exported in {res.seconds:.0f}s", flush=True)
+    return folder
+
+
+def worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from lrexport.export import load_onnx_backend
+
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"])
+    if device == "cuda":
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+        free0, total = torch.cuda.mem_get_info()
+    backend, meta = load_onnx_backend(folder, providers=providers)
+    rows = []
+    for B in batches:
+        for C in contexts:
+            caches = backend.new_caches(B, C + steps + 4)
+            kv_bytes = sum(c.nbytes if hasattr(c, "nbytes") else c.numel() * c.element_size() for c in caches)
+            ids = torch.randint(10, 1000, (B, 1))
+            pos = torch.full((B,), C, dtype=torch.int64)
+            times = []
+            for t in range(steps + 3):
+                t0 = time.perf_counter()
+                logits, caches = backend.step(ids, pos, caches, None)
+                times.append(time.perf_counter() - t0)
+                ids, pos = logits[:, -1:].argmax(-1), pos + 1
+            step_s = float(np.median(times[3:]))
+            mem = None
+            if device == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                mem = free0 - free
+            rows.append({"context": C, "batch": B, "step_ms": 1e3 * step_s, "decode_tok_s": B / step_s,
+                         "kv_bytes": kv_bytes, "gpu_mem_bytes": mem,
+                         "finite": bool(torch.isfinite(logits).all())})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del caches
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (Llama-3-8B has 32)")
+    ap.add_argument("--contexts", default="4096,16384,32768")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--steps", type=int, default=10, help="timed decode steps per setting (after 3 warm-up)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model of the same structure (checks the script)")
+    ap.add_argument("--work", default="build/bench-gpu-e2e", help="where the exported variants are kept")
+    ap.add_argument("--out", default=str(RESULTS / "gpu_e2e"))
+    ap.add_argument("--build-only", action="store_true", help="export the variants to --work and stop")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, contexts, batches, args.steps, args.device)))
+        return 0
+    import torch
+
+    dtype = "float16" if args.device == "cuda" else "float32"
+    max_len = max(contexts) + args.steps + 16
+    cfg = (smoke_config if args.smoke else llama3_8b_config)(args.layers, max_len)
+    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(args.work)
+    rows, info = [], {}
+    for v in args.variants.split(","):
+        folder = build_variant(v, cfg, dtype, work, gen_device)
+        if args.build_only:
+            continue
+        meta = json.loads((folder / "lrexport.json").read_text())
+        info[v] = {**meta.get("bench", {}), "kv_bytes_per_token": (meta.get("kv") or {}).get("bytes_per_token")}
+        cmd = [sys.executable, __file__, "--worker", str(folder), "--contexts", args.contexts, "--batches",
+               args.batches, "--steps", str(args.steps), "--device", args.device]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{v}: the worker failed (exit {proc.returncode})")
+        for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+            rows.append({"variant": "uncompressed" if v == "uncompressed" else "lrexport", "setting": v, **r})
+    if args.build_only:
+        return 0
+    base = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed"}
+    for r in rows:
+        b = base.get((r["context"], r["batch"]))
+        if b and r is not b:
+            r["speedup"] = r["decode_tok_s"] / b["decode_tok_s"]
+            r["kv_smaller_x"] = b["kv_bytes"] / r["kv_bytes"]
+            if r["gpu_mem_bytes"] and b["gpu_mem_bytes"]:
+                r["gpu_mem_smaller_x"] = b["gpu_mem_bytes"] / r["gpu_mem_bytes"]
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": f"{machine}; {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}",
+           "command": " ".join(["python", "bench/gpu_e2e.py", *(argv if argv is not None else sys.argv[1:])]),
+           "model": f"{'tiny smoke' if args.smoke else 'Llama-3-8B'} shapes, {args.layers} layers, random {dtype} "
+                    "weights",
+           "settings": f"ONNX Runtime {'CUDA' if args.device == 'cuda' else 'CPU'} execution provider, "
+                       f"caches IO-bound in place, median of {args.steps} decode steps after 3 warm-up",
+           "variants": info, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out.with_suffix(".json"))
+    cols = ["setting", "context", "batch", "step_ms", "decode_tok_s", "speedup", "kv_bytes", "kv_smaller_x",
+            "gpu_mem_bytes", "gpu_mem_smaller_x"]
+    lines = [f"# GPU end to end ({doc['date']})", "", doc["machine"], "", f"`{doc['command']}`", "", doc["model"] + "; "
+             + doc["settings"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                                       for c in cols) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
