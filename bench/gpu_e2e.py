@@ -158,7 +158,7 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
             ids = torch.randint(10, 1000, (B, 1))
             pos = torch.full((B,), C, dtype=torch.int64)
             times = []
-            for t in range(steps + 3):
+            for _ in range(steps + 3):
                 t0 = time.perf_counter()
                 logits, caches = backend.step(ids, pos, caches, None)
                 times.append(time.perf_counter() - t0)
