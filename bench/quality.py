@@ -318,12 +318,17 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="with --append: skip rows already in the results file")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 ppl windows, 8 pairs, 50 zero-shot items")
     ap.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
+    ap.add_argument("--merge", default=None, metavar="OTHER.json",
+                    help="add the rows of another results file (e.g. a GPU run) that this one lacks, each "
+                         "keeping its machine, rewrite the table and stop")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the compressed graphs are evaluated (calibration and factorization stay on the CPU)")
     args = ap.parse_args(argv)
     if args.quick:
         args.ppl_windows, args.xsum, args.zeroshot_limit, args.calib_windows = 4, 8, 50, 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.merge:
+        return merge(args)
     bench = Bench(args)
     existing = json.loads(Path(args.out + ".json").read_text())["rows"] if args.append and \
         Path(args.out + ".json").is_file() else []
@@ -399,6 +404,21 @@ def _kv_config_of(row: dict, spec) -> PaluKV:
     return PaluKV(allocation=alloc, group_size=s)
 
 
+def merge(args) -> int:
+    """Add the rows of ``args.merge`` that ``args.out`` lacks (each tagged with its run's machine,
+    date and command); the file's own document fields stay as they are."""
+    mine = json.loads(Path(args.out + ".json").read_text())
+    other = json.loads(Path(args.merge).read_text())
+    names = {r["name"] for r in mine["rows"]}
+    added = [{**r, "run": {k: other.get(k) for k in ("machine", "date", "command")}}
+             for r in other["rows"] if r["name"] not in names]
+    mine["rows"] += added
+    Path(args.out + ".json").write_text(json.dumps(mine, indent=2))
+    write_md(args.out, mine)
+    log.info("merged %d rows from %s", len(added), args.merge)
+    return 0
+
+
 def write(args, rows: list[dict], bench: Bench) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -429,16 +449,28 @@ def write(args, rows: list[dict], bench: Bench) -> None:
     by_set[args.set] = doc["settings"]
     doc["settings_by_set"] = by_set
     Path(args.out + ".json").write_text(json.dumps(doc, indent=2))
+    write_md(args.out, doc)
+
+
+def write_md(out: str, doc: dict) -> None:
+    rows = doc["rows"]
     cols = ["name", "ppl", "rougeL", "rougeL_fidelity", "params_kept", "avg_active_params", "kv_bytes_per_token",
             "alloc_s", "compress_s"]
     lines = [f"# Quality on SmolLM2-135M ({doc['date']})", "", f"Machine: {doc['machine']}", "",
              f"Command: `{doc['command']}`", "", *(f"- {k}: {v}" for k, v in doc["settings"].items()), "",
              "| " + " | ".join(cols + ["zeroshot"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    runs: dict[str, int] = {}
     for r in rows:
-        cells = [r["name"]] + [_fmt(r.get(c)) for c in cols[1:]]
+        mark = ""
+        if r.get("run"):
+            key = f"{r['run']['machine']}, {r['run']['date']}: `{r['run']['command']}`"
+            mark = " " + "†" * runs.setdefault(key, len(runs) + 1)
+        cells = [r["name"] + mark] + [_fmt(r.get(c)) for c in cols[1:]]
         cells.append(", ".join(f"{k} {v:.3f}" for k, v in r.get("zeroshot", {}).items()))
         lines.append("| " + " | ".join(cells) + " |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    for key, n in runs.items():
+        lines += ["", f"{'†' * n} measured in another run with the same settings: {key}"]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v) -> str:
