@@ -124,3 +124,28 @@ def test_min_new_tokens_masks_stop_tokens(lm):
     assert stopped.tokens[0] == [first] and stopped.finish_reasons == ["stop"]
     held = generate(backend, [[1, 2, 3]], max_new_tokens=6, stop_ids=[first], min_new_tokens=3)
     assert first not in held.tokens[0][:3] and len(held.tokens[0]) >= 4 or held.finish_reasons == ["length"]
+
+
+def test_cuda_device_runs_the_graph_on_the_gpu_or_says_why(lm):
+    """On a CUDA machine the graph moves to the GPU (its own copy of the weights: the model stays on
+    the CPU) and generates the same greedy tokens as on the CPU; elsewhere a clear error."""
+    tg = trace(lm.model)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            TorchBackend(tg, device="cuda")
+        return
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    cpu = generate(TorchBackend(trace(lm.model)), prompts, max_new_tokens=6).tokens
+    gpu_backend = TorchBackend(tg, device="cuda")
+    assert all(p.device.type == "cpu" for p in lm.model.parameters())
+    assert generate(gpu_backend, prompts, max_new_tokens=6).tokens == cpu
+    ids = torch.tensor([prompts[0]])
+    ref = TorchBackend(trace(lm.model))(ids)
+    got = gpu_backend(ids)
+    assert got.device.type == "cpu"
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10  # float64 model
+
+
+def test_bad_device_is_a_clear_error(lm):
+    with pytest.raises(ConfigError, match="cpu or cuda"):
+        TorchBackend(trace(lm.model), device="tpu")

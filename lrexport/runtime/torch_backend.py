@@ -45,11 +45,14 @@ class TorchBackend:
 
     def __init__(self, graph: TracedGraph, *, rank_cost: list[int] | None = None, dense_params: int = 0,
                  total_params: int = 0, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            self.device = None
+        if self.device is None or self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {device!r}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for, but this PyTorch sees no CUDA device")
-        if self.device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be cpu or cuda, got {device!r}")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.graph = graph
