@@ -143,7 +143,7 @@ def test_cuda_device_runs_the_graph_on_the_gpu_or_says_why(lm):
     ref = TorchBackend(trace(lm.model))(ids)
     got = gpu_backend(ids)
     assert got.device.type == "cpu"
-    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10  # float64 model
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-9  # float64 model, other reduction order
 
 
 def test_bad_device_is_a_clear_error(lm):

@@ -2,8 +2,8 @@
 
 On ``device="cuda"`` the graph's parameters and the caches live on the GPU (latent attention
 runs lrexport's Triton kernels there); token ids, lengths and ranks go up each step and only
-the logits come back, as float32 on the CPU, so the loop and the evaluation code are the
-same on every device.
+the logits come back to the CPU (float32 for half-precision models, as on the CPU), so the
+loop and the evaluation code are the same on every device.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class TorchBackend:
             return self.graph(input_ids, past_len, caches, r)
         dev = self.device
         logits, caches = self.graph(input_ids.to(dev), past_len.to(dev), caches, None if r is None else r.to(dev))
-        return logits.float().cpu(), caches
+        return logits.cpu(), caches
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
