@@ -456,9 +456,13 @@ def write_md(out: str, doc: dict) -> None:
     rows = doc["rows"]
     cols = ["name", "ppl", "rougeL", "rougeL_fidelity", "params_kept", "avg_active_params", "kv_bytes_per_token",
             "alloc_s", "compress_s"]
-    lines = [f"# Quality on SmolLM2-135M ({doc['date']})", "", f"Machine: {doc['machine']}", "",
-             f"Command: `{doc['command']}`", "", *(f"- {k}: {v}" for k, v in doc["settings"].items()), "",
-             "| " + " | ".join(cols + ["zeroshot"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    by_set = doc.get("settings_by_set") or {"": doc["settings"]}
+    lines = [f"# Quality on SmolLM2-135M ({doc['date']})", "", f"Last run's machine: {doc['machine']}", "",
+             f"Last run's command: `{doc['command']}`", ""]
+    for name, settings in by_set.items():
+        lines += ([f"Settings of the {name} rows:", ""] if name else []) + \
+            [*(f"- {k}: {v}" for k, v in settings.items()), ""]
+    lines += ["| " + " | ".join(cols + ["zeroshot"]) + " |", "|" + "---|" * (len(cols) + 1)]
     runs: dict[str, int] = {}
     for r in rows:
         mark = ""
