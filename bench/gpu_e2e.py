@@ -154,7 +154,7 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
     for B in batches:
         for C in contexts:
             caches = backend.new_caches(B, C + steps + 4)
-            kv_bytes = sum(c.nbytes if hasattr(c, "nbytes") else c.numel() * c.element_size() for c in caches)
+            kv_bytes = sum(c.nbytes for c in caches)  # numpy arrays or torch tensors
             ids = torch.randint(10, 1000, (B, 1))
             pos = torch.full((B,), C, dtype=torch.int64)
             times = []

@@ -78,8 +78,6 @@ class TorchBackend:
                 i, r_, m = bad[0]
                 raise ShapeError(f"rank {r_} for {self.graph.rank_names[i]} is outside [1, {m}]")
             r = torch.tensor(ranks, dtype=torch.int64)
-        elif self.graph.has_rank_input:
-            r = torch.tensor(self.rank_max, dtype=torch.int64)
         if self.device.type == "cpu":
             return self.graph(input_ids, past_len, caches, r)
         dev = self.device

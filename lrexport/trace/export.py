@@ -74,7 +74,7 @@ class TracedGraph:
         args = [input_ids, past_len, *caches]
         if self.has_rank_input:
             if ranks is None:
-                ranks = torch.tensor(self.rank_max, dtype=torch.int64)
+                ranks = torch.tensor(self.rank_max, dtype=torch.int64, device=input_ids.device)
             args.append(ranks)
         out = self.gm(*args)
         return out[0], list(out[1:])
