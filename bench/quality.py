@@ -8,7 +8,8 @@ Weight rows (each at each ratio): plain SVD, ASVD and SVD-LLM with uniform ranks
 Fisher-proportional allocation; ASVD's STRS search; FLRC allocation; FLRC + progressive
 decoding with two schedules. Progressive rows store ranks for ``ratio * (1 - delta)`` and
 decay the active rank so that the activated parameters, pooled over all decode steps of the
-XSum generations of the base model, equal those of the static row.
+XSum generations of the base model, equal those of the static row. ``delta = 0.4`` is the
+best of the stored-rank margins tried by ``bench/schedule_sweep.py``.
 
 KV rows: Palu M/G/J-LRD at 30% and 50% KV reduction with uniform, Fisher-proportional and
 FLRC-greedy allocation; the best 50% setting with 4/3/2-bit latents, with and without the
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", choices=("weights", "kv", "all"), default="all")
     ap.add_argument("--ratios", default="0.1,0.2", help="weight ratios")
     ap.add_argument("--kv-ratios", default="0.3,0.5")
-    ap.add_argument("--delta", type=float, default=0.25,
+    ap.add_argument("--delta", type=float, default=0.4,
                     help="progressive rows store ranks for ratio * (1 - delta) and decay below them")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--xsum", type=int, default=200)
