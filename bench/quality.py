@@ -420,12 +420,16 @@ def merge(args) -> int:
     return 0
 
 
+def machine(device: str) -> str:
+    return (f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{platform.processor() or 'cpu'}" + (f"; evaluated on {torch.cuda.get_device_name()}"
+                                                  if device == "cuda" else ""))
+
+
 def write(args, rows: list[dict], bench: Bench) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, "
-                      f"torch {torch.__version__}, {platform.processor() or 'cpu'}"
-                      + (f"; evaluated on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+           "machine": machine(args.device),
            "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
            "settings": {"ppl": f"WikiText-2 test (wiki.test.raw), {args.ppl_windows} windows of 512 tokens",
