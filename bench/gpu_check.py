@@ -80,6 +80,36 @@ def main(argv=None) -> int:
             r = 64 * s // 2 if s > 1 else 64
             grid.append((gname, s, r, bits, qg))
     rows, ok_all, seed = [], True, int(time.time())
+
+    def check(gname, s, r, bits, qg, S, past, window, dtype, seed):
+        c64 = case(2, S, past, Hq, Hkv, D, s, r, r, bits, qg, 3072, seed, bias=True, vup=(S == 33))
+        ref = run_ref(c64, Hq, Hkv, s, D, window, bits, qg)
+        lowp = cast(c64, dtype, "cuda")
+        ref_lowp = run_ref(lowp, Hq, Hkv, s, D, window, bits, qg)
+        got = cast(c64, dtype, "cuda")
+        out = tlk.latent_attention_(got["q"], got["lk"], got["lv"], got["ck"], got["pk"], got["cv"],
+                                    got["pv"], got["past"], got["k_up"], got["k_bias"], got["v_up"],
+                                    got["cos"], got["sin"], Hq, Hkv, s, window, D ** -0.5, bits, qg)
+        torch.cuda.synchronize()
+        denom = ref[0].abs().max()
+        err = float((out.double().cpu() - ref[0]).abs().max() / denom)
+        err_torch = float((ref_lowp[0].double().cpu() - ref[0]).abs().max() / denom)
+        bound = 1e-4 if dtype == torch.float32 else 2 * err_torch + 1e-3
+        ok = err <= bound
+        if bits:  # the new tokens' codes/params: same low-precision latents -> same quantization
+            cache_ok = all(torch.equal(got[k].cpu(), ref_lowp[i].cpu())
+                           for k, i in (("ck", 1), ("pk", 2), ("cv", 3), ("pv", 4)))
+        else:
+            cache_ok = torch.equal(got["ck"].cpu(), ref_lowp[1].cpu())
+        ok = ok and cache_ok
+        row = dict(grouping=gname, group_size=s, rank=r, bits=bits or None, quant_group=qg or None, S=S,
+                   past=list(past), window=window, dtype=str(dtype).split(".")[-1], err=err,
+                   err_torch_same_dtype=err_torch, bound=bound, cache_exact=cache_ok, ok=ok)
+        print(f"{'ok  ' if ok else 'FAIL'} {gname} r={r} bits={bits} S={S} past={past} win={window} "
+              f"{row['dtype']}: err {err:.2e} (torch {err_torch:.2e}, bound {bound:.1e}) cache "
+              f"{'exact' if cache_ok else 'DIFFERS'}", flush=True)
+        return row
+
     for gname, s, r, bits, qg in grid:
         for S, past, window in ((1, (1500, 3000), 0), (97, (0, 40), 0), (1, (2900, 700), 512), (33, (10, 2000), 0)):
             # fp16 everywhere; bf16 for decode and the long prefill; fp32 (exact math) for the chunked prefill
@@ -87,34 +117,26 @@ def main(argv=None) -> int:
                 [torch.float32] if S == 33 else [])
             for dtype in dtypes:
                 seed += 1
-                c64 = case(2, S, past, Hq, Hkv, D, s, r, r, bits, qg, 3072, seed, bias=True, vup=(S == 33))
-                ref = run_ref(c64, Hq, Hkv, s, D, window, bits, qg)
-                lowp = cast(c64, dtype, "cuda")
-                ref_lowp = run_ref(lowp, Hq, Hkv, s, D, window, bits, qg)
-                got = cast(c64, dtype, "cuda")
-                out = tlk.latent_attention_(got["q"], got["lk"], got["lv"], got["ck"], got["pk"], got["cv"],
-                                            got["pv"], got["past"], got["k_up"], got["k_bias"], got["v_up"],
-                                            got["cos"], got["sin"], Hq, Hkv, s, window, D ** -0.5, bits, qg)
-                torch.cuda.synchronize()
-                denom = ref[0].abs().max()
-                err = float((out.double().cpu() - ref[0]).abs().max() / denom)
-                err_torch = float((ref_lowp[0].double().cpu() - ref[0]).abs().max() / denom)
-                bound = 1e-4 if dtype == torch.float32 else 2 * err_torch + 1e-3
-                ok = err <= bound
-                if bits:  # the new tokens' codes/params: same low-precision latents -> same quantization
-                    cache_ok = all(torch.equal(got[k].cpu(), ref_lowp[i].cpu())
-                                   for k, i in (("ck", 1), ("pk", 2), ("cv", 3), ("pv", 4)))
-                else:
-                    cache_ok = torch.equal(got["ck"].cpu(), ref_lowp[1].cpu())
-                ok = ok and cache_ok
-                ok_all &= ok
-                row = dict(grouping=gname, group_size=s, rank=r, bits=bits or None, quant_group=qg or None, S=S,
-                           past=list(past), window=window, dtype=str(dtype).split(".")[-1], err=err,
-                           err_torch_same_dtype=err_torch, bound=bound, cache_exact=cache_ok, ok=ok)
-                rows.append(row)
-                print(f"{'ok  ' if ok else 'FAIL'} {gname} r={r} bits={bits} S={S} past={past} win={window} "
-                      f"{row['dtype']}: err {err:.2e} (torch {err_torch:.2e}, bound {bound:.1e}) cache "
-                      f"{'exact' if cache_ok else 'DIFFERS'}", flush=True)
+                rows.append(check(gname, s, r, bits, qg, S, past, window, dtype, seed))
+                ok_all &= rows[-1]["ok"]
+    # ranks that are not powers of two, and per-layer ranks sharing compiled kernels: the ranks are
+    # run-time arguments, so ranks with the same padding compile at most one new kernel
+    kernels = tlk._latent_attn_fwd.device_caches[torch.cuda.current_device()][0]
+    sharing = []
+    for bits, qg in ((0, 0), (4, 16)):
+        before = len(kernels)
+        for r in (80, 96, 112, 128):
+            for S, past in ((1, (1500, 3000)), (17, (5, 900))):
+                seed += 1
+                rows.append(check("M", 1, r, bits, qg, S, past, 0, torch.float16, seed))
+                ok_all &= rows[-1]["ok"]
+        compiled = len(kernels) - before
+        share_ok = compiled <= 2  # one decode and one prefill program for the four ranks
+        ok_all &= share_ok
+        sharing.append(dict(bits=bits or None, quant_group=qg or None, ranks=[80, 96, 112, 128],
+                            kernels_compiled=compiled, ok=share_ok))
+        print(f"{'ok  ' if share_ok else 'FAIL'} ranks 80/96/112/128, bits={bits}: {compiled} kernel(s) compiled "
+              f"for decode and prefill", flush=True)
     # the torch.library op dispatches to the kernels on CUDA
     c64 = case(2, 5, (3, 9), Hq, Hkv, D, 1, 64, 64, 4, 32, 64, seed + 1, bias=False, vup=False)
     ref = run_ref(c64, Hq, Hkv, 1, D, 0, 4, 32)
@@ -129,7 +151,8 @@ def main(argv=None) -> int:
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}",
               "command": " ".join(["python", "bench/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-              "seed": seed, "passed": bool(ok_all), "op_dispatch_err": op_err, "rows": rows}
+              "seed": seed, "passed": bool(ok_all), "op_dispatch_err": op_err, "rank_sharing": sharing,
+              "rows": rows}
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} kernel checks passed; overall {'PASS' if ok_all else 'FAIL'}")
     if args.out:
         with open(args.out + ".tmp", "w") as f:

@@ -17,6 +17,9 @@ One kernel serves prefill and decode. A program owns one row ``b``, one KV head 
 4. updates an online softmax (base 2) and accumulates ``P @ latent_v``.
 
 Decode uses several splits and a second kernel combines them; prefill writes directly.
+The ranks ``rk`` and ``rv`` are run-time arguments; only their power-of-two paddings (and the
+choice of unpacking path) are compile-time constants, so the per-layer ranks of an FLRC
+allocation share compiled kernels instead of compiling one per distinct (rk, rv).
 The output stays in the value-latent space (``[B, S, Hq*rv]``; ``o_proj`` holds ``B_v``)
 unless ``v_up`` is given, which is applied after the kernel.
 
@@ -56,8 +59,8 @@ def available(device: torch.device | str | None = None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_block(C, Pp, row_c, row_p, nmask, base, BLOCK_N: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr,
-                    BITS: tl.constexpr, QG: tl.constexpr, NGROUPS: tl.constexpr, FAST: tl.constexpr):
+    def _load_block(C, Pp, row_c, row_p, nmask, base, BLOCK_N: tl.constexpr, W: tl.constexpr, VALID,
+                    BITS: tl.constexpr, QG: tl.constexpr, NGROUPS, FAST: tl.constexpr):
         """Latent values [BLOCK_N, W] (float32) of channels ``base .. base+W`` (the first VALID of them).
 
         ``row_c`` / ``row_p``: [BLOCK_N, 1] offsets of the positions' cache / params rows. FAST (2, 4
@@ -122,7 +125,7 @@ if triton is not None:
         ACC, MAX, SUM,
         S, split_len, nsplit, qk_scale,
         HQ: tl.constexpr, HKV: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
-        RK: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr, RKB: tl.constexpr,
+        RK, RV, RV_P: tl.constexpr, RKB: tl.constexpr,
         NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
@@ -191,7 +194,7 @@ if triton is not None:
             else:
                 k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
-                for c in tl.static_range(RK // RKB):
+                for c in range(0, RK // RKB):
                     ch = c * RKB + kch
                     lat = _load_block(CK, PK, b * sck_b + pos64 * sck_p, b * spk_b + pos64 * spk_p,
                                       nmask, g * RK + c * RKB, BLOCK_N, RKB, RKB, BITS, QG, (G * RK) // QG,
@@ -242,7 +245,7 @@ if triton is not None:
             tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
 
     @triton.jit
-    def _combine(ACC, MAX, SUM, OUT, NSPLIT, RV: tl.constexpr, RV_P: tl.constexpr, NSPLIT_P: tl.constexpr):
+    def _combine(ACC, MAX, SUM, OUT, NSPLIT, RV, RV_P: tl.constexpr, NSPLIT_P: tl.constexpr):
         row = tl.program_id(0)  # (b, t, head)
         sp = tl.arange(0, NSPLIT_P)
         smask = sp < NSPLIT
@@ -438,6 +441,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     rk_p = _next_pow2(rk)
     if hoist is None:  # keep k_up on chip when its slice is small (M-LRD); stream it in chunks otherwise
         hoist = rk_p * D * k_up_GrE.element_size() <= 32768
+    if hoist:  # the chunk settings are unused: fix them so that they do not split the compiled kernels
+        rkb = 16
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
         mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
@@ -465,7 +470,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
                 NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
                 QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
-                HOIST=hoist, RK_P=rk_p, FAST_K=fast(rk, rk_p), FAST_KC=fast(rk, rkb), FAST_V=fast(rv, rv_p),
+                HOIST=hoist, RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p),
+                FAST_KC=not hoist and fast(rk, rkb), FAST_V=fast(rv, rv_p),
                 CC=cuda_core_scores, num_warps=num_warps, **stage)
             break
         except triton.runtime.errors.OutOfResources:
