@@ -45,7 +45,7 @@ from lrexport.factorize import Asvd, FisherWhitenSvd, PlainSvd, WhitenSvd
 from lrexport.kv.kivi import KiviKV, KiviPass, kivi_bytes_per_token
 from lrexport.kv.palu import PaluKV, build_latent_kv
 from lrexport.plan import Plan, WeightPlan
-from lrexport.schedule import Cosine, Linear, Schedule, Steps
+from lrexport.schedule import Cosine, Linear, Schedule, Steps, solve_end
 from lrexport.trace.export import trace
 
 log = logging.getLogger("bench.quality")
@@ -108,20 +108,8 @@ def solve_schedule(kind: str, target: float, ranks: dict, spec, step_counts: lis
     total = sum(m * n for m, n in shapes.values())
     dense = sum(m * n for name, (m, n) in shapes.items() if name not in ranks)
     names = list(ranks)
-    cost = [sum(shapes[n]) for n in names]
-    rmax = [ranks[n] for n in names]
-    steps = [t for c in step_counts for t in range(1, c + 1)]
-
-    def pooled(low: float) -> float:
-        s = make_schedule(kind, low)
-        vals = {t: (dense + sum(r * c for r, c in zip(s.ranks(t, rmax), cost))) / total for t in set(steps)}
-        return sum(vals[t] for t in steps) / len(steps)
-
-    lo, hi = 0.05, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if pooled(mid) < target else (lo, mid)
-    return make_schedule(kind, hi)
+    return solve_end(lambda low: make_schedule(kind, low), target, [ranks[n] for n in names],
+                     [sum(shapes[n]) for n in names], dense, total, step_counts)
 
 
 class _Memo:

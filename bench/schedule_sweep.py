@@ -37,6 +37,7 @@ import quality  # noqa: E402  (the quality benchmark's rows, schedules and evalu
 
 from lrexport.allocate import Flrc  # noqa: E402
 from lrexport.factorize import FisherWhitenSvd  # noqa: E402
+from lrexport.schedule import solve_end  # noqa: E402
 
 LEVELS = 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,19 +91,8 @@ def solve(make, target: float, ranks: dict, shapes: dict, step_counts: list[int]
     names = [n for n, r in ranks.items() if r is not None]
     total = sum(m * n for m, n in shapes.values())
     dense = sum(m * n for nm, (m, n) in shapes.items() if ranks.get(nm) is None)
-    cost, rmax = [sum(shapes[n]) for n in names], [ranks[n] for n in names]
-    steps = [t for c in step_counts for t in range(1, c + 1)]
-
-    def pooled(low: float) -> float:
-        s = make(low)
-        vals = {t: (dense + sum(r * c for r, c in zip(s.ranks(t, rmax), cost))) / total for t in set(steps)}
-        return sum(vals[t] for t in steps) / len(steps)
-
-    lo, hi = 0.02, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if pooled(mid) < target else (lo, mid)
-    return make(hi)
+    return solve_end(make, target, [ranks[n] for n in names], [sum(shapes[n]) for n in names], dense, total,
+                     step_counts, lowest=0.02)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ from lrexport.allocate import AllocContext, Flrc, PaluFisher, ProjectionInfo, St
 from lrexport.allocate.strs_eval import LayerwisePerplexity
 from lrexport.calib.data import SelfCalibration, TextCalibration, text_windows
 from lrexport.calib.stats import CalibStats, collect_stats
-from lrexport.compile import CompressedModel, compile_model, load_compressed
+from lrexport.compile import CompressedModel, compile_model, load_compressed, param_accounting
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
 from lrexport.factorize import Decomposition, FisherWhitenSvd, factorize
@@ -32,7 +32,7 @@ from lrexport.models.load import LoadedModel, load_model
 from lrexport.models.spec import PROJECTIONS
 from lrexport.plan import Plan, WeightPlan
 from lrexport.runtime import Sampling, TorchBackend, generate
-from lrexport.schedule import Schedule
+from lrexport.schedule import Progressive, Schedule, pooled_fraction
 from lrexport.trace.export import trace
 from lrexport.util import cache_dir, file_digest, json_digest, progress
 
@@ -115,17 +115,32 @@ def decompose(lm: LoadedModel, wc: WeightCompression, stats: CalibStats) -> dict
 
 def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCompression | None = None,
              kv: PaluKV | None = None, calibration: SelfCalibration | TextCalibration | None = None,
-             schedule: Schedule | None = None, max_len: int = 2048, use_cache: bool = True) -> CompressionResult:
+             schedule: Schedule | None = None, progressive: Progressive | None = None, max_len: int = 2048,
+             use_cache: bool = True) -> CompressionResult:
     """Load (or take) a model, trace it once, calibrate, factorize, allocate and apply the passes.
 
     ``weights`` compresses the projections (FLRC and baselines), ``kv`` the KV cache (Palu);
     with both, ``k_proj``/``v_proj`` belong to the KV pass and leave the weight targets.
+    ``schedule`` is a progressive schedule given as is; ``progressive`` instead stores ranks
+    for ``ratio * (1 - margin)`` and solves a schedule whose average over a generation removes
+    ``ratio`` (:class:`lrexport.schedule.Progressive`).
     """
     t_start = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load(model, max_len=max_len)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t_start}
-    if schedule is not None and weights is None:
+    if (schedule is not None or progressive is not None) and weights is None:
         raise ConfigError("a progressive schedule needs weight compression (weights=...)")
+    if schedule is not None and progressive is not None:
+        raise ConfigError("give either schedule= (a fixed schedule) or progressive= (one solved for the ratio), "
+                          "not both")
+    target_ratio = None
+    if progressive is not None:
+        target_ratio = getattr(weights.allocation, "ratio", None)
+        if target_ratio is None:
+            raise ConfigError(f"progressive= needs a ratio allocation, got {type(weights.allocation).__name__}")
+        weights = dataclasses.replace(weights, allocation=dataclasses.replace(
+            weights.allocation, ratio=progressive.stored_ratio(target_ratio)))
+        schedule = progressive.schedule(1.0, getattr(weights.allocation, "align", 1))  # solved below
     t = time.perf_counter()
     graph = trace(lm.model)
     timings["trace_s"] = time.perf_counter() - t
@@ -167,6 +182,15 @@ def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCo
                                   ranks=alloc.ranks, params_kept=alloc.params_kept, params_total=alloc.total_dense,
                                   alloc_seconds=alloc.seconds)
         del decomps
+    if progressive is not None:
+        names = list(plan.weights.ranks)
+        acct = param_accounting(lm.spec, plan, names)
+        plan.schedule = progressive.solve(target_ratio, [plan.weights.ranks[n] for n in names], acct["rank_cost"],
+                                          acct["dense_params"], acct["total_params"], align=schedule.align)
+        log.info("progressive: ranks stored for %.4f removed, %s (average over %d decode steps: %.4f removed)",
+                 progressive.stored_ratio(target_ratio), plan.schedule.describe(), progressive.tokens,
+                 1 - pooled_fraction(plan.schedule, [plan.weights.ranks[n] for n in names], acct["rank_cost"],
+                                     acct["dense_params"], acct["total_params"], [progressive.tokens]))
     t = time.perf_counter()
     cm = compile_model(lm.model, plan, factors, tokenizer=lm.tokenizer, graph=graph, latent=latent)
     timings["passes_s"] = time.perf_counter() - t

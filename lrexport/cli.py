@@ -20,7 +20,7 @@ from lrexport.calib.data import SelfCalibration, TextCalibration
 from lrexport.errors import ConfigError, LrexportError
 from lrexport.factorize import Asvd, FisherWhitenSvd, PlainSvd, WhitenSvd
 from lrexport.runtime.sampling import Sampling
-from lrexport.schedule import Constant, Cosine, Linear, Schedule, Steps
+from lrexport.schedule import Constant, Cosine, Linear, Progressive, Schedule, Steps
 
 log = logging.getLogger("lrexport")
 
@@ -51,6 +51,23 @@ def parse_schedule(text: str | None, *, min_rank: int = 8, align: int = 1) -> Sc
     return Schedule(form=form, min_rank=min_rank, align=align)
 
 
+def parse_progressive(text: str | None) -> Progressive | None:
+    """``FORM[:MARGIN[:TOKENS]]``, FORM ``linear`` or ``cosine``: see :class:`lrexport.schedule.Progressive`."""
+    if text is None or text == "none":
+        return None
+    form, *rest = text.split(":")
+    if len(rest) > 2:
+        raise ConfigError(f"cannot parse --progressive {text!r}: expected FORM[:MARGIN[:TOKENS]], e.g. cosine:0.4:48")
+    try:
+        kw = {"margin": float(rest[0])} if rest else {}
+        if len(rest) > 1:
+            kw["tokens"] = int(rest[1])
+    except ValueError as e:
+        raise ConfigError(f"cannot parse --progressive {text!r} ({e}): expected FORM[:MARGIN[:TOKENS]], "
+                          "e.g. cosine:0.4:48") from e
+    return Progressive(form=form, **kw)
+
+
 def _calibration(args) -> SelfCalibration | TextCalibration:
     if args.calib == "self":
         return SelfCalibration(num_windows=args.calib_windows, window=args.calib_window)
@@ -79,7 +96,8 @@ def cmd_compress(args) -> int:
         alloc = ALLOCATORS[args.alloc](ratio=args.ratio, align=args.align)
         weights = api.WeightCompression(allocation=alloc, factorization=METHODS[args.method]())
     res = api.compress(model=args.model, weights=weights, kv=_kv(args), calibration=_calibration(args),
-                       schedule=parse_schedule(args.schedule, align=args.align), max_len=args.max_len,
+                       schedule=parse_schedule(args.schedule, align=args.align),
+                       progressive=parse_progressive(args.progressive), max_len=args.max_len,
                        use_cache=not args.no_cache)
     cm = res.compressed
     for r in cm.pass_results:
@@ -88,6 +106,8 @@ def cmd_compress(args) -> int:
     if w is not None:
         print(f"kept {w.params_kept:,} of {w.params_total:,} projection parameters "
               f"({w.params_kept / w.params_total:.1%}); {len(w.ranks)} low-rank linears")
+    if cm.plan.schedule is not None:
+        print(f"progressive schedule: {cm.plan.schedule.describe()}")
     if cm.plan.kv is not None:
         kv = cm.plan.kv
         print(f"KV cache: {kv['grouping']}-LRD, {kv['kv_removed']:.1%} of K/V dimensions removed, "
@@ -187,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--align", type=int, default=1, help="round ranks to a multiple of this (1, 8, 16, 32)")
     c.add_argument("--schedule", default="none", help="progressive decoding: none | constant:F | linear:S:E:N | "
                    "cosine:S:E:N | steps:T=F,...")
+    c.add_argument("--progressive", default=None, metavar="FORM[:MARGIN[:TOKENS]]",
+                   help="progressive decoding at the --ratio budget on average: store ranks for ratio*(1-MARGIN) "
+                        "(default 0.4) and decay them (FORM linear or cosine) so that a generation of TOKENS "
+                        "(default 48) decode steps removes --ratio on average; instead of --schedule")
     c.add_argument("--kv-ratio", type=float, default=None, help="KV cache (Palu): fraction of K/V dims to remove")
     c.add_argument("--kv-group", type=int, default=1, help="KV heads per latent: 1 = M-LRD, 0 = all (J-LRD)")
     c.add_argument("--kv-alloc", choices=sorted(ALLOCATORS), default="flrc")

@@ -118,3 +118,33 @@ def test_eval_command_on_a_compressed_folder(folder, tmp_path, capsys, monkeypat
     assert res["zeroshot"]["piqa"]["n"] == 4 and 0 <= res["xsum"]["rougeL"] <= 1
     assert main(["eval", str(out), "--zeroshot", "nosuchtask", "--no-ppl"]) == 2
     assert "nosuchtask" in capsys.readouterr().err
+
+
+def test_compress_progressive_solves_the_schedule_for_the_average(folder, tmp_path, capsys, monkeypatch):
+    from lrexport.runtime.loop import generate
+
+    monkeypatch.setenv("LREXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "prog"
+    # a small margin: on this tiny model most projections stay dense, so little can be decayed
+    rc = main(["compress", "--model", str(folder), "--ratio", "0.3", "--progressive", "cosine:0.1:8",
+               "--calib-windows", "4", "--calib-window", "32", "--out", str(out)])
+    assert rc == 0
+    assert "progressive schedule: cosine 1->" in capsys.readouterr().out
+    cm = api.open_model(out)
+    w = cm.plan.weights
+    assert abs(w.params_kept / w.params_total - (1 - 0.3 * 0.9)) < 0.005  # stored for 0.3 * (1 - 0.1)
+    assert isinstance(cm.plan.schedule.form, Cosine) and cm.plan.schedule.form.end < 1
+    # 9 new tokens = 8 decode steps, the generation length the schedule was solved for
+    res = generate(cm.backend(), [[1, 2, 3]], max_new_tokens=9, schedule=cm.plan.schedule)
+    assert len(res.active_fractions) == 8
+    assert 0.7 - 1e-9 <= res.avg_active_params < 0.72
+    assert main(["compress", "--model", str(folder), "--ratio", "0.3", "--progressive", "cosine",
+                 "--schedule", "linear:1:0.5:8", "--out", str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["compress", "--model", str(folder), "--ratio", "0.3", "--progressive", "steps",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "'linear' or 'cosine'" in capsys.readouterr().err
+    assert main(["compress", "--model", str(folder), "--ratio", "0.3", "--progressive", "cosine:x",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "FORM[:MARGIN[:TOKENS]]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

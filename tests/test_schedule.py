@@ -9,7 +9,7 @@ import pytest
 
 from lrexport.allocate import Uniform
 from lrexport.errors import ConfigError
-from lrexport.schedule import Constant, Cosine, Linear, Schedule, Steps, active_params
+from lrexport.schedule import Constant, Cosine, Linear, Progressive, Schedule, Steps, active_params, pooled_fraction
 
 FORMS = [Constant(0.6), Steps(((1, 1.0), (4, 0.5), (10, 0.25))), Linear(1.0, 0.3, 20), Cosine(0.9, 0.2, 15)]
 
@@ -165,3 +165,57 @@ def test_fraction_is_always_in_range(rng):
         s = Schedule(form=form)
         fr = np.array([s.fraction(int(t)) for t in rng.integers(0, 500, 50)])
         assert np.all((fr > 0) & (fr <= 1))
+
+
+# ---- Progressive: a schedule solved for an average budget
+
+
+def _accounting(seed: int = 0):
+    """A random set of low-rank projections: stored ranks, parameters per rank, dense rest, total."""
+    g = np.random.default_rng(seed)
+    rank_max = [int(r) for r in g.integers(20, 200, size=12)]
+    rank_cost = [int(c) for c in g.integers(300, 900, size=12)]
+    dense = int(g.integers(50_000, 100_000))
+    total = dense + sum(r * c for r, c in zip(rank_max, rank_cost)) + int(g.integers(50_000, 100_000))
+    return rank_max, rank_cost, dense, total
+
+
+@pytest.mark.parametrize("form", ["linear", "cosine"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_progressive_solve_meets_the_average(form, seed):
+    rank_max, rank_cost, dense, total = _accounting(seed)
+    stored = active_params(rank_max, rank_cost, dense) / total
+    target = stored - 0.05  # the schedule must remove 5% more on average than the stored ranks
+    p = Progressive(form=form, margin=0.4, decay_steps=16, tokens=40, min_rank=1)
+    sched = p.solve(1 - target, rank_max, rank_cost, dense, total)
+    got = pooled_fraction(sched, rank_max, rank_cost, dense, total, [40])
+    # bisection on the end fraction errs high by at most one rank step of one projection per step
+    assert target - 1e-12 <= got <= target + max(rank_cost) / total
+    # the same average, recomputed by hand from the ranks of every step
+    by_hand = np.mean([active_params(sched.ranks(t, rank_max), rank_cost, dense) / total for t in range(1, 41)])
+    assert got == pytest.approx(by_hand, rel=1e-12)
+    assert isinstance(sched.form, Cosine if form == "cosine" else Linear) and sched.form.start == 1.0
+    assert 0 < sched.form.end < 1 and sched.ranks(1, rank_max) == rank_max
+
+
+def test_progressive_pools_generations_of_different_lengths():
+    rank_max, rank_cost, dense, total = _accounting(3)
+    target = active_params(rank_max, rank_cost, dense) / total - 0.04
+    p = Progressive(form="linear", decay_steps=8, min_rank=1)
+    sched = p.solve(1 - target, rank_max, rank_cost, dense, total, step_counts=[5, 30, 12])
+    got = pooled_fraction(sched, rank_max, rank_cost, dense, total, [5, 30, 12])
+    assert target - 1e-12 <= got <= target + max(rank_cost) / total
+    assert p.stored_ratio(0.1) == pytest.approx(0.06)
+
+
+def test_progressive_errors():
+    with pytest.raises(ConfigError, match="'linear' or 'cosine'"):
+        Progressive(form="steps")
+    with pytest.raises(ConfigError, match="margin must be in"):
+        Progressive(margin=1.0)
+    with pytest.raises(ConfigError, match=">= 1"):
+        Progressive(tokens=0)
+    rank_max, rank_cost, dense, total = _accounting(4)
+    # a budget the decay cannot reach in 4 decode steps of a 64-step decay
+    with pytest.raises(ConfigError, match="cannot average"):
+        Progressive(decay_steps=64, tokens=4, min_rank=1).solve(0.9, rank_max, rank_cost, dense, total)

@@ -1,0 +1,136 @@
+"""Experiments on quantized KV latents (the 3-bit and 2-bit rows of ``bench/quality.py``).
+
+    python bench/kv_quant_experiments.py --experiment split   # which of K / V suffers at low bits
+    python bench/kv_quant_experiments.py --experiment clip    # MSE-searched clipping of each group
+
+Both run the best 50% KV setting of the quality table (J-LRD, FLRC ranks, Hadamard on) and
+report WikiText-2 perplexity with the quality benchmark's settings (40 windows of 512 tokens).
+They change the quantizer of the PyTorch path only (the reference op that runs on the CPU),
+so they measure quality, not a deployable layout:
+
+* ``split``: caches at 8 bits, and one of the key / value latents fake-quantized first to
+  ``b`` bits with the product's quantizer (``lrexport.kv.quant``). Rows: none, K at 3, V at
+  3, K at 2, V at 2 bits. 8-bit rounding adds about 1/255 of each group's range.
+* ``clip``: the product's layout and dequantization, but each group's range is searched:
+  ``K`` candidates shrink ``[min, max]`` about its centre by ``1 - k/16`` (k < K) and the one
+  with the least squared error in the group is stored. Rows at 3 and 2 bits, groups of 32
+  and 16.
+
+Writes ``bench/results/kv_quant_experiments_<experiment>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+
+import lrexport.trace.latent_attention_op as op  # noqa: E402
+from lrexport.allocate import Flrc  # noqa: E402
+from lrexport.kv import quant  # noqa: E402
+from lrexport.kv.palu import PaluKV  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
+    """``lrexport.kv.quant.quantize`` with the group's range searched over ``candidates`` shrinkages."""
+    R = x.shape[-1]
+    xg = x.float().reshape(*x.shape[:-1], R // group, group)
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    levels = (1 << bits) - 1
+    span = hi - lo
+    best = None
+    for k in range(candidates):
+        scale = ((span * ((16 - k) / 16)) / levels).clamp_min(1e-8).half()
+        zero = (lo + span * (k / 32)).half()
+        sf, zf = scale.float()[..., None], zero.float()[..., None]
+        q = torch.round((xg - zf) / sf).clamp(0, levels)
+        err = ((q * sf + zf) - xg).square().sum(-1)
+        if best is None:
+            best = (err, q, scale, zero)
+        else:
+            m = err < best[0]
+            best = (torch.where(m, err, best[0]), torch.where(m[..., None], q, best[1]),
+                    torch.where(m, scale, best[2]), torch.where(m, zero, best[3]))
+    _, q, scale, zero = best
+    return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", choices=("split", "clip"), required=True)
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    out = args.out or str(RESULTS / f"kv_quant_experiments_{args.experiment}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    qargs = argparse.Namespace(set="kv", ratios="0.1", kv_ratios="0.5", delta=0.4, ppl_windows=args.ppl_windows,
+                               xsum=0, article_tokens=384, zeroshot="", zeroshot_limit=0, calib_windows=32,
+                               strs_windows=2, strs_window=256, xsum_rows="", only=None, append=False,
+                               resume=False, quick=False, out=out + "_work", merge=None, device="cpu")
+    bench = quality.Bench(qargs)
+    best = dict(allocation=Flrc(0.5), group_size=bench.lm.spec.num_kv_heads)  # kv-J-flrc-50%
+    rows = []
+
+    def record(name: str, kv: PaluKV, **info) -> None:
+        res = bench.run(quality.Row(name, kv=kv))
+        rows.append({"name": name, "ppl": res["ppl"], "kv_bytes_per_token": res["kv_bytes_per_token"], **info})
+        write(out, args, rows)
+
+    if args.experiment == "split":
+        plain_store = op._store
+        state = {"which": None, "bits": 0, "calls": 0}
+
+        def store(cache, params, new, pos, bits, quant_group, width):  # the op stores K, then V
+            which = "k" if state["calls"] % 2 == 0 else "v"
+            state["calls"] += 1
+            if which == state["which"]:
+                codes, p = quant.quantize(new, state["bits"], quant_group)
+                new = quant.dequantize(codes, p, state["bits"], quant_group, new.shape[-1], new.dtype)
+            return plain_store(cache, params, new, pos, bits, quant_group, width)
+
+        op._store = store
+        for which, bits in ((None, 0), ("k", 3), ("v", 3), ("k", 2), ("v", 2)):
+            state.update(which=which, bits=bits, calls=0)
+            tag = f"{which.upper()}{bits}" if which else "none"
+            record(f"8bit-cache, {tag}", PaluKV(**best, bits=8), fake_quantized=which, fake_bits=bits or None)
+    else:
+        for bits, group in ((3, 32), (2, 32), (3, 16), (2, 16)):
+            for search in (False, True):
+                op.quantize = clip_quantize if search else quant.quantize
+                record(f"{bits}bit-g{group}{', clip search' if search else ''}",
+                       PaluKV(**best, bits=bits, quant_group=group), bits=bits, quant_group=group,
+                       clip_search=search)
+        op.quantize = quant.quantize
+    return 0
+
+
+def write(out: str, args, rows: list[dict]) -> None:
+    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": quality.machine("cpu"),
+           "command": " ".join(["python", "bench/kv_quant_experiments.py", *sys.argv[1:]]),
+           "setting": "kv-J-flrc-50% (J-LRD, FLRC ranks, 50% of K/V dims removed, Hadamard on); "
+                      f"WikiText-2 test, {args.ppl_windows} windows of 512 tokens; float row ppl 32.87 in "
+                      "quality_smollm2.md, base 28.69",
+           "rows": rows}
+    tmp = Path(out + ".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(out + ".json")
+    lines = [f"# KV latent quantization: {args.experiment} ({doc['date']})", "", f"Machine: {doc['machine']}", "",
+             f"Command: `{doc['command']}`", "", f"Setting: {doc['setting']}", "",
+             "| row | ppl | KV bytes/token |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['ppl']:.2f} | {r['kv_bytes_per_token']} |" for r in rows]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
