@@ -7,7 +7,8 @@
   compiler, its blocks run on the CPU, threads as fibers, see custom_ops/src/cuda/emulate.h) and
   put through ``bench/gpu_check_ort.py --emulated --quick``: prefill and decode steps with in-place
   caches, float32 and float16, bits 0 and 4, splits along the keys, errors, against the CPU kernel
-  and the float64 reference. On a GPU, run ``bench/gpu_check_ort.py`` itself.
+  and the float64 reference; again with ``LREXPORT_CUDA_MMA=1`` (the float16 tensor-core path,
+  WMMA emulated). On a GPU, run ``bench/gpu_check_ort.py`` itself.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def test_build_without_cuda_compiler(tmp_path, monkeypatch):
         ortops.build(build_dir=tmp_path / "build-on")
 
 
-def test_emulated_cuda_kernel(tmp_path):
+def test_emulated_cuda_kernel(tmp_path, monkeypatch):
     """The CUDA kernel's code, run on the CPU, agrees with the CPU kernel (codes bit for bit) and
-    the reference, in place and not, and reports bad inputs."""
+    the reference, in place and not, and reports bad inputs. The default path (no tensor cores)."""
+    monkeypatch.delenv("LREXPORT_CUDA_MMA", raising=False)
     lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
     assert "EMULATED" in ortops.last_cuda_status, ortops.last_cuda_status
     g = _gpu_check()
@@ -80,6 +82,31 @@ def test_emulated_cuda_kernel(tmp_path):
     steps = [r for r in res["rows"] if r["step"] != "error"]
     assert len(steps) > 20 and all("exact" in r["caches"] or r["caches"] == "unchanged" for r in steps)
     assert {r["dtype"] for r in steps} >= {"float32", "float16"}
+    assert all("tensor cores" not in r["note"] for r in steps)
+
+
+def test_emulated_cuda_kernel_tensor_cores(tmp_path, monkeypatch):
+    """LREXPORT_CUDA_MMA=1: float16 models take the tensor-core path (WMMA, emulated by
+    emulate.h: float16 operands, float accumulation) and still pass gpu_check_ort's float16
+    tolerance; float32 models keep the scalar path; caches stay bit-exact (the cache write is
+    unchanged)."""
+    lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", jobs=1,
+                       extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
+    assert "EMULATED" in ortops.last_cuda_status, ortops.last_cuda_status
+    monkeypatch.setenv("LREXPORT_CUDA_MMA", "1")  # read by the library per call
+    g = _gpu_check()
+    out = tmp_path / "emulated-mma.json"
+    rc = g.main(["--emulated", str(lib), "--quick", "--out", str(out)])
+    res = json.loads(out.read_text())
+    fails = [r for r in res["rows"] if not r["ok"]]
+    assert rc == 0 and res["passed"] and all(r["ok"] for r in res["rows"]), fails
+    steps = [r for r in res["rows"] if r["step"] != "error"]
+    assert all("exact" in r["caches"] or r["caches"] == "unchanged" for r in steps)
+    # in-place steps log the path their kernel took: float16 on tensor cores, float32 not
+    logged = [r for r in steps if not r["step"].startswith("run:")]
+    f16 = [r for r in logged if r["dtype"] == "float16"]
+    assert len(f16) > 10 and all("tensor cores" in r["note"] for r in f16), f16
+    assert all("tensor cores" not in r["note"] for r in logged if r["dtype"] == "float32")
 
 
 def test_model_encoder_without_onnx():

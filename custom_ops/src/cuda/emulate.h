@@ -7,7 +7,16 @@
 // barrier allows is a valid CUDA one. threadIdx / blockIdx are set by the scheduler before a fiber
 // resumes. __half is float16 storage with round-to-nearest-even conversions (quant.h). A deadlock
 // (threads waiting at different barriers) aborts with a message. Device memory is host memory;
-// copies are memmove; the "device" has LREXPORT_EMU_SMS multiprocessors (default 16).
+// copies are memmove; the "device" has LREXPORT_EMU_SMS multiprocessors (default 16). Dynamic
+// shared memory starts 128-byte aligned and is filled with garbage (0x7f bytes).
+//
+// nvcuda::wmma (m16n16k16, __half inputs, float accumulators): the element-to-lane mapping of a
+// real fragment is opaque to the kernel, so here every lane holds the whole 16x16 tile. Loads and
+// stores copy the whole tile (the same values from every lane, so idempotent) between warp
+// barriers (all lanes arrive before any reads, and all have read or written before any goes on,
+// as with the warp-wide real ones; a lane that skips one deadlocks); mma_sync computes the full
+// product in float from the float16 inputs. They abort on a pointer that is not 32-byte aligned
+// or a leading dimension that is not a multiple of 16 bytes (the real API's requirements).
 #pragma once
 
 #include <ucontext.h>
@@ -18,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../quant.h"
@@ -54,6 +64,7 @@ struct Block {
   std::vector<int> warp_arrived;
   std::vector<float> xchg;
   std::vector<char> smem;
+  float* smem_base = nullptr;  // smem.data() rounded up to 128 bytes
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   long progress = 0;  // bumped when a barrier opens or a fiber ends
@@ -168,7 +179,9 @@ void launch(void (*kernel)(Arg), dim3 grid, dim3 block, size_t smem, Arg arg) {
   for (unsigned y = 0; y < grid.y; ++y)
     for (unsigned x = 0; x < grid.x; ++x) {
       block_idx = dim3(x, y);
-      b.smem.assign(smem + 16, 0x7f);  // garbage, like uninitialised shared memory
+      b.smem.assign(smem + 16 + 128, 0x7f);  // garbage, like uninitialised shared memory
+      const uintptr_t base = reinterpret_cast<uintptr_t>(b.smem.data());
+      b.smem_base = reinterpret_cast<float*>(b.smem.data() + ((128 - base % 128) % 128));
       run_block(b);
     }
 }
@@ -187,15 +200,113 @@ inline int multiprocessors() {
 #define gridDim (lrx_emu::grid_dim)
 #define __syncthreads() lrx_emu::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) lrx_emu::shfl_xor((v), (lane_mask))
-#define LRX_SHARED_FLOATS(name) float* name = reinterpret_cast<float*>(lrx_emu::cur->smem.data())
+#define LRX_SHARED_FLOATS(name) float* name = lrx_emu::cur->smem_base
 #define LRX_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ((void)(stream), lrx_emu::launch(kernel, dim3(grid), dim3(block), (smem), __VA_ARGS__))
+
+// ---- nvcuda::wmma, m16n16k16 with __half inputs and float accumulators (see the top) -----------
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "emulated wmma: m16n16k16 only");
+  static constexpr int num_elements = 256;
+  float x[256];  // the whole tile, row-major (rows x columns of the operand), on every lane
+};
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+namespace lrx_emu {
+
+inline void wmma_check(const void* p, unsigned ldm, size_t elem, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * elem) % 16 != 0) {
+    std::fprintf(stderr, "lrexport CUDA emulation: wmma::%s at %p with ldm=%u: needs a 32-byte aligned pointer and "
+                 "ldm a multiple of %zu elements\n", what, p, ldm, 16 / elem);
+    std::abort();
+  }
+}
+
+// element (r, c) of a 16x16 tile at p: row-major p[r * ldm + c], column-major p[c * ldm + r]
+template <class E>
+inline const E& tile_at(const E* p, unsigned ldm, bool col_major, int r, int c) {
+  return col_major ? p[c * ldm + r] : p[r * ldm + c];
+}
+
+}  // namespace lrx_emu
+
+namespace nvcuda {
+namespace wmma {
+
+template <class Use, class Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, __half, Layout>& f, const __half* p, unsigned ldm) {
+  static_assert(std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value, "operand fragment");
+  lrx_emu::wmma_check(p, ldm, sizeof(__half), "load_matrix_sync");
+  lrx_emu::warp_barrier();
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.x[r * 16 + c] = __half2float(lrx_emu::tile_at(p, ldm, std::is_same<Layout, col_major>::value, r, c));
+  lrx_emu::warp_barrier();
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  lrx_emu::wmma_check(p, ldm, sizeof(float), "load_matrix_sync");
+  lrx_emu::warp_barrier();
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = lrx_emu::tile_at(p, ldm, layout == mem_col_major, r, c);
+  lrx_emu::warp_barrier();
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  lrx_emu::wmma_check(p, ldm, sizeof(float), "store_matrix_sync");
+  lrx_emu::warp_barrier();
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * 16 + c];
+  lrx_emu::warp_barrier();
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+// d = a @ b + c (d may be c)
+template <class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, __half, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, __half, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += a.x[i * 16 + k] * b.x[k * 16 + j];
+      out[i * 16 + j] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
 
 // ---- the CUDA runtime calls the launcher makes --------------------------------------------------
 enum cudaError_t { cudaSuccess = 0 };
 typedef void* cudaStream_t;
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToDevice };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrComputeCapabilityMajor
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -207,7 +318,11 @@ inline cudaError_t cudaGetDevice(int* d) {
 }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? lrx_emu::multiprocessors() : 227 * 1024;  // H100's opt-in limit
+  switch (a) {
+    case cudaDevAttrMultiProcessorCount: *v = lrx_emu::multiprocessors(); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 227 * 1024; break;  // H100's opt-in limit
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
+  }
   return cudaSuccess;
 }
 template <class F>

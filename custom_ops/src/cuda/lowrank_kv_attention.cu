@@ -19,18 +19,42 @@
 // Float32 accumulation everywhere; float16 activations are converted on load. Scratch memory:
 // B int64 + B*S*Hq*nsplit*(rv + 2) floats, where nsplit > 1 only when there are too few blocks
 // to fill the GPU (decode), so it stays linear in the number of new tokens.
+//
+// Tensor cores (opt-in, float16 models only): with LREXPORT_CUDA_MMA=1 in the environment (read
+// by plan() at every call), a float16 model whose head dim is a multiple of 16, on compute
+// capability 7.0 or newer, runs attend_partial<__half, true>: the three products of B on tensor
+// cores with WMMA (m16n16k16, float16 operands in shared memory, float accumulators), each warp
+// taking 16x16 output tiles round robin:
+//   keys   [32 positions, D] (float, rows of D + 4) += latent chunk [32, 32] (float16; dequantized
+//          codes rounded to float16) @ k_up chunk [32, D] (float16), per 32-channel chunk; bias
+//          before and RoPE after in float as in the scalar path;
+//   scores [nq rounded up to 16, 32] = queries [.., D] (RoPE'd and scaled, rounded to float16;
+//          padding rows zero) @ keys^T (after RoPE, rounded to float16; read as a column-major B);
+//          then the same masking and online softmax in float (padding rows unused);
+//   acc    [.., rv rounded up to 16] += probabilities (rounded to float16) @ value chunk [32, 32]
+//          (float16).
+// Rounding keys, queries and probabilities to float16 adds errors of float16's unit roundoff
+// (2^-11) relative to the scores and the output, within the float16 tolerance of
+// bench/gpu_check_ort.py; the caches are written by the same write_tokens (bit-exact). The path
+// is opt-in because it has been checked only by the CPU emulation (emulate.h's wmma stand-in),
+// not yet on a GPU. Otherwise, and always for float32, the scalar float32 path runs.
 #if defined(LREXPORT_CUDA_EMULATE)
 #include "emulate.h"  // test builds: the kernels run on the CPU (see emulate.h)
 #else
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#define LRX_SHARED_FLOATS(name) extern __shared__ float name[]
+#include <mma.h>
+// 32-byte alignment at least: WMMA fragment pointers into shared memory need it
+#define LRX_SHARED_FLOATS(name) extern __shared__ __align__(128) float name[]
 #define LRX_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "../quant.h"
 #include "launch.h"
@@ -44,6 +68,9 @@ constexpr int kTile = 32;       // key positions per tile (= warp size: one lane
 constexpr int kChunk = 32;      // latent channels per k_up / value chunk
 constexpr size_t kSmemTarget = 96 * 1024;  // shrink the query tile below this much shared memory
 constexpr int kInlineRows = 16;            // past_len of up to this many rows: in the kernel parameters
+constexpr int kMmaTile = 16;               // WMMA m16n16k16
+constexpr int kHalfPad = 8;                // float16 rows padded by 8 (16 bytes: WMMA's ldm rule, fewer bank conflicts)
+static_assert(kTile % kMmaTile == 0 && kChunk % kMmaTile == 0, "WMMA tiles of 16");
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -141,17 +168,42 @@ __global__ void __launch_bounds__(kThreads) write_tokens(Args a) {
 
 struct Smem {  // offsets (floats) into the dynamic shared memory of attend_partial
   int64_t q, k, buf, up, p, acc, m, l, corr, total;
+  int64_t qh, kh, bufh, uph, ph;  // float16 buffers of the tensor-core path (offsets in floats)
+  int64_t ldk;   // floats per key row: D + 1 (scalar), D + 4 (tensor cores: WMMA's float ldm rule)
+  int64_t nqp;   // query rows: nq (scalar), nq rounded up to 16 (tensor cores)
+  int64_t lda;   // floats per accumulator row: rv (scalar), rv rounded up to 16 (tensor cores)
 };
 
-__host__ __device__ inline Smem smem_layout(int64_t nq, int64_t D, int64_t rv) {
-  Smem s;
-  s.q = 0;                                  // [nq, D] RoPE'd, scaled queries
-  s.k = s.q + nq * D;                       // [kTile, D + 1] keys (padded rows: no bank conflicts)
-  s.buf = s.k + kTile * (D + 1);            // [kTile, kChunk] latent or value chunk
-  s.up = s.buf + kTile * kChunk;            // [kChunk, D] k_up chunk
-  s.p = s.up + kChunk * D;                  // [nq, kTile] scores, then probabilities
-  s.acc = s.p + nq * kTile;                 // [nq, rv] value-latent accumulators
-  s.m = s.acc + nq * rv;                    // [nq] running max
+__host__ __device__ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+__host__ __device__ inline Smem smem_layout(int64_t nq, int64_t D, int64_t rv, bool mma) {
+  Smem s{};
+  if (!mma) {
+    s.ldk = D + 1;
+    s.nqp = nq;
+    s.lda = rv;
+    s.q = 0;                                  // [nq, D] RoPE'd, scaled queries
+    s.k = s.q + nq * D;                       // [kTile, D + 1] keys (padded rows: no bank conflicts)
+    s.buf = s.k + kTile * s.ldk;              // [kTile, kChunk] latent or value chunk
+    s.up = s.buf + kTile * kChunk;            // [kChunk, D] k_up chunk
+    s.p = s.up + kChunk * D;                  // [nq, kTile] scores, then probabilities
+    s.acc = s.p + nq * kTile;                 // [nq, rv] value-latent accumulators
+    s.m = s.acc + nq * rv;                    // [nq] running max
+  } else {  // every buffer 32-byte aligned (8 floats); float16 buffers of n values take n / 2 floats
+    const int64_t nqp = round_up(nq, kMmaTile), ldh = D + kHalfPad;
+    s.ldk = D + 4;
+    s.nqp = nqp;
+    s.lda = round_up(rv, kMmaTile);
+    s.qh = 0;                                                     // half [nqp, D + 8] queries
+    s.k = s.qh + round_up(nqp * ldh / 2, 8);                      // float [kTile, D + 4] keys
+    s.kh = s.k + round_up(kTile * s.ldk, 8);                      // half [kTile, D + 8] keys after RoPE
+    s.bufh = s.kh + round_up(kTile * ldh / 2, 8);                 // half [kTile, kChunk + 8] latent / value chunk
+    s.uph = s.bufh + round_up(kTile * (kChunk + kHalfPad) / 2, 8);  // half [kChunk, D + 8] k_up chunk
+    s.p = s.uph + round_up(kChunk * ldh / 2, 8);                  // float [nqp, kTile] scores, probabilities
+    s.ph = s.p + nqp * kTile;                                     // half [nqp, kTile + 8] probabilities
+    s.acc = s.ph + round_up(nqp * (kTile + kHalfPad) / 2, 8);     // float [nqp, lda] accumulators
+    s.m = s.acc + nqp * s.lda;
+  }
   s.l = s.m + nq;                           // [nq] running sum
   s.corr = s.l + nq;                        // [nq] rescale factor of this tile
   s.total = s.corr + nq;
@@ -167,9 +219,56 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// grid: B * nqt * Hkv * nsplit blocks (split fastest), kThreads threads.
-template <class T>
+// ---- tensor cores (float16 only, opt-in: see the top of the file) ----------------------------
+
+#if defined(LREXPORT_CUDA_EMULATE) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+#define LRX_WMMA 1  // nvcuda::wmma exists (sm_70 and newer; emulate.h's stand-in)
+#else
+#define LRX_WMMA 0
+#endif
+
+// One warp's share of C [M, N] (float, row-major, ldc) = or += A [M, K] @ B [K, N] on tensor
+// cores (WMMA m16n16k16, float16 inputs, float accumulators); M, N, K multiples of 16. A is
+// row-major (lda); B is row-major [K, N] (ldb), or with kBt given as its transpose, row-major
+// [N, K] (ldb: read as a column-major B). The 16x16 tiles of C go to the warps round robin (a
+// warp-uniform loop: every lane of a warp makes the same WMMA calls). Leading dimensions: multiples
+// of 8 halves / 4 floats; every tile pointer 32-byte aligned (the buffers are, see smem_layout).
+template <bool kBt>
+__device__ __forceinline__ void mma_tiles(float* C, int64_t ldc, const __half* A, int64_t lda, const __half* B,
+                                          int64_t ldb, int64_t M, int64_t N, int64_t K, bool accumulate, int warp,
+                                          int nwarps) {
+#if LRX_WMMA
+  namespace wmma = nvcuda::wmma;
+  using BLayout = typename std::conditional<kBt, wmma::col_major, wmma::row_major>::type;
+  const int64_t tiles_n = N / kMmaTile, tiles = M / kMmaTile * tiles_n;
+  for (int64_t t = warp; t < tiles; t += nwarps) {
+    const int64_t tm = t / tiles_n, tn = t % tiles_n;
+    float* c_ptr = C + tm * kMmaTile * ldc + tn * kMmaTile;
+    wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> c;
+    if (accumulate)
+      wmma::load_matrix_sync(c, c_ptr, static_cast<unsigned>(ldc), wmma::mem_row_major);
+    else
+      wmma::fill_fragment(c, 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += kMmaTile) {
+      wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, __half, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, __half, BLayout> fb;
+      wmma::load_matrix_sync(fa, A + tm * kMmaTile * lda + k0, static_cast<unsigned>(lda));
+      wmma::load_matrix_sync(fb, kBt ? B + tn * kMmaTile * ldb + k0 : B + k0 * ldb + tn * kMmaTile,
+                             static_cast<unsigned>(ldb));
+      wmma::mma_sync(c, fa, fb, c);
+    }
+    wmma::store_matrix_sync(c_ptr, c, static_cast<unsigned>(ldc), wmma::mem_row_major);
+  }
+#else
+  __trap();  // not reached: plan() picks this path on compute capability 7.0 or newer only
+#endif
+}
+
+// grid: B * nqt * Hkv * nsplit blocks (split fastest), kThreads threads. kMma (T = __half only):
+// the key rebuild, the scores and P @ value latents on tensor cores (see the top of the file).
+template <class T, bool kMma>
 __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
+  static_assert(!kMma || std::is_same<T, __half>::value, "the tensor-core path is for float16 models");
   LRX_SHARED_FLOATS(sm);
   int64_t bid = blockIdx.x;
   const int64_t split = bid % a.nsplit;
@@ -183,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
   const int64_t t0 = qt * a.qtile;
   const int64_t ntok = imin(a.qtile, a.S - t0);
   const int64_t nq = ntok * rep;  // query rows n = i * rep + r: token t0 + i, query head kv * rep + r
-  const Smem L = smem_layout(nq, D, rv);
+  const Smem L = smem_layout(nq, D, rv, kMma);
   float* q_s = sm + L.q;
   float* k_s = sm + L.k;
   float* buf = sm + L.buf;
@@ -193,6 +292,14 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
   float* m_s = sm + L.m;
   float* l_s = sm + L.l;
   float* corr_s = sm + L.corr;
+  // tensor-core path: float16 copies of the operands (row strides: D + 8, kChunk + 8, kTile + 8)
+  __half* qh = reinterpret_cast<__half*>(sm + L.qh);
+  __half* kh = reinterpret_cast<__half*>(sm + L.kh);
+  __half* bufh = reinterpret_cast<__half*>(sm + L.bufh);
+  __half* uph = reinterpret_cast<__half*>(sm + L.uph);
+  __half* ph = reinterpret_cast<__half*>(sm + L.ph);
+  const int64_t ldh = D + kHalfPad, ldc = kChunk + kHalfPad, ldp = kTile + kHalfPad;
+  const int64_t nqp = L.nqp, lda = L.lda;
 
   const T* query = static_cast<const T*>(a.query);
   const T* kup = static_cast<const T*>(a.k_up);
@@ -213,24 +320,43 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
   const int64_t j_end = imin(p1 + 1, j_begin + chunk);
 
   // queries, RoPE'd at their positions and scaled
-  for (int64_t o = tid; o < nq * half; o += nthreads) {
-    const int64_t n = o / half, d = o % half;
-    const int64_t i = n / rep, h = kv * rep + n % rep;
-    const int64_t pos = p0 + i;
-    const int64_t qrow = ((b * a.S + t0 + i) * a.Hq + h) * D;
-    const float x1 = ld(query, qrow + d), x2 = ld(query, qrow + d + half);
-    const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
-    q_s[n * D + d] = a.scale * (x1 * c - x2 * sn);
-    q_s[n * D + d + half] = a.scale * (x2 * c + x1 * sn);
+  if constexpr (kMma) {  // as float16, rows nq .. nqp - 1 zero
+    for (int64_t o = tid; o < nqp * half; o += nthreads) {
+      const int64_t n = o / half, d = o % half;
+      float y1 = 0.0f, y2 = 0.0f;
+      if (n < nq) {
+        const int64_t i = n / rep, h = kv * rep + n % rep;
+        const int64_t pos = p0 + i;
+        const int64_t qrow = ((b * a.S + t0 + i) * a.Hq + h) * D;
+        const float x1 = ld(query, qrow + d), x2 = ld(query, qrow + d + half);
+        const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
+        y1 = a.scale * (x1 * c - x2 * sn);
+        y2 = a.scale * (x2 * c + x1 * sn);
+      }
+      qh[n * ldh + d] = __float2half_rn(y1);
+      qh[n * ldh + d + half] = __float2half_rn(y2);
+    }
+    for (int64_t o = tid; o < nqp * lda; o += nthreads) acc[o] = 0.0f;
+  } else {
+    for (int64_t o = tid; o < nq * half; o += nthreads) {
+      const int64_t n = o / half, d = o % half;
+      const int64_t i = n / rep, h = kv * rep + n % rep;
+      const int64_t pos = p0 + i;
+      const int64_t qrow = ((b * a.S + t0 + i) * a.Hq + h) * D;
+      const float x1 = ld(query, qrow + d), x2 = ld(query, qrow + d + half);
+      const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
+      q_s[n * D + d] = a.scale * (x1 * c - x2 * sn);
+      q_s[n * D + d + half] = a.scale * (x2 * c + x1 * sn);
+    }
+    for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o] = 0.0f;
   }
-  for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o] = 0.0f;
   for (int64_t n = tid; n < nq; n += nthreads) {
     m_s[n] = -INFINITY;
     l_s[n] = 0.0f;
   }
   __syncthreads();
 
-  const int64_t Dp = D + 1;
+  const int64_t Dp = L.ldk;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kTile) {
     const int64_t nk = imin(kTile, j_end - j0);
     // -- keys of positions j0 .. j0 + nk - 1: bias, then + latent @ k_up slice, chunk by chunk
@@ -241,50 +367,96 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
     for (int64_t r0 = 0; r0 < rk; r0 += kChunk) {
       const int64_t rc = imin(kChunk, rk - r0);
       __syncthreads();  // the previous chunk has been used
-      for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
-        const int64_t j = o / kChunk, r = o % kChunk;
-        buf[o] = (j < nk && r < rc) ? cache_value<T>(a.cache_k, a.params_k, b * a.P + j0 + j, g * rk + r0 + r, a.Wk,
-                                                     a.Ck, a.NPk, a.bits, a.qg)
-                                    : 0.0f;
-      }
-      for (int64_t o = tid; o < kChunk * D; o += nthreads) {
-        const int64_t r = o / D, d = o % D;
-        up_s[o] = r < rc ? ld(kup, (g * rk + r0 + r) * (a.s * D) + slot * D + d) : 0.0f;
-      }
-      __syncthreads();
-      for (int64_t o = tid; o < nk * D; o += nthreads) {
-        const int64_t j = o / D, d = o % D;
-        const float* lrow = buf + j * kChunk;
-        float sum = 0.0f;
+      if constexpr (kMma) {
+        // float16 operands: latent chunk [kTile, kChunk] (dequantized codes rounded to float16),
+        // k_up chunk [kChunk, D]; zero outside the tile's positions and the chunk's channels
+        for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
+          const int64_t j = o / kChunk, r = o % kChunk;
+          const float x = (j < nk && r < rc) ? cache_value<T>(a.cache_k, a.params_k, b * a.P + j0 + j, g * rk + r0 + r,
+                                                              a.Wk, a.Ck, a.NPk, a.bits, a.qg)
+                                             : 0.0f;
+          bufh[j * ldc + r] = __float2half_rn(x);
+        }
+        for (int64_t o = tid; o < kChunk * D; o += nthreads) {
+          const int64_t r = o / D, d = o % D;
+          uph[r * ldh + d] = r < rc ? kup[(g * rk + r0 + r) * (a.s * D) + slot * D + d] : __float2half_rn(0.0f);
+        }
+        __syncthreads();
+        mma_tiles<false>(k_s, Dp, bufh, ldc, uph, ldh, kTile, D, kChunk, true, warp, nwarps);
+      } else {
+        for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
+          const int64_t j = o / kChunk, r = o % kChunk;
+          buf[o] = (j < nk && r < rc) ? cache_value<T>(a.cache_k, a.params_k, b * a.P + j0 + j, g * rk + r0 + r,
+                                                       a.Wk, a.Ck, a.NPk, a.bits, a.qg)
+                                      : 0.0f;
+        }
+        for (int64_t o = tid; o < kChunk * D; o += nthreads) {
+          const int64_t r = o / D, d = o % D;
+          up_s[o] = r < rc ? ld(kup, (g * rk + r0 + r) * (a.s * D) + slot * D + d) : 0.0f;
+        }
+        __syncthreads();
+        for (int64_t o = tid; o < nk * D; o += nthreads) {
+          const int64_t j = o / D, d = o % D;
+          const float* lrow = buf + j * kChunk;
+          float sum = 0.0f;
 #pragma unroll 8
-        for (int r = 0; r < kChunk; ++r) sum += lrow[r] * up_s[r * D + d];
-        k_s[j * Dp + d] += sum;
+          for (int r = 0; r < kChunk; ++r) sum += lrow[r] * up_s[r * D + d];
+          k_s[j * Dp + d] += sum;
+        }
       }
     }
     __syncthreads();
     // -- RoPE of the keys at their positions
-    for (int64_t o = tid; o < nk * half; o += nthreads) {
-      const int64_t j = o / half, d = o % half;
-      const int64_t pos = j0 + j;
-      const float x1 = k_s[j * Dp + d], x2 = k_s[j * Dp + d + half];
-      const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
-      k_s[j * Dp + d] = x1 * c - x2 * sn;
-      k_s[j * Dp + d + half] = x2 * c + x1 * sn;
+    if constexpr (kMma) {  // into the float16 key tile, whose rows nk .. kTile - 1 are zero (masked below)
+      for (int64_t o = tid; o < kTile * half; o += nthreads) {
+        const int64_t j = o / half, d = o % half;
+        float y1 = 0.0f, y2 = 0.0f;
+        if (j < nk) {
+          const int64_t pos = j0 + j;
+          const float x1 = k_s[j * Dp + d], x2 = k_s[j * Dp + d + half];
+          const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
+          y1 = x1 * c - x2 * sn;
+          y2 = x2 * c + x1 * sn;
+        }
+        kh[j * ldh + d] = __float2half_rn(y1);
+        kh[j * ldh + d + half] = __float2half_rn(y2);
+      }
+    } else {
+      for (int64_t o = tid; o < nk * half; o += nthreads) {
+        const int64_t j = o / half, d = o % half;
+        const int64_t pos = j0 + j;
+        const float x1 = k_s[j * Dp + d], x2 = k_s[j * Dp + d + half];
+        const float c = ld(cosp, pos * half + d), sn = ld(sinp, pos * half + d);
+        k_s[j * Dp + d] = x1 * c - x2 * sn;
+        k_s[j * Dp + d + half] = x2 * c + x1 * sn;
+      }
     }
     __syncthreads();
     // -- scores (masked: causal, window)
-    for (int64_t o = tid; o < nq * kTile; o += nthreads) {
-      const int64_t n = o / kTile, j = o % kTile;
-      const int64_t pq = p0 + n / rep, pk = j0 + j;
-      const bool valid = j < nk && pk <= pq && (a.window <= 0 || pk > pq - a.window);
-      float s = -INFINITY;
-      if (valid) {
-        const float* qr = q_s + n * D;
-        const float* kr = k_s + j * Dp;
-        s = 0.0f;
-        for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+    if constexpr (kMma) {
+      // [nqp, kTile] = queries [nqp, D] @ keys^T; rows nq .. nqp - 1 are not used
+      mma_tiles<true>(p_s, kTile, qh, ldh, kh, ldh, nqp, kTile, D, false, warp, nwarps);
+      __syncthreads();
+      for (int64_t o = tid; o < nq * kTile; o += nthreads) {
+        const int64_t n = o / kTile, j = o % kTile;
+        const int64_t pq = p0 + n / rep, pk = j0 + j;
+        const bool valid = j < nk && pk <= pq && (a.window <= 0 || pk > pq - a.window);
+        if (!valid) p_s[o] = -INFINITY;
       }
-      p_s[o] = s;
+    } else {
+      for (int64_t o = tid; o < nq * kTile; o += nthreads) {
+        const int64_t n = o / kTile, j = o % kTile;
+        const int64_t pq = p0 + n / rep, pk = j0 + j;
+        const bool valid = j < nk && pk <= pq && (a.window <= 0 || pk > pq - a.window);
+        float s = -INFINITY;
+        if (valid) {
+          const float* qr = q_s + n * D;
+          const float* kr = k_s + j * Dp;
+          s = 0.0f;
+          for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+        }
+        p_s[o] = s;
+      }
     }
     __syncthreads();
     // -- online softmax, one warp per query row, one lane per position
@@ -295,6 +467,7 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;
       const float e = v == -INFINITY ? 0.0f : expf(v - m_use);
       p_s[n * kTile + lane] = e;
+      if constexpr (kMma) ph[n * ldp + lane] = __float2half_rn(e);
       const float sum = warp_sum(e);
       if (lane == 0) {
         const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_use);
@@ -303,24 +476,45 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
         m_s[n] = m_new;
       }
     }
+    if constexpr (kMma)
+      for (int64_t o = nq * kTile + tid; o < nqp * kTile; o += nthreads)
+        ph[o / kTile * ldp + o % kTile] = __float2half_rn(0.0f);  // padding rows
     __syncthreads();
-    for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o] *= corr_s[o / rv];
+    if constexpr (kMma) {
+      for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o / rv * lda + o % rv] *= corr_s[o / rv];
+    } else {
+      for (int64_t o = tid; o < nq * rv; o += nthreads) acc[o] *= corr_s[o / rv];
+    }
     // -- acc += P @ value latents, chunk by chunk
     for (int64_t c0 = 0; c0 < rv; c0 += kChunk) {
       const int64_t cc = imin(kChunk, rv - c0);
-      for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
-        const int64_t j = o / kChunk, c = o % kChunk;
-        buf[o] = (j < nk && c < cc) ? cache_value<T>(a.cache_v, a.params_v, b * a.P + j0 + j, g * rv + c0 + c, a.Wv,
-                                                     a.Cv, a.NPv, a.bits, a.qg)
-                                    : 0.0f;
-      }
-      __syncthreads();
-      for (int64_t o = tid; o < nq * cc; o += nthreads) {
-        const int64_t n = o / cc, c = o % cc;
-        const float* pr = p_s + n * kTile;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < nk; ++j) sum += pr[j] * buf[j * kChunk + c];
-        acc[n * rv + c0 + c] += sum;
+      if constexpr (kMma) {
+        for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
+          const int64_t j = o / kChunk, c = o % kChunk;
+          const float x = (j < nk && c < cc) ? cache_value<T>(a.cache_v, a.params_v, b * a.P + j0 + j, g * rv + c0 + c,
+                                                              a.Wv, a.Cv, a.NPv, a.bits, a.qg)
+                                             : 0.0f;
+          bufh[j * ldc + c] = __float2half_rn(x);
+        }
+        __syncthreads();  // (also: the accumulators' rescaling above is done)
+        // acc[:, c0 .. c0 + cc rounded up to 16] += P [nqp, kTile] @ values [kTile, ...]; columns
+        // from rv on (up to lda) get zeros
+        mma_tiles<false>(acc + c0, lda, ph, ldp, bufh, ldc, nqp, round_up(cc, kMmaTile), kTile, true, warp, nwarps);
+      } else {
+        for (int64_t o = tid; o < kTile * kChunk; o += nthreads) {
+          const int64_t j = o / kChunk, c = o % kChunk;
+          buf[o] = (j < nk && c < cc) ? cache_value<T>(a.cache_v, a.params_v, b * a.P + j0 + j, g * rv + c0 + c,
+                                                       a.Wv, a.Cv, a.NPv, a.bits, a.qg)
+                                      : 0.0f;
+        }
+        __syncthreads();
+        for (int64_t o = tid; o < nq * cc; o += nthreads) {
+          const int64_t n = o / cc, c = o % cc;
+          const float* pr = p_s + n * kTile;
+          float sum = 0.0f;
+          for (int64_t j = 0; j < nk; ++j) sum += pr[j] * buf[j * kChunk + c];
+          acc[n * rv + c0 + c] += sum;
+        }
       }
       __syncthreads();
     }
@@ -331,7 +525,7 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
     const int64_t n = o / rv, c = o % rv;
     const int64_t h = kv * rep + n % rep, t = t0 + n / rep;
     const int64_t prow = ((b * a.S + t) * a.Hq + h) * a.nsplit + split;
-    a.part_acc[prow * rv + c] = acc[o];
+    a.part_acc[prow * rv + c] = acc[kMma ? n * lda + c : o];
   }
   for (int64_t n = tid; n < nq; n += nthreads) {
     const int64_t h = kv * rep + n % rep, t = t0 + n / rep;
@@ -401,13 +595,16 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream)
   if (rows > 0) {
     LRX_LAUNCH(write_tokens<T>, dim3(static_cast<unsigned>(rows), 2), 128, 0, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the cache write", e);
+    void (*attend)(Args) = attend_partial<T, false>;
+    if constexpr (std::is_same<T, __half>::value) {
+      if (pl.mma) attend = attend_partial<T, true>;
+    }
     if (pl.smem_attn > 48 * 1024) {
-      e = cudaFuncSetAttribute(attend_partial<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(pl.smem_attn));
+      e = cudaFuncSetAttribute(attend, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(pl.smem_attn));
       if (e != cudaSuccess) return cuda_error("cudaFuncSetAttribute (shared memory of the attention)", e);
     }
     const int64_t blocks = p.B * pl.nqt * p.Hkv * pl.nsplit;
-    LRX_LAUNCH(attend_partial<T>, static_cast<unsigned>(blocks), kThreads, pl.smem_attn, stream, a);
+    LRX_LAUNCH(attend, static_cast<unsigned>(blocks), kThreads, pl.smem_attn, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the attention", e);
     LRX_LAUNCH(combine<T>, static_cast<unsigned>(rows * p.Hq), 128, pl.smem_combine, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
@@ -420,7 +617,7 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream)
 std::string plan(const Params& p, Plan* pl) {
   *pl = Plan{};
   if (p.B == 0 || p.S == 0) return "";
-  int dev = 0, sms = 0, smem_optin = 0;
+  int dev = 0, sms = 0, smem_optin = 0, cc_major = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess && dev != p.device) e = cudaSetDevice(p.device);
   if (e != cudaSuccess) return cuda_error("cudaGetDevice / cudaSetDevice", e);
@@ -428,9 +625,15 @@ std::string plan(const Params& p, Plan* pl) {
     return cuda_error("cudaDeviceGetAttribute (multiprocessors)", e);
   if ((e = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device)) != cudaSuccess)
     return cuda_error("cudaDeviceGetAttribute (shared memory per block)", e);
+  if ((e = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, p.device)) != cudaSuccess)
+    return cuda_error("cudaDeviceGetAttribute (compute capability)", e);
+  // tensor cores: opt-in (LREXPORT_CUDA_MMA=1, read per call), float16 models, head dim a multiple
+  // of 16 (WMMA tiles), compute capability 7.0 or newer; else the float32 path
+  const char* mma_env = std::getenv("LREXPORT_CUDA_MMA");
+  pl->mma = mma_env && std::strcmp(mma_env, "1") == 0 && p.f16 && p.D % kMmaTile == 0 && cc_major >= 7;
   // query tile: as many new tokens as fit the shared-memory target (decode: 1)
   int64_t qtile = std::min<int64_t>(16, p.S);
-  auto smem = [&](int64_t qt) { return static_cast<size_t>(smem_layout(qt * p.rep, p.D, p.rv).total) * 4; };
+  auto smem = [&](int64_t qt) { return static_cast<size_t>(smem_layout(qt * p.rep, p.D, p.rv, pl->mma).total) * 4; };
   while (qtile > 1 && smem(qtile) > kSmemTarget) qtile = (qtile + 1) / 2;
   pl->qtile = qtile;
   pl->smem_attn = smem(qtile);

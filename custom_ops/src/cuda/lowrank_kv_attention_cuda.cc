@@ -70,9 +70,9 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   std::string err = cuda::plan(p, &plan);
   if (!err.empty()) return cuda_fail(err);
   if (debug)
-    std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits\n",
+    std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits%s\n",
                  describe_call(call).c_str(), device, static_cast<long long>(plan.qtile),
-                 static_cast<long long>(plan.nsplit));
+                 static_cast<long long>(plan.nsplit), plan.mma ? ", tensor cores (WMMA)" : "");
 
   // Scratch memory from ONNX Runtime's allocator for this device, on this stream: handed back
   // right after the launches, which is safe in stream order (ORT's own CUDA kernels do the same).
