@@ -19,7 +19,7 @@ from lrexport.calib.data import SelfCalibration
 from lrexport.eval.data import default_data_dir
 from lrexport.factorize import FisherWhitenSvd
 from lrexport.kv.palu import PaluKV
-from lrexport.schedule import Progressive
+from lrexport.schedule import Linear, Schedule
 
 PROMPTS = (
     "What is the capital of France, and what is it famous for?",
@@ -42,16 +42,15 @@ def run_demo(*, ratio: float = 0.2, kv_ratio: float = 0.5, kv_bits: int | None =
     print("[1/5] loading the default model (SmolLM2-135M-Instruct; fetched and converted once)")
     lm = api.load(None)
     base = api.open_model(None)
-    progressive = Progressive(form="cosine", tokens=max_new_tokens - 1)
     print(f"[2/5] compressing: FLRC allocation, Fisher-weighted whitened SVD, {ratio:.0%} of projection "
-          f"parameters removed on average while decoding: ranks stored for "
-          f"{progressive.stored_ratio(ratio):.0%}, progressively lowered (cosine);\n"
+          "parameters removed, progressive decoding 1.0 -> 0.8 of the stored rank over 32 steps;\n"
           f"      KV cache: Palu J-LRD latents, {kv_ratio:.0%} of K/V dimensions removed (FLRC allocation)"
           + (f", {kv_bits}-bit Hadamard-rotated latents" if kv_bits else ""))
+    schedule = Schedule(form=Linear(start=1.0, end=0.8, steps=32), min_rank=8)
     kv = PaluKV(allocation=Flrc(ratio=kv_ratio), group_size=0, bits=kv_bits) if kv_ratio else None
     res = api.compress(model=lm, weights=api.WeightCompression(allocation=Flrc(ratio=ratio),
                                                                factorization=FisherWhitenSvd()),
-                       kv=kv, calibration=SelfCalibration(num_windows=16, window=256), progressive=progressive)
+                       kv=kv, calibration=SelfCalibration(num_windows=16, window=256), schedule=schedule)
     cm = res.compressed
     for r in cm.pass_results:
         print("      " + r.summary())
@@ -59,7 +58,6 @@ def run_demo(*, ratio: float = 0.2, kv_ratio: float = 0.5, kv_bits: int | None =
     kept = w.params_kept / w.params_total
     print(f"      kept {w.params_kept:,}/{w.params_total:,} projection parameters ({kept:.1%})"
           f" in {res.timings['compress_s']:.0f}s (allocation {res.timings['alloc_s']:.2f}s)")
-    print(f"      schedule: {cm.plan.schedule.describe()}")
     if cm.plan.kv:
         k = cm.plan.kv
         print(f"      KV cache: {k['bytes_per_token']:,} bytes/token instead of {k['dense_bytes_per_token']:,} "
