@@ -117,26 +117,34 @@ def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
 
 
 CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, cuda_core_scores=cc)
-           for bn, w, st, cc in ((32, 4, 3, False), (64, 4, 2, False), (64, 4, 3, False), (128, 8, 2, False),
-                                 (32, 4, 3, True), (64, 4, 2, True))
-           for wv in (2, 4)]
+           for bn, w, st, cc in ((64, 4, 2, False), (64, 4, 3, False), (64, 4, 4, False), (128, 4, 2, False),
+                                 (128, 8, 2, False), (64, 4, 2, True))
+           for wv in (2, 4, 8)]
 
 
 def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
-    """Pick the fastest kernel config for this variant (timed at the tuning context)."""
-    best = None
-    for cfg in CONFIGS:
+    """The fastest kernel config for this variant (timed at the tuning context) and every config's time.
+
+    4-bit variants also try the interleaving unpack path (``plane_unpack=False``), so the
+    results show what reading 4-bit latents as even/odd planes gains.
+    """
+    best, timings = None, []
+    configs = CONFIGS + ([dict(cfg, plane_unpack=False) for cfg in CONFIGS
+                          if cfg["block_n"] == 64 and cfg["num_stages"] < 4 and not cfg["cuda_core_scores"]]
+                         if bits == 4 else [])
+    for cfg in configs:
         try:
             t = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
         except Exception as e:  # a config that does not fit (shared memory, registers)
             print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
+        timings.append(dict(cfg, time_us=t))
         if best is None or t < best[0]:
             best = (t, cfg)
-    return None if best is None else best[1]
+    return (None if best is None else best[1]), timings
 
 
-def save(args, argv, rows, t_start) -> None:
+def save(args, argv, rows, tuning, t_start) -> None:
     """Write the rows so far (atomically): a sweep cut short still leaves its measurements."""
     props = torch.cuda.get_device_properties(0)
     import triton
@@ -149,7 +157,7 @@ def save(args, argv, rows, t_start) -> None:
                            "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)",
                            "lrexport_time": "attention kernel + split combine; cache holds the new token",
                            "wall_s": time.time() - t_start},
-              "rows": rows}
+              "rows": rows, "tuning": tuning}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json.tmp").write_text(json.dumps(result, indent=1))
@@ -173,7 +181,7 @@ def main(argv=None) -> int:
     dtype = torch.float16
     esz = 2
     qg = QG
-    rows = []
+    rows, tuning = [], []
     variants = [(float(r), gname, int(b)) for r, gname, b in (v.split(":") for v in args.variants.split(","))]
     t_start = time.time()
     for shape in args.shapes.split(","):
@@ -196,7 +204,9 @@ def main(argv=None) -> int:
                     key = (red, gname, bits)
                     if key not in configs:
                         tc = make_latent_case(1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
-                        configs[key] = tune(tc, 1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg)
+                        configs[key], timings = tune(tc, 1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg)
+                        tuning.append(dict(shape=shape, kv_removed=1 - rk / (s * D), grouping=gname, bits=bits or None,
+                                           context=args.tune_context, batch=1, configs=timings))
                         del tc
                     cfg = configs[key]
                     if cfg is None:
@@ -215,8 +225,8 @@ def main(argv=None) -> int:
                           f"sdpa, {row['of_roofline']:.2f} of roofline ({bound}-bound floor) cfg={cfg}", flush=True)
                     del c
                     torch.cuda.empty_cache()
-                save(args, argv, rows, t_start)
-    save(args, argv, rows, t_start)
+                save(args, argv, rows, tuning, t_start)
+    save(args, argv, rows, tuning, t_start)
     return 0
 
 

@@ -60,23 +60,28 @@ if triton is not None:
 
     @triton.jit
     def _load_block(C, Pp, row_c, row_p, nmask, base, BLOCK_N: tl.constexpr, W: tl.constexpr, VALID,
-                    BITS: tl.constexpr, QG: tl.constexpr, NGROUPS, FAST: tl.constexpr):
-        """Latent values [BLOCK_N, W] (float32) of channels ``base .. base+W`` (the first VALID of them).
+                    AL: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, NGROUPS, FAST: tl.constexpr, sc, ze):
+        """Latent values [BLOCK_N, W] of channels ``base .. base+W`` (the first VALID of them).
 
         ``row_c`` / ``row_p``: [BLOCK_N, 1] offsets of the positions' cache / params rows. FAST (2, 4
         and 8 bits with whole quantization groups, ``base`` a multiple of QG): bytes are loaded as
-        vectors and split into codes in registers, one scale / zero per group. Otherwise each
-        channel gathers its bits (3-bit codes straddle bytes).
+        vectors and split into codes in registers, with the groups' scales / zero points ``sc`` /
+        ``ze`` from :func:`_qparams` (loaded ahead by the caller). Otherwise each
+        channel gathers its bits (3-bit codes straddle bytes). Float caches come back in their
+        own dtype, codes dequantized in float32. ``VALID`` is a multiple of ``AL`` (a power of
+        two): the channel mask is written per ``AL`` channels so that the compiler sees it constant
+        over them, and vectorizes (and pipelines) the loads although ``VALID`` is a run-time value.
         """
         w = tl.arange(0, W)
-        m2 = nmask[:, None] & (w < VALID)[None, :]
-        if BITS == 0:
-            return tl.load(C + row_c + base + w[None, :], mask=m2, other=0.0).to(tl.float32)
+        m2 = nmask[:, None] & ((w // AL) * AL < VALID)[None, :]
+        if BITS == 0:  # as stored: a load that feeds an MMA directly is pipelined through shared memory
+            return tl.load(C + row_c + base + w[None, :], mask=m2, other=0.0)
         elif FAST:
             PER: tl.constexpr = 8 // BITS
             wb = tl.arange(0, W // PER)
-            byt = tl.load(C + row_c + base // PER + wb[None, :], mask=nmask[:, None] & (wb * PER < VALID)[None, :],
-                          other=0).to(tl.int32)
+            GB: tl.constexpr = AL // PER  # bytes per mask granule
+            byt = tl.load(C + row_c + base // PER + wb[None, :],
+                          mask=nmask[:, None] & ((wb // GB) * AL < VALID)[None, :], other=0).to(tl.int32)
             if BITS == 8:
                 code = byt
             elif BITS == 4:
@@ -85,10 +90,6 @@ if triton is not None:
                 code = tl.reshape(tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, byt >> 6)),
                                   (BLOCK_N, W))
             NGW: tl.constexpr = W // QG
-            gw = tl.arange(0, NGW)
-            gmask = nmask[:, None] & (gw * QG < VALID)[None, :]
-            sc = tl.load(Pp + row_p + base // QG + gw[None, :], mask=gmask, other=0.0).to(tl.float32)
-            ze = tl.load(Pp + row_p + NGROUPS + base // QG + gw[None, :], mask=gmask, other=0.0).to(tl.float32)
             x = tl.reshape(code.to(tl.float32), (BLOCK_N, NGW, QG)) * sc[:, :, None] + ze[:, :, None]
             return tl.reshape(x, (BLOCK_N, W))
         else:
@@ -108,12 +109,56 @@ if triton is not None:
             return code.to(tl.float32) * scale + zero
 
     @triton.jit
+    def _qparams(Pp, row_p, nmask, base, W: tl.constexpr, VALID, AL: tl.constexpr, QG: tl.constexpr, NGROUPS,
+                 PLANE: tl.constexpr):
+        """Scales and zero points (float32) of channels ``base .. base+W`` for the vector unpacking paths.
+
+        One per quantization group, [BLOCK_N, W // QG] (:func:`_load_block`), or one per channel pair,
+        [BLOCK_N, W // 2] (PLANE, :func:`_load_nibbles`). These loads are too narrow for the
+        compiler's pipelining, so the kernel issues them a tile ahead.
+        """
+        if PLANE:
+            i = tl.arange(0, W // 2)
+            m2 = nmask[:, None] & ((i // (AL // 2)) * AL < VALID)[None, :]
+            grp = (base + 2 * i) // QG
+        else:
+            i = tl.arange(0, W // QG)
+            m2 = nmask[:, None] & (i * QG < VALID)[None, :]
+            grp = base // QG + i
+        sc = tl.load(Pp + row_p + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+        ze = tl.load(Pp + row_p + NGROUPS + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+        return sc, ze
+
+    @triton.jit
+    def _load_nibbles(C, row_c, nmask, base, W: tl.constexpr, VALID, AL: tl.constexpr, sc, ze):
+        """4-bit latents of channels ``base .. base+W`` as two planes [BLOCK_N, W // 2] (float32).
+
+        The low nibbles hold the even channels and the high nibbles the odd ones, so the two
+        planes come straight from the loaded bytes with no register shuffles; the caller
+        multiplies each plane by the matching rows of the up-projection. ``sc`` / ``ze``: the scale
+        and zero point of each channel pair (:func:`_qparams` with PLANE). ``base`` is even,
+        ``VALID`` a multiple of ``AL`` (>= 2; see :func:`_load_block`).
+        """
+        i = tl.arange(0, W // 2)
+        m2 = nmask[:, None] & ((i // (AL // 2)) * AL < VALID)[None, :]
+        byt = tl.load(C + row_c + base // 2 + i[None, :], mask=m2, other=0).to(tl.int32)
+        return (byt & 15).to(tl.float32) * sc + ze, (byt >> 4).to(tl.float32) * sc + ze
+
+    @triton.jit
     def _mma(a, b, IEEE: tl.constexpr):
         """``a @ b`` on the tensor cores; exact float32 products for float32 models."""
         if IEEE:
             return tl.dot(a, b, input_precision="ieee")
         else:
             return tl.dot(a, b)
+
+    @triton.jit
+    def _pv(p, v, CC: tl.constexpr, IEEE: tl.constexpr):
+        """``P @ V`` for one tile: an MMA, or multiply-and-reduce on the CUDA cores (CC, few query rows)."""
+        if CC:
+            return tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        else:
+            return _mma(p.to(v.dtype), v, IEEE)
 
     @triton.jit
     def _latent_attn_fwd(
@@ -125,11 +170,12 @@ if triton is not None:
         ACC, MAX, SUM,
         S, split_len, nsplit, qk_scale,
         HQ: tl.constexpr, HKV: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
-        RK, RV, RV_P: tl.constexpr, RKB: tl.constexpr,
+        RK, RV, RV_P: tl.constexpr, RKB: tl.constexpr, AL_K: tl.constexpr, AL_V: tl.constexpr,
         NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr,
+        PLANE_K: tl.constexpr, PLANE_KC: tl.constexpr, PLANE_V: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -171,38 +217,102 @@ if triton is not None:
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, RV_P], tl.float32)
+        if PLANE_V:  # 4-bit value planes: even and odd latent channels accumulate apart
+            acc_e = tl.zeros([M, RV_P // 2], tl.float32)
+            acc_o = tl.zeros([M, RV_P // 2], tl.float32)
+            cv2 = tl.arange(0, RV_P // 2)
+        else:
+            acc = tl.zeros([M, RV_P], tl.float32)
         cv_idx = tl.arange(0, RV_P)
         cvmask = cv_idx < RV
         kch = tl.arange(0, RKB)
         kup_base = KUP + g * RK * (GS * D) + slot * D
 
         if HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
-            chp = tl.arange(0, RK_P)
-            u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
-            u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
+            if PLANE_K:  # its even and odd rows apart, for the two 4-bit planes
+                ch2 = 2 * tl.arange(0, RK_P // 2)
+                m_e = ch2[:, None] < RK
+                ue1 = tl.load(kup_base + ch2[:, None] * (GS * D) + d[None, :], mask=m_e, other=0.0)
+                ue2 = tl.load(kup_base + ch2[:, None] * (GS * D) + HALF + d[None, :], mask=m_e, other=0.0)
+                uo1 = tl.load(kup_base + (ch2 + 1)[:, None] * (GS * D) + d[None, :], mask=m_e, other=0.0)
+                uo2 = tl.load(kup_base + (ch2 + 1)[:, None] * (GS * D) + HALF + d[None, :], mask=m_e, other=0.0)
+            else:
+                chp = tl.arange(0, RK_P)
+                u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
+                u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK,
+                              other=0.0)
+
+        # quantized vector paths: the next tile's scales / zero points are loaded a tile ahead
+        PRE_K: tl.constexpr = HOIST and (PLANE_K or FAST_K)
+        PRE_V: tl.constexpr = PLANE_V or FAST_V
+        NGK = (G * RK) // QG
+        NGV = (G * RV) // QG
+        first = start + tl.arange(0, BLOCK_N)
+        if PRE_K:
+            sck, zek = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end, g * RK, RK_P, RK,
+                                AL_K, QG, NGK, PLANE_K)
+        if PRE_V:
+            scv, zev = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end, g * RV, RV_P, RV,
+                                AL_V, QG, NGV, PLANE_V)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             pos64 = offs_n.to(tl.int64)[:, None]
+            nxt = offs_n + BLOCK_N
+            if PRE_K:
+                sck_n, zek_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end, g * RK, RK_P,
+                                        RK, AL_K, QG, NGK, PLANE_K)
+            if PRE_V:
+                scv_n, zev_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end, g * RV, RV_P,
+                                        RV, AL_V, QG, NGV, PLANE_V)
+            row_ck = b * sck_b + pos64 * sck_p
+            row_pk = b * spk_b + pos64 * spk_p
             if HOIST:
-                lat = _load_block(CK, PK, b * sck_b + pos64 * sck_p, b * spk_b + pos64 * spk_p,
-                                  nmask, g * RK, BLOCK_N, RK_P, RK, BITS, QG, (G * RK) // QG, FAST_K).to(cdt)
-                k1 = _mma(lat, u1h, IEEE)
-                k2 = _mma(lat, u2h, IEEE)
+                if PLANE_K:
+                    l_e, l_o = _load_nibbles(CK, row_ck, nmask, g * RK, RK_P, RK, AL_K, sck, zek)
+                    l_e = l_e.to(cdt)
+                    l_o = l_o.to(cdt)
+                    k1 = _mma(l_e, ue1, IEEE) + _mma(l_o, uo1, IEEE)
+                    k2 = _mma(l_e, ue2, IEEE) + _mma(l_o, uo2, IEEE)
+                elif FAST_K:
+                    lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
+                                      True, sck, zek).to(cdt)
+                    k1 = _mma(lat, u1h, IEEE)
+                    k2 = _mma(lat, u2h, IEEE)
+                else:
+                    lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
+                                      False, 0.0, 0.0).to(cdt)
+                    k1 = _mma(lat, u1h, IEEE)
+                    k2 = _mma(lat, u2h, IEEE)
             else:
                 k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 for c in range(0, RK // RKB):
-                    ch = c * RKB + kch
-                    lat = _load_block(CK, PK, b * sck_b + pos64 * sck_p, b * spk_b + pos64 * spk_p,
-                                      nmask, g * RK + c * RKB, BLOCK_N, RKB, RKB, BITS, QG, (G * RK) // QG,
-                                      FAST_KC).to(cdt)
-                    u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
-                    u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
-                    k1 += _mma(lat, u1, IEEE)
-                    k2 += _mma(lat, u2, IEEE)
+                    cb = g * RK + c * RKB
+                    if PLANE_KC:
+                        sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, RKB, QG, NGK, True)
+                        l_e, l_o = _load_nibbles(CK, row_ck, nmask, cb, RKB, RKB, RKB, sc_c, ze_c)
+                        l_e = l_e.to(cdt)
+                        l_o = l_o.to(cdt)
+                        ce = c * RKB + 2 * tl.arange(0, RKB // 2)
+                        k1 += _mma(l_e, tl.load(kup_base + ce[:, None] * (GS * D) + d[None, :]), IEEE)
+                        k1 += _mma(l_o, tl.load(kup_base + (ce + 1)[:, None] * (GS * D) + d[None, :]), IEEE)
+                        k2 += _mma(l_e, tl.load(kup_base + ce[:, None] * (GS * D) + HALF + d[None, :]), IEEE)
+                        k2 += _mma(l_o, tl.load(kup_base + (ce + 1)[:, None] * (GS * D) + HALF + d[None, :]), IEEE)
+                    else:
+                        ch = c * RKB + kch
+                        if FAST_KC:
+                            sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, RKB, QG, NGK, False)
+                            lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG,
+                                              NGK, True, sc_c, ze_c).to(cdt)
+                        else:
+                            lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG,
+                                              NGK, False, 0.0, 0.0).to(cdt)
+                        u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
+                        u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
+                        k1 += _mma(lat, u1, IEEE)
+                        k2 += _mma(lat, u2, IEEE)
             if HAS_BIAS:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
@@ -224,25 +334,48 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_safe)
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_block(CV, PV, b * scv_b + pos64 * scv_p, b * spv_b + pos64 * spv_p,
-                            nmask, g * RV, BLOCK_N, RV_P, RV, BITS, QG, (G * RV) // QG, FAST_V).to(cdt)
-            if CC:
-                acc = acc * alpha[:, None] + tl.sum(p.to(cdt).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :],
-                                                    1)
+            row_cv = b * scv_b + pos64 * scv_p
+            row_pv = b * spv_b + pos64 * spv_p
+            if PLANE_V:
+                v_e, v_o = _load_nibbles(CV, row_cv, nmask, g * RV, RV_P, RV, AL_V, scv, zev)
+                acc_e = acc_e * alpha[:, None] + _pv(p, v_e.to(cdt), CC, IEEE)
+                acc_o = acc_o * alpha[:, None] + _pv(p, v_o.to(cdt), CC, IEEE)
             else:
-                acc = acc * alpha[:, None] + _mma(p.to(cdt), v, IEEE)
+                if FAST_V:
+                    v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV,
+                                    True, scv, zev).to(cdt)
+                else:
+                    v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV,
+                                    False, 0.0, 0.0).to(cdt)
+                acc = acc * alpha[:, None] + _pv(p, v, CC, IEEE)
             m_i = m_new
+            if PRE_K:
+                sck = sck_n
+                zek = zek_n
+            if PRE_V:
+                scv = scv_n
+                zev = zev_n
 
         if not SPLIT:
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV + cv_idx[None, :]
-            tl.store(optr, out.to(OUT.dtype.element_ty), mask=rvalid[:, None] & cvmask[None, :])
+            den = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            orow = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV
+            if PLANE_V:
+                m_e = rvalid[:, None] & (2 * cv2 < RV)[None, :]
+                tl.store(orow + 2 * cv2[None, :], (acc_e / den).to(OUT.dtype.element_ty), mask=m_e)
+                tl.store(orow + 2 * cv2[None, :] + 1, (acc_o / den).to(OUT.dtype.element_ty), mask=m_e)
+            else:
+                tl.store(orow + cv_idx[None, :], (acc / den).to(OUT.dtype.element_ty),
+                         mask=rvalid[:, None] & cvmask[None, :])
         else:
             # partials [B, S, HQ, NSPLIT(, RV_P)]
             part = ((b * S + t) * HQ + head) * nsplit + pid_s
             tl.store(MAX + part, m_i, mask=rvalid)
             tl.store(SUM + part, l_i, mask=rvalid)
-            tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
+            if PLANE_V:
+                tl.store(ACC + part[:, None] * RV_P + 2 * cv2[None, :], acc_e, mask=rvalid[:, None])
+                tl.store(ACC + part[:, None] * RV_P + 2 * cv2[None, :] + 1, acc_o, mask=rvalid[:, None])
+            else:
+                tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
 
     @triton.jit
     def _combine(ACC, MAX, SUM, OUT, NSPLIT, RV, RV_P: tl.constexpr, NSPLIT_P: tl.constexpr):
@@ -306,6 +439,15 @@ if triton is not None:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def _align(valid: int) -> int:
+    """The kernels' channel-mask granule: the largest power of two that divides ``valid``, at most 16.
+
+    16 channels are 32 bytes of fp16 (two 16-byte vector loads) and 8 bytes of 4-bit codes; the cap
+    keeps ranks that are multiples of 16 on one compiled kernel.
+    """
+    return min(valid & -valid, 16)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -389,14 +531,16 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int = 4,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True,
+            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True, plane_unpack: bool = True,
             cuda_core_scores: bool = False) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
     ``num_splits`` (or ``waves`` programs per multiprocessor), ``hoist`` (keep ``k_up`` on
-    chip), ``vector_unpack`` (False: per-channel code gathers, for testing),
+    chip), ``vector_unpack`` (False: per-channel code gathers, for testing), ``plane_unpack``
+    (4-bit latents as even/odd-channel planes, each multiplied by its rows of ``k_up``, instead
+    of interleaving the nibbles in registers),
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
     multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
@@ -454,6 +598,9 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
         return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
 
+    def plane(valid: int, width: int) -> bool:  # 4-bit planes: whole groups, dots of >= 16 channels per plane
+        return plane_unpack and bits == 4 and valid % quant_group == 0 and width >= 32
+
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     attempts = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
     for i, (bn, st) in enumerate(attempts):
@@ -468,11 +615,13 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 acc, mx, sm,
                 S, split_len, num_splits, scale * LOG2E,
                 HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
+                AL_K=_align(rk), AL_V=_align(rv),
                 NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
                 QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
                 HOIST=hoist, RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p),
-                FAST_KC=not hoist and fast(rk, rkb), FAST_V=fast(rv, rv_p),
-                CC=cuda_core_scores, num_warps=num_warps, **stage)
+                FAST_KC=not hoist and fast(rk, rkb), FAST_V=fast(rv, rv_p), CC=cuda_core_scores,
+                PLANE_K=hoist and plane(rk, rk_p), PLANE_KC=not hoist and plane(rk, rkb),
+                PLANE_V=plane(rv, rv_p), num_warps=num_warps, **stage)
             break
         except triton.runtime.errors.OutOfResources:
             if i == len(attempts) - 1:
