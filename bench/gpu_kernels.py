@@ -116,22 +116,21 @@ def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, cuda_core_scores=cc)
-           for bn, w, st, cc in ((64, 4, 2, False), (64, 4, 3, False), (64, 4, 4, False), (128, 4, 2, False),
-                                 (128, 8, 2, False), (64, 4, 2, True))
+CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=sw)
+           for bn, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2))
+           for sw in (False, True)
            for wv in (2, 4, 8)]
 
 
 def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
     """The fastest kernel config for this variant (timed at the tuning context) and every config's time.
 
-    4-bit variants also try the interleaving unpack path (``plane_unpack=False``), so the
-    results show what reading 4-bit latents as even/odd planes gains.
+    G-LRD variants also try keeping the whole ``k_up`` slice on chip (``hoist``), which the
+    kernel does by itself only for small slices.
     """
     best, timings = None, []
-    configs = CONFIGS + ([dict(cfg, plane_unpack=False) for cfg in CONFIGS
-                          if cfg["block_n"] == 64 and cfg["num_stages"] < 4 and not cfg["cuda_core_scores"]]
-                         if bits == 4 else [])
+    configs = CONFIGS + ([dict(cfg, hoist=True) for cfg in CONFIGS if cfg["block_n"] == 64 and cfg["num_warps"] == 4]
+                         if s > 1 else [])
     for cfg in configs:
         try:
             t = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)

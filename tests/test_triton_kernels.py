@@ -191,19 +191,13 @@ def test_cuda_core_scores_decode(gs, Hkv, Hq, bits):
         assert rel_err(out, ref[0]) < TOL
 
 
-@pytest.mark.parametrize("gs,rk,rv,hoist,cc", [(1, 32, 32, True, False), (1, 48, 24, True, False),
-                                               (2, 64, 40, False, False), (1, 32, 32, True, True)],
-                         ids=["hoisted", "padded", "streamed", "cuda-cores"])
-@pytest.mark.parametrize("S", [1, 4])
-def test_4bit_planes_match_reference(gs, rk, rv, hoist, cc, S):
-    """4-bit latents read as even/odd-channel planes (the default unpacking) against the reference,
-    and equal to the interleaving unpack path, with splits in decode."""
-    if cc and S > 1:
-        pytest.skip("CUDA-core scores are a decode path")
-    c = make_case(S=S, bits=4, qg=8, gs=gs, Hkv=2, Hq=4, rk=rk, rv=rv, P=300, past=(250, 37), seed=rk + rv + S)
-    ref = reference(c)
-    kw = dict(hoist=hoist, cuda_core_scores=cc, block_n=32, num_splits=3 if S == 1 else None)
-    planes = run_kernel(c, **kw)[0]
-    interleaved = run_kernel(c, plane_unpack=False, **kw)[0]
-    assert rel_err(planes, ref[0]) < TOL
-    assert rel_err(planes, interleaved) < TOL
+
+@pytest.mark.parametrize("gs,Hkv,Hq,bits,window", [(1, 2, 2, 0, 0), (1, 2, 4, 4, 0), (2, 2, 6, 0, 40), (4, 4, 8, 2, 0)],
+                         ids=["mha", "gqa-4bit", "nrep3-window", "J-2bit"])
+def test_swapped_decode(gs, Hkv, Hq, bits, window):
+    """Decode with the cached positions as the MMA rows (``k @ q^T``, ``v^T @ p^T``), splits combined."""
+    c = make_case(S=1, gs=gs, Hkv=Hkv, Hq=Hq, bits=bits, qg=8, rv=16, P=300, past=(250, 37), seed=3 * Hq + bits)
+    ref = reference(c, window=window)
+    for splits in (1, 3):
+        out = run_kernel(c, window=window, swap=True, num_splits=splits, block_n=32)[0]
+        assert rel_err(out, ref[0]) < TOL

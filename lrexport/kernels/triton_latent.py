@@ -109,40 +109,18 @@ if triton is not None:
             return code.to(tl.float32) * scale + zero
 
     @triton.jit
-    def _qparams(Pp, row_p, nmask, base, W: tl.constexpr, VALID, AL: tl.constexpr, QG: tl.constexpr, NGROUPS,
-                 PLANE: tl.constexpr):
-        """Scales and zero points (float32) of channels ``base .. base+W`` for the vector unpacking paths.
+    def _qparams(Pp, row_p, nmask, base, W: tl.constexpr, VALID, QG: tl.constexpr, NGROUPS):
+        """Scales and zero points (float32), one per quantization group, of channels ``base .. base+W``.
 
-        One per quantization group, [BLOCK_N, W // QG] (:func:`_load_block`), or one per channel pair,
-        [BLOCK_N, W // 2] (PLANE, :func:`_load_nibbles`). These loads are too narrow for the
-        compiler's pipelining, so the kernel issues them a tile ahead.
+        [BLOCK_N, W // QG], for the vector unpacking path of :func:`_load_block`. These loads are
+        too narrow for the compiler's pipelining, so the kernel issues them a tile ahead.
         """
-        if PLANE:
-            i = tl.arange(0, W // 2)
-            m2 = nmask[:, None] & ((i // (AL // 2)) * AL < VALID)[None, :]
-            grp = (base + 2 * i) // QG
-        else:
-            i = tl.arange(0, W // QG)
-            m2 = nmask[:, None] & (i * QG < VALID)[None, :]
-            grp = base // QG + i
+        i = tl.arange(0, W // QG)
+        m2 = nmask[:, None] & (i * QG < VALID)[None, :]
+        grp = base // QG + i
         sc = tl.load(Pp + row_p + grp[None, :], mask=m2, other=0.0).to(tl.float32)
         ze = tl.load(Pp + row_p + NGROUPS + grp[None, :], mask=m2, other=0.0).to(tl.float32)
         return sc, ze
-
-    @triton.jit
-    def _load_nibbles(C, row_c, nmask, base, W: tl.constexpr, VALID, AL: tl.constexpr, sc, ze):
-        """4-bit latents of channels ``base .. base+W`` as two planes [BLOCK_N, W // 2] (float32).
-
-        The low nibbles hold the even channels and the high nibbles the odd ones, so the two
-        planes come straight from the loaded bytes with no register shuffles; the caller
-        multiplies each plane by the matching rows of the up-projection. ``sc`` / ``ze``: the scale
-        and zero point of each channel pair (:func:`_qparams` with PLANE). ``base`` is even,
-        ``VALID`` a multiple of ``AL`` (>= 2; see :func:`_load_block`).
-        """
-        i = tl.arange(0, W // 2)
-        m2 = nmask[:, None] & ((i // (AL // 2)) * AL < VALID)[None, :]
-        byt = tl.load(C + row_c + base // 2 + i[None, :], mask=m2, other=0).to(tl.int32)
-        return (byt & 15).to(tl.float32) * sc + ze, (byt >> 4).to(tl.float32) * sc + ze
 
     @triton.jit
     def _mma(a, b, IEEE: tl.constexpr):
@@ -174,8 +152,7 @@ if triton is not None:
         NREP: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
-        FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr,
-        PLANE_K: tl.constexpr, PLANE_KC: tl.constexpr, PLANE_V: tl.constexpr,
+        FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -217,10 +194,10 @@ if triton is not None:
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
-        if PLANE_V:  # 4-bit value planes: even and odd latent channels accumulate apart
-            acc_e = tl.zeros([M, RV_P // 2], tl.float32)
-            acc_o = tl.zeros([M, RV_P // 2], tl.float32)
-            cv2 = tl.arange(0, RV_P // 2)
+        if SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
+            q1t = tl.trans(q1r)
+            q2t = tl.trans(q2r)
+            acc_t = tl.zeros([RV_P, M], tl.float32)
         else:
             acc = tl.zeros([M, RV_P], tl.float32)
         cv_idx = tl.arange(0, RV_P)
@@ -229,31 +206,22 @@ if triton is not None:
         kup_base = KUP + g * RK * (GS * D) + slot * D
 
         if HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
-            if PLANE_K:  # its even and odd rows apart, for the two 4-bit planes
-                ch2 = 2 * tl.arange(0, RK_P // 2)
-                m_e = ch2[:, None] < RK
-                ue1 = tl.load(kup_base + ch2[:, None] * (GS * D) + d[None, :], mask=m_e, other=0.0)
-                ue2 = tl.load(kup_base + ch2[:, None] * (GS * D) + HALF + d[None, :], mask=m_e, other=0.0)
-                uo1 = tl.load(kup_base + (ch2 + 1)[:, None] * (GS * D) + d[None, :], mask=m_e, other=0.0)
-                uo2 = tl.load(kup_base + (ch2 + 1)[:, None] * (GS * D) + HALF + d[None, :], mask=m_e, other=0.0)
-            else:
-                chp = tl.arange(0, RK_P)
-                u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
-                u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK,
-                              other=0.0)
+            chp = tl.arange(0, RK_P)
+            u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
+            u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
 
         # quantized vector paths: the next tile's scales / zero points are loaded a tile ahead
-        PRE_K: tl.constexpr = HOIST and (PLANE_K or FAST_K)
-        PRE_V: tl.constexpr = PLANE_V or FAST_V
+        PRE_K: tl.constexpr = HOIST and FAST_K
+        PRE_V: tl.constexpr = FAST_V
         NGK = (G * RK) // QG
         NGV = (G * RV) // QG
         first = start + tl.arange(0, BLOCK_N)
         if PRE_K:
             sck, zek = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end, g * RK, RK_P, RK,
-                                AL_K, QG, NGK, PLANE_K)
+                                QG, NGK)
         if PRE_V:
             scv, zev = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end, g * RV, RV_P, RV,
-                                AL_V, QG, NGV, PLANE_V)
+                                QG, NGV)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -262,20 +230,14 @@ if triton is not None:
             nxt = offs_n + BLOCK_N
             if PRE_K:
                 sck_n, zek_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end, g * RK, RK_P,
-                                        RK, AL_K, QG, NGK, PLANE_K)
+                                        RK, QG, NGK)
             if PRE_V:
                 scv_n, zev_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end, g * RV, RV_P,
-                                        RV, AL_V, QG, NGV, PLANE_V)
+                                        RV, QG, NGV)
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
             if HOIST:
-                if PLANE_K:
-                    l_e, l_o = _load_nibbles(CK, row_ck, nmask, g * RK, RK_P, RK, AL_K, sck, zek)
-                    l_e = l_e.to(cdt)
-                    l_o = l_o.to(cdt)
-                    k1 = _mma(l_e, ue1, IEEE) + _mma(l_o, uo1, IEEE)
-                    k2 = _mma(l_e, ue2, IEEE) + _mma(l_o, uo2, IEEE)
-                elif FAST_K:
+                if FAST_K:
                     lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
                                       True, sck, zek).to(cdt)
                     k1 = _mma(lat, u1h, IEEE)
@@ -290,29 +252,18 @@ if triton is not None:
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 for c in range(0, RK // RKB):
                     cb = g * RK + c * RKB
-                    if PLANE_KC:
-                        sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, RKB, QG, NGK, True)
-                        l_e, l_o = _load_nibbles(CK, row_ck, nmask, cb, RKB, RKB, RKB, sc_c, ze_c)
-                        l_e = l_e.to(cdt)
-                        l_o = l_o.to(cdt)
-                        ce = c * RKB + 2 * tl.arange(0, RKB // 2)
-                        k1 += _mma(l_e, tl.load(kup_base + ce[:, None] * (GS * D) + d[None, :]), IEEE)
-                        k1 += _mma(l_o, tl.load(kup_base + (ce + 1)[:, None] * (GS * D) + d[None, :]), IEEE)
-                        k2 += _mma(l_e, tl.load(kup_base + ce[:, None] * (GS * D) + HALF + d[None, :]), IEEE)
-                        k2 += _mma(l_o, tl.load(kup_base + (ce + 1)[:, None] * (GS * D) + HALF + d[None, :]), IEEE)
+                    ch = c * RKB + kch
+                    if FAST_KC:
+                        sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, QG, NGK)
+                        lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG, NGK,
+                                          True, sc_c, ze_c).to(cdt)
                     else:
-                        ch = c * RKB + kch
-                        if FAST_KC:
-                            sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, RKB, QG, NGK, False)
-                            lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG,
-                                              NGK, True, sc_c, ze_c).to(cdt)
-                        else:
-                            lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG,
-                                              NGK, False, 0.0, 0.0).to(cdt)
-                        u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
-                        u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
-                        k1 += _mma(lat, u1, IEEE)
-                        k2 += _mma(lat, u2, IEEE)
+                        lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG, NGK,
+                                          False, 0.0, 0.0).to(cdt)
+                    u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
+                    u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
+                    k1 += _mma(lat, u1, IEEE)
+                    k2 += _mma(lat, u2, IEEE)
             if HAS_BIAS:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
@@ -320,33 +271,41 @@ if triton is not None:
             ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
             kr1 = (k1 * kc - k2 * ks).to(cdt)
             kr2 = (k2 * kc + k1 * ks).to(cdt)
-            if CC:  # few query rows: multiply-and-reduce on the CUDA cores, no padded MMA rows
-                s = tl.sum(q1r.to(tl.float32)[:, None, :] * kr1.to(tl.float32)[None, :, :], 2)
-                s += tl.sum(q2r.to(tl.float32)[:, None, :] * kr2.to(tl.float32)[None, :, :], 2)
-            else:
-                s = _mma(q1r, tl.trans(kr1), IEEE) + _mma(q2r, tl.trans(kr2), IEEE)
-            ok = nmask[None, :] & (offs_n[None, :] <= qpos[:, None]) & rvalid[:, None]
-            if WINDOW > 0:
-                ok = ok & (offs_n[None, :] > qpos[:, None] - WINDOW)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             row_cv = b * scv_b + pos64 * scv_p
             row_pv = b * spv_b + pos64 * spv_p
-            if PLANE_V:
-                v_e, v_o = _load_nibbles(CV, row_cv, nmask, g * RV, RV_P, RV, AL_V, scv, zev)
-                acc_e = acc_e * alpha[:, None] + _pv(p, v_e.to(cdt), CC, IEEE)
-                acc_o = acc_o * alpha[:, None] + _pv(p, v_o.to(cdt), CC, IEEE)
+            if FAST_V:
+                v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, True,
+                                scv, zev).to(cdt)
             else:
-                if FAST_V:
-                    v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV,
-                                    True, scv, zev).to(cdt)
+                v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, False,
+                                0.0, 0.0).to(cdt)
+            if SWAP:  # scores [BLOCK_N, M]: the rebuilt keys feed the MMA from registers
+                s_t = _mma(kr1, q1t, IEEE) + _mma(kr2, q2t, IEEE)
+                ok = nmask[:, None] & (offs_n[:, None] <= qpos[None, :]) & rvalid[None, :]
+                if WINDOW > 0:
+                    ok = ok & (offs_n[:, None] > qpos[None, :] - WINDOW)
+                s_t = tl.where(ok, s_t, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s_t, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_safe)
+                p_t = tl.math.exp2(s_t - m_safe[None, :])
+                l_i = l_i * alpha + tl.sum(p_t, 0)
+                acc_t = acc_t * alpha[None, :] + _mma(tl.trans(v), p_t.to(cdt), IEEE)
+            else:
+                if CC:  # few query rows: multiply-and-reduce on the CUDA cores, no padded MMA rows
+                    s = tl.sum(q1r.to(tl.float32)[:, None, :] * kr1.to(tl.float32)[None, :, :], 2)
+                    s += tl.sum(q2r.to(tl.float32)[:, None, :] * kr2.to(tl.float32)[None, :, :], 2)
                 else:
-                    v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV,
-                                    False, 0.0, 0.0).to(cdt)
+                    s = _mma(q1r, tl.trans(kr1), IEEE) + _mma(q2r, tl.trans(kr2), IEEE)
+                ok = nmask[None, :] & (offs_n[None, :] <= qpos[:, None]) & rvalid[:, None]
+                if WINDOW > 0:
+                    ok = ok & (offs_n[None, :] > qpos[:, None] - WINDOW)
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_safe)
+                p = tl.math.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + _pv(p, v, CC, IEEE)
             m_i = m_new
             if PRE_K:
@@ -356,26 +315,18 @@ if triton is not None:
                 scv = scv_n
                 zev = zev_n
 
+        if SWAP:
+            acc = tl.trans(acc_t)
         if not SPLIT:
-            den = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            orow = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV
-            if PLANE_V:
-                m_e = rvalid[:, None] & (2 * cv2 < RV)[None, :]
-                tl.store(orow + 2 * cv2[None, :], (acc_e / den).to(OUT.dtype.element_ty), mask=m_e)
-                tl.store(orow + 2 * cv2[None, :] + 1, (acc_o / den).to(OUT.dtype.element_ty), mask=m_e)
-            else:
-                tl.store(orow + cv_idx[None, :], (acc / den).to(OUT.dtype.element_ty),
-                         mask=rvalid[:, None] & cvmask[None, :])
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV + cv_idx[None, :]
+            tl.store(optr, out.to(OUT.dtype.element_ty), mask=rvalid[:, None] & cvmask[None, :])
         else:
             # partials [B, S, HQ, NSPLIT(, RV_P)]
             part = ((b * S + t) * HQ + head) * nsplit + pid_s
             tl.store(MAX + part, m_i, mask=rvalid)
             tl.store(SUM + part, l_i, mask=rvalid)
-            if PLANE_V:
-                tl.store(ACC + part[:, None] * RV_P + 2 * cv2[None, :], acc_e, mask=rvalid[:, None])
-                tl.store(ACC + part[:, None] * RV_P + 2 * cv2[None, :] + 1, acc_o, mask=rvalid[:, None])
-            else:
-                tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
+            tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
 
     @triton.jit
     def _combine(ACC, MAX, SUM, OUT, NSPLIT, RV, RV_P: tl.constexpr, NSPLIT_P: tl.constexpr):
@@ -531,18 +482,18 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int = 4,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True, plane_unpack: bool = True,
-            cuda_core_scores: bool = False) -> torch.Tensor:
+            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True,
+            cuda_core_scores: bool = False, swap: bool = False) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
     ``num_splits`` (or ``waves`` programs per multiprocessor), ``hoist`` (keep ``k_up`` on
-    chip), ``vector_unpack`` (False: per-channel code gathers, for testing), ``plane_unpack``
-    (4-bit latents as even/odd-channel planes, each multiplied by its rows of ``k_up``, instead
-    of interleaving the nibbles in registers),
+    chip), ``vector_unpack`` (False: per-channel code gathers, for testing),
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
-    multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows). A setting whose
+    multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows), ``swap`` (decode:
+    the cached positions as the MMA rows, ``k @ q^T`` and ``v^T @ p^T``, so that the rebuilt keys
+    feed the score MMA from registers). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -566,6 +517,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
 
     block_t = 1 if S == 1 else max(1, 64 // nrep)
     cuda_core_scores = cuda_core_scores and S == 1 and nrep <= 8
+    swap = swap and S == 1 and not cuda_core_scores
     m_rows = _next_pow2(block_t * nrep) if cuda_core_scores else max(16, _next_pow2(block_t * nrep))
     n_tblocks = triton.cdiv(S, block_t)
     if kv_max is None:
@@ -598,9 +550,6 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
         return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
 
-    def plane(valid: int, width: int) -> bool:  # 4-bit planes: whole groups, dots of >= 16 channels per plane
-        return plane_unpack and bits == 4 and valid % quant_group == 0 and width >= 32
-
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     attempts = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
     for i, (bn, st) in enumerate(attempts):
@@ -619,9 +568,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
                 QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
                 HOIST=hoist, RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p),
-                FAST_KC=not hoist and fast(rk, rkb), FAST_V=fast(rv, rv_p), CC=cuda_core_scores,
-                PLANE_K=hoist and plane(rk, rk_p), PLANE_KC=not hoist and plane(rk, rkb),
-                PLANE_V=plane(rv, rv_p), num_warps=num_warps, **stage)
+                FAST_KC=not hoist and fast(rk, rkb), FAST_V=fast(rv, rv_p), CC=cuda_core_scores, SWAP=swap,
+                num_warps=num_warps, **stage)
             break
         except triton.runtime.errors.OutOfResources:
             if i == len(attempts) - 1:
