@@ -148,7 +148,9 @@ def test_split_decode_long_cache():
     ref = reference(c)
     for splits in (1, 3, 5):
         for hoist in (False, True):
-            assert rel_err(run_kernel(c, num_splits=splits, block_n=32, hoist=hoist)[0], ref[0]) < TOL
+            for swap in (False, True):  # decode's MMA orientation: query rows, or positions, as the rows
+                got = run_kernel(c, num_splits=splits, block_n=32, hoist=hoist, swap=swap)[0]
+                assert rel_err(got, ref[0]) < TOL
 
 
 def test_no_bias_and_empty_rows():

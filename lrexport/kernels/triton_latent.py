@@ -482,8 +482,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int = 4,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = 2, hoist: bool | None = None, vector_unpack: bool = True,
-            cuda_core_scores: bool = False, swap: bool = False) -> torch.Tensor:
+            waves: int = 4, hoist: bool | None = None, vector_unpack: bool = True,
+            cuda_core_scores: bool = False, swap: bool = True) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -551,6 +551,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
 
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
+    if num_stages is None and S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels.json)
+        num_stages = 2 if bits else 3
     attempts = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
     for i, (bn, st) in enumerate(attempts):
         stage = {} if st is None else {"num_stages": st}
