@@ -26,8 +26,9 @@ usable. It prints a table and exits 1 on any failure (2 when it cannot run: no
 CUDAExecutionProvider, or a library without the CUDA kernel). ``--out PATH`` writes the results
 as JSON.
 
-With ``LREXPORT_CUDA_MMA=1`` in the environment the float16 models run the kernel's tensor-core
-path (the rows of the in-place steps say "tensor cores"); the tolerances are the same.
+Float16 models run the kernel's tensor-core path (the rows of the in-place steps say "tensor
+cores"); ``LREXPORT_CUDA_MMA=0`` in the environment selects the float32 path. The tolerances are
+the same.
 
 ``--emulated LIB`` runs the same checks against a library built with
 ``-DLREXPORT_CUDA_EMULATE=ON`` (the CUDA kernel's code run on the CPU, registered for the CPU
@@ -390,7 +391,7 @@ class Checker:
             want = "present_k aliases past_k, present_v aliases past_v"
             if want not in text or "CUDA device" not in text:
                 row.ok, row.note = False, f"kernel log lacks '{want}' / 'CUDA device': {text.strip()[:200]}"
-            elif "tensor cores" in text:  # LREXPORT_CUDA_MMA=1 and a float16 model
+            elif "tensor cores" in text:  # a float16 model (unless LREXPORT_CUDA_MMA=0)
                 row.note = "tensor cores"
             if timing:  # re-runs write the same tokens at the same positions: the caches stay as checked
                 with captured_stderr([]):

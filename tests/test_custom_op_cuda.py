@@ -7,7 +7,7 @@
   compiler, its blocks run on the CPU, threads as fibers, see custom_ops/src/cuda/emulate.h) and
   put through ``bench/gpu_check_ort.py --emulated --quick``: prefill and decode steps with in-place
   caches, float32 and float16, bits 0 and 4, splits along the keys, errors, against the CPU kernel
-  and the float64 reference; again with ``LREXPORT_CUDA_MMA=1`` (the float16 tensor-core path,
+  and the float64 reference; with ``LREXPORT_CUDA_MMA=0`` and by default (the float16 tensor-core path,
   WMMA emulated). On a GPU, run ``bench/gpu_check_ort.py`` itself.
 """
 
@@ -69,8 +69,9 @@ def test_build_without_cuda_compiler(tmp_path, monkeypatch):
 
 def test_emulated_cuda_kernel(tmp_path, monkeypatch):
     """The CUDA kernel's code, run on the CPU, agrees with the CPU kernel (codes bit for bit) and
-    the reference, in place and not, and reports bad inputs. The default path (no tensor cores)."""
-    monkeypatch.delenv("LREXPORT_CUDA_MMA", raising=False)
+    the reference, in place and not, and reports bad inputs. The scalar float32 path
+    (``LREXPORT_CUDA_MMA=0``: no tensor cores)."""
+    monkeypatch.setenv("LREXPORT_CUDA_MMA", "0")  # read by the library per call
     lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
     assert "EMULATED" in ortops.last_cuda_status, ortops.last_cuda_status
     g = _gpu_check()
@@ -86,14 +87,14 @@ def test_emulated_cuda_kernel(tmp_path, monkeypatch):
 
 
 def test_emulated_cuda_kernel_tensor_cores(tmp_path, monkeypatch):
-    """LREXPORT_CUDA_MMA=1: float16 models take the tensor-core path (WMMA, emulated by
+    """By default float16 models take the tensor-core path (WMMA, emulated by
     emulate.h: float16 operands, float accumulation) and still pass gpu_check_ort's float16
     tolerance; float32 models keep the scalar path; caches stay bit-exact (the cache write is
     unchanged)."""
     lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", jobs=1,
                        extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
     assert "EMULATED" in ortops.last_cuda_status, ortops.last_cuda_status
-    monkeypatch.setenv("LREXPORT_CUDA_MMA", "1")  # read by the library per call
+    monkeypatch.delenv("LREXPORT_CUDA_MMA", raising=False)
     g = _gpu_check()
     out = tmp_path / "emulated-mma.json"
     rc = g.main(["--emulated", str(lib), "--quick", "--out", str(out)])

@@ -36,7 +36,7 @@ struct Plan {
   int64_t qtile = 1;   // new tokens per attention block
   int64_t nqt = 0;     // query tiles per batch row: ceil(S / qtile)
   int64_t nsplit = 1;  // blocks along the key positions (flash decoding)
-  bool mma = false;    // the tensor-core (WMMA) attention: float16, LREXPORT_CUDA_MMA=1 (see the .cu)
+  bool mma = false;    // the tensor-core (WMMA) attention: float16 unless LREXPORT_CUDA_MMA=0 (see the .cu)
   size_t smem_attn = 0, smem_combine = 0;
   size_t scratch_bytes = 0;  // past_len copy + partial results
   size_t off_ml = 0, off_acc = 0;

@@ -20,9 +20,9 @@
 // B int64 + B*S*Hq*nsplit*(rv + 2) floats, where nsplit > 1 only when there are too few blocks
 // to fill the GPU (decode), so it stays linear in the number of new tokens.
 //
-// Tensor cores (opt-in, float16 models only): with LREXPORT_CUDA_MMA=1 in the environment (read
-// by plan() at every call), a float16 model whose head dim is a multiple of 16, on compute
-// capability 7.0 or newer, runs attend_partial<__half, true>: the three products of B on tensor
+// Tensor cores (float16 models): a float16 model whose head dim is a multiple of 16, on compute
+// capability 7.0 or newer, runs attend_partial<__half, true> unless LREXPORT_CUDA_MMA=0 is in the
+// environment (read by plan() at every call): the three products of B on tensor
 // cores with WMMA (m16n16k16, float16 operands in shared memory, float accumulators), each warp
 // taking 16x16 output tiles round robin:
 //   keys   [32 positions, D] (float, rows of D + 4) += latent chunk [32, 32] (float16; dequantized
@@ -35,9 +35,9 @@
 //          (float16).
 // Rounding keys, queries and probabilities to float16 adds errors of float16's unit roundoff
 // (2^-11) relative to the scores and the output, within the float16 tolerance of
-// bench/gpu_check_ort.py; the caches are written by the same write_tokens (bit-exact). The path
-// is opt-in because it has been checked only by the CPU emulation (emulate.h's wmma stand-in),
-// not yet on a GPU. Otherwise, and always for float32, the scalar float32 path runs.
+// bench/gpu_check_ort.py; the caches are written by the same write_tokens (bit-exact). Checked on
+// an H200 (bench/results/gpu_check_ort_mma.json) and in the CPU emulation (emulate.h's wmma
+// stand-in). Otherwise, and always for float32, the scalar float32 path runs.
 #if defined(LREXPORT_CUDA_EMULATE)
 #include "emulate.h"  // test builds: the kernels run on the CPU (see emulate.h)
 #else
@@ -627,10 +627,11 @@ std::string plan(const Params& p, Plan* pl) {
     return cuda_error("cudaDeviceGetAttribute (shared memory per block)", e);
   if ((e = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, p.device)) != cudaSuccess)
     return cuda_error("cudaDeviceGetAttribute (compute capability)", e);
-  // tensor cores: opt-in (LREXPORT_CUDA_MMA=1, read per call), float16 models, head dim a multiple
-  // of 16 (WMMA tiles), compute capability 7.0 or newer; else the float32 path
+  // tensor cores: float16 models, head dim a multiple of 16 (WMMA tiles), compute capability 7.0 or
+  // newer, unless LREXPORT_CUDA_MMA=0 (read per call); else the float32 path
   const char* mma_env = std::getenv("LREXPORT_CUDA_MMA");
-  pl->mma = mma_env && std::strcmp(mma_env, "1") == 0 && p.f16 && p.D % kMmaTile == 0 && cc_major >= 7;
+  const bool mma_off = mma_env && std::strcmp(mma_env, "0") == 0;
+  pl->mma = !mma_off && p.f16 && p.D % kMmaTile == 0 && cc_major >= 7;
   // query tile: as many new tokens as fit the shared-memory target (decode: 1)
   int64_t qtile = std::min<int64_t>(16, p.S);
   auto smem = [&](int64_t qt) { return static_cast<size_t>(smem_layout(qt * p.rep, p.D, p.rv, pl->mma).total) * 4; };
