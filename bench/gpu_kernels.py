@@ -8,6 +8,9 @@ One decode step (one query token per sequence, ``L`` cached tokens) with Llama-2
 
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the uncompressed
   fp16 K/V cache (GQA through ``enable_gqa``);
+* ``ort_gqa``: ONNX Runtime's ``GroupQueryAttention`` on the same cache (a one-node model,
+  ``bench/ort_gqa.py``, IO-bound, the cache shared by past and present) where onnxruntime
+  with the CUDA execution provider is installed (``--no-ort`` skips it);
 * ``lrexport``: the Triton kernel of ``lrexport.kernels.triton_latent`` over Palu latents
   (M-LRD: one KV head per group; G-LRD: groups of 4 KV heads), at 30% and 50% KV reduction,
   fp16 latents or 4-bit packed latents (quantization groups of 32, fp16 scale and zero).
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ort_gqa
 PEAK_BW = 4.3e12
 PEAK_FLOPS = 7.9e14
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
@@ -63,6 +67,39 @@ def bench_sdpa(B, L, Hq, Hkv, D, dtype):
     nbytes = 2 * B * Hkv * L * D * esz + 2 * B * Hq * D * esz
     flops = 4 * B * Hq * L * D
     return t, nbytes, flops
+
+
+def ort_gqa_session():
+    """(onnxruntime, the CUDA provider list) when ONNX Runtime can run on CUDA, else None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    return ort
+
+
+def bench_ort_gqa(ort, B, L, Hq, Hkv, D, dtype):
+    """One decode step of ``GroupQueryAttention`` over ``L`` cached tokens (the last one new)."""
+    import numpy as np
+    import ort_gqa
+    from triton.testing import do_bench
+
+    opts = ort.SessionOptions()
+    sess = ort.InferenceSession(ort_gqa.build(B, Hq, Hkv, D, L, "float16"), opts,
+                                providers=[("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()})])
+    q = torch.randn(B, 1, Hq * D, dtype=dtype, device="cuda")
+    k = torch.randn(B, 1, Hkv * D, dtype=dtype, device="cuda")
+    v = torch.randn(B, 1, Hkv * D, dtype=dtype, device="cuda")
+    pk = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
+    pv = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
+    run, _ = ort_gqa.session_step(sess, q, k, v, pk, pv, np.full(B, L - 1, dtype=np.int32),
+                                  np.array(L, dtype=np.int32), device="cuda")
+    run()
+    t = do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3
+    del sess
+    return t
 
 
 def make_latent_case(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, dtype):
@@ -172,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
+    ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's GroupQueryAttention rows")
     ap.add_argument("--out", default=str(RESULTS / "gpu_kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -181,6 +219,10 @@ def main(argv=None) -> int:
     esz = 2
     qg = QG
     rows, tuning = [], []
+    ort = None if args.no_ort else ort_gqa_session()
+    if ort is None and not args.no_ort:
+        print("gpu_kernels: onnxruntime with the CUDA execution provider is not installed; no ort_gqa rows",
+              flush=True)
     variants = [(float(r), gname, int(b)) for r, gname, b in (v.split(":") for v in args.variants.split(","))]
     t_start = time.time()
     for shape in args.shapes.split(","):
@@ -196,6 +238,13 @@ def main(argv=None) -> int:
                 rows.append(base)
                 print(f"{shape} B={B} L={L} sdpa {t:.1f} us ({base['bw_tb_s']:.2f} TB/s)", flush=True)
                 torch.cuda.empty_cache()
+                if ort is not None:
+                    tg = bench_ort_gqa(ort, B, L, Hq, Hkv, D, dtype)
+                    row = dict(base, variant="ort_gqa", time_us=tg, bw_tb_s=nbytes / tg / 1e6,
+                               of_roofline=tg / base["roofline_us"], speedup_vs_sdpa=t / tg)
+                    rows.append(row)
+                    print(f"  ort_gqa {tg:.1f} us (x{t / tg:.2f} vs sdpa)", flush=True)
+                    torch.cuda.empty_cache()
                 for red, gname, bits in variants:
                     s = GROUP[gname]
                     rk = rv = floor16((1 - red) * s * D)

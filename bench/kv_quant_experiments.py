@@ -2,6 +2,7 @@
 
     python bench/kv_quant_experiments.py --experiment split   # which of K / V suffers at low bits
     python bench/kv_quant_experiments.py --experiment clip    # MSE-searched clipping of each group
+    python bench/kv_quant_experiments.py --experiment rotation  # other rotations than the block Hadamard
 
 Both run the best 50% KV setting of the quality table (J-LRD, FLRC ranks, Hadamard on) and
 report WikiText-2 perplexity with the quality benchmark's settings (40 windows of 512 tokens).
@@ -15,6 +16,12 @@ so they measure quality, not a deployable layout:
   ``K`` candidates shrink ``[min, max]`` about its centre by ``1 - k/16`` (k < K) and the one
   with the least squared error in the group is stored. Rows at 3 and 2 bits, with and without
   the search, for each group size of ``--groups``.
+* ``rotation``: the product's quantizer and layout with other orthogonal rotations folded
+  into the latent projections in place of the block Hadamard (any orthogonal ``R`` folds:
+  ``A' = R A``, ``k_up' = R k_up``): the block Hadamard after random sign flips; after an
+  interleaving permutation (quantization group ``g`` takes channels ``g, g + n, g + 2n, ...``,
+  so every group mixes leading and trailing singular directions); and one seeded random
+  orthogonal matrix over the whole latent. Rows at ``--bits`` (3 by default).
 
 Writes ``bench/results/kv_quant_experiments_<experiment>.{json,md}``.
 """
@@ -65,9 +72,30 @@ def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
     return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
 
 
+ROTATIONS = ("block hadamard", "signs + block hadamard", "interleave + block hadamard", "random orthogonal")
+
+
+def rotation(name: str, width: int, block: int, dtype=torch.float64) -> torch.Tensor:
+    """An orthogonal ``[width, width]`` rotation of the latent channels (see the module doc)."""
+    g = torch.Generator().manual_seed(width)
+    H = quant.block_hadamard(width, block, dtype)
+    if name == "block hadamard":
+        return H
+    if name == "signs + block hadamard":
+        signs = torch.randint(0, 2, (width,), generator=g).to(dtype) * 2 - 1
+        return H * signs[None, :]
+    if name == "interleave + block hadamard":
+        n = width // block  # group j takes channels j, j + n, j + 2n, ...
+        perm = torch.arange(width).reshape(block, n).T.reshape(-1)
+        return H[:, torch.argsort(perm)]
+    q, r = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", choices=("split", "clip"), required=True)
+    ap.add_argument("--experiment", choices=("split", "clip", "rotation"), required=True)
+    ap.add_argument("--bits", default="3", help="rotation: latent bits to run (e.g. 3,2)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--groups", default="32", help="clip: quantization group sizes to run (e.g. 32,16)")
     ap.add_argument("--out", default=None)
@@ -104,6 +132,16 @@ def main(argv=None) -> int:
             state.update(which=which, bits=bits, calls=0)
             tag = f"{which.upper()}{bits}" if which else "none"
             record(f"8bit-cache, {tag}", PaluKV(**best, bits=8), fake_quantized=which, fake_bits=bits or None)
+    elif args.experiment == "rotation":
+        from lrexport.kv import palu
+
+        plain = palu.block_hadamard
+        for bits in map(int, args.bits.split(",")):
+            for name in ROTATIONS:
+                palu.block_hadamard = lambda width, block, dtype=torch.float64, name=name: rotation(
+                    name, width, block, dtype)
+                record(f"{bits}bit-g32, {name}", PaluKV(**best, bits=bits), bits=bits, rotation=name)
+        palu.block_hadamard = plain
     else:
         for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in (3, 2)):
             for search in (False, True):
