@@ -3,6 +3,7 @@
     python bench/kv_quant_experiments.py --experiment split   # which of K / V suffers at low bits
     python bench/kv_quant_experiments.py --experiment clip    # MSE-searched clipping of each group
     python bench/kv_quant_experiments.py --experiment rotation  # other rotations than the block Hadamard
+    python bench/kv_quant_experiments.py --experiment mixed     # more bits for leading groups, same average
 
 Both run the best 50% KV setting of the quality table (J-LRD, FLRC ranks, Hadamard on) and
 report WikiText-2 perplexity with the quality benchmark's settings (40 windows of 512 tokens).
@@ -22,6 +23,11 @@ so they measure quality, not a deployable layout:
   interleaving permutation (quantization group ``g`` takes channels ``g, g + n, g + 2n, ...``,
   so every group mixes leading and trailing singular directions); and one seeded random
   orthogonal matrix over the whole latent. Rows at ``--bits`` (3 by default).
+* ``mixed``: caches at 8 bits, and both latents fake-quantized first with the product's
+  quantizer at 3 bits in every group, or with 4, 3 and 2 bits for the first, middle and last
+  thirds of the quantization groups (in singular-value order, which the block Hadamard
+  keeps; an average of 3 bits per channel, the same bytes as 3 bits when packed). This
+  measures what a per-group bit allocation would gain before any cache layout supports it.
 
 Writes ``bench/results/kv_quant_experiments_<experiment>.{json,md}``.
 """
@@ -72,6 +78,26 @@ def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
     return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
 
 
+def group_bits(plan: str, n: int) -> list[int]:
+    """Bits of each of ``n`` quantization groups: 3 everywhere, or 4/3/2 by thirds (average 3 when
+    ``n % 3 != 1``; otherwise one more group at 3)."""
+    if plan == "uniform 3":
+        return [3] * n
+    k = n // 3 + (n % 3 == 2)
+    return [4] * k + [3] * (n - 2 * k) + [2] * k
+
+
+def fake_quant_groups(x: torch.Tensor, plan: str, group: int) -> torch.Tensor:
+    """Quantize-dequantize ``x [..., R]`` group by group with the product's quantizer at each group's bits."""
+    R = x.shape[-1]
+    parts = []
+    for g, bits in enumerate(group_bits(plan, R // group)):
+        xg = x[..., g * group:(g + 1) * group]
+        codes, p = quant.quantize(xg, bits, group)
+        parts.append(quant.dequantize(codes, p, bits, group, group, x.dtype))
+    return torch.cat(parts, -1)
+
+
 ROTATIONS = ("block hadamard", "signs + block hadamard", "interleave + block hadamard", "random orthogonal")
 
 
@@ -94,7 +120,7 @@ def rotation(name: str, width: int, block: int, dtype=torch.float64) -> torch.Te
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", choices=("split", "clip", "rotation"), required=True)
+    ap.add_argument("--experiment", choices=("split", "clip", "rotation", "mixed"), required=True)
     ap.add_argument("--bits", default="3", help="rotation: latent bits to run (e.g. 3,2)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--groups", default="32", help="clip: quantization group sizes to run (e.g. 32,16)")
@@ -132,6 +158,20 @@ def main(argv=None) -> int:
             state.update(which=which, bits=bits, calls=0)
             tag = f"{which.upper()}{bits}" if which else "none"
             record(f"8bit-cache, {tag}", PaluKV(**best, bits=8), fake_quantized=which, fake_bits=bits or None)
+    elif args.experiment == "mixed":
+        plain_store = op._store
+        state = {"plan": None}
+
+        def store(cache, params, new, pos, bits, quant_group, width):
+            if state["plan"]:
+                new = fake_quant_groups(new, state["plan"], quant_group)
+            return plain_store(cache, params, new, pos, bits, quant_group, width)
+
+        op._store = store
+        for plan in ("uniform 3", "4/3/2"):
+            state["plan"] = plan
+            record(f"8bit-cache, {plan}", PaluKV(**best, bits=8), fake_bits=plan)
+        op._store = plain_store
     elif args.experiment == "rotation":
         from lrexport.kv import palu
 
