@@ -231,3 +231,41 @@ def test_fusion_into_low_rank_o_proj_and_weight_pass_composition():
     out = tg(ids, torch.zeros(2, dtype=torch.int64), tg.cache.empty(2, 6))[0]
     ref = lm.model(ids, torch.zeros(2, dtype=torch.int64), *lm.model.empty_caches(2, 6))[0]
     assert torch.allclose(out, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("s", [1, 4])
+def test_weight_and_kv_passes_together_decode_matches_reconstructed_model(s):
+    """Both passes on one graph (q/o/gate/up/down as truncated factor pairs, k/v as latents of
+    different key and value ranks; M-LRD fuses B_v into the low-rank o_proj): prefill of two rows of
+    different lengths, then decode steps with the cache, equal an eager float64 model that
+    holds the factor products and the latent reconstructions as its weights."""
+    from lrexport.factorize.registry import Factors
+    from lrexport.passes.lowrank_linear import LowRankLinearPass
+
+    lm = tiny_loaded("llama", seed=16, dtype=torch.float64, **GQA)
+    mods = dict(lm.model.named_modules())
+    facs = {}
+    for name, mod in mods.items():
+        if name.endswith(("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+            U, S, Vh = torch.linalg.svd(mod.weight.detach(), full_matrices=False)
+            r = max(2, S.numel() // 3)
+            facs[name] = Factors(U[:, :r] * S[:r], Vh[:r])
+    keys, vals = exact_layers(lm, s, rank=2 * s), exact_layers(lm, s, rank=3 * s)
+    layers = {i: LatentKVLayer(A_k=keys[i].A_k, k_up=keys[i].k_up, A_v=vals[i].A_v, v_up=vals[i].v_up, group_size=s)
+              for i in keys}
+    tg = trace(lm.model)
+    LowRankLinearPass(facs)(tg)
+    res = LatentKVPass(layers)(tg)
+    assert res.changed == lm.spec.num_layers
+    if s == 1:  # M-LRD: B_v goes into o_proj's V factor; J-LRD applies it in the attention
+        assert "fused" in res.skipped.get("v_up", "")
+    ref = reconstructed_model("llama", layers, seed=16, **GQA)
+    ref_mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, f in facs.items():
+            ref_mods[name].weight.copy_(f.U @ f.V)
+    g = torch.Generator().manual_seed(17)
+    rows, seqs = run_prefill_decode(tg, torch.randint(0, VOCAB, (7,), generator=g),
+                                    torch.randint(0, VOCAB, (4,), generator=g), steps=4)
+    for row, seq in zip(rows, seqs):
+        assert torch.allclose(row, eager_logits(ref, seq), atol=1e-10, rtol=1e-10)
