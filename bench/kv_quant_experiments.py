@@ -18,11 +18,12 @@ so they measure quality, not a deployable layout:
   with the least squared error in the group is stored. Rows at 3 and 2 bits, with and without
   the search, for each group size of ``--groups``.
 * ``rotation``: the product's quantizer and layout with other orthogonal rotations folded
-  into the latent projections in place of the block Hadamard (any orthogonal ``R`` folds:
+  into the latent projections in place of the product's (any orthogonal ``R`` folds:
   ``A' = R A``, ``k_up' = R k_up``): the block Hadamard after random sign flips; after an
   interleaving permutation (quantization group ``g`` takes channels ``g, g + n, g + 2n, ...``,
   so every group mixes leading and trailing singular directions); and one seeded random
-  orthogonal matrix over the whole latent. Rows at ``--bits`` (3 by default).
+  orthogonal matrix over the whole latent. Rows at ``--bits`` (3 by default). The interleaved
+  one won and is now the product's rotation (``lrexport.kv.quant.interleaved_hadamard``).
 * ``mixed``: caches at 8 bits, and both latents fake-quantized first with the product's
   quantizer at 3 bits in every group, or with 4, 3 and 2 bits for the first, middle and last
   thirds of the quantization groups (in singular-value order, which the block Hadamard
@@ -175,13 +176,13 @@ def main(argv=None) -> int:
     elif args.experiment == "rotation":
         from lrexport.kv import palu
 
-        plain = palu.block_hadamard
+        plain = palu.interleaved_hadamard
         for bits in map(int, args.bits.split(",")):
             for name in ROTATIONS:
-                palu.block_hadamard = lambda width, block, dtype=torch.float64, name=name: rotation(
+                palu.interleaved_hadamard = lambda width, block, dtype=torch.float64, name=name: rotation(
                     name, width, block, dtype)
                 record(f"{bits}bit-g32, {name}", PaluKV(**best, bits=bits), bits=bits, rotation=name)
-        palu.block_hadamard = plain
+        palu.interleaved_hadamard = plain
     else:
         for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in (3, 2)):
             for search in (False, True):

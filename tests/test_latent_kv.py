@@ -269,3 +269,17 @@ def test_weight_and_kv_passes_together_decode_matches_reconstructed_model(s):
                                     torch.randint(0, VOCAB, (4,), generator=g), steps=4)
     for row, seq in zip(rows, seqs):
         assert torch.allclose(row, eager_logits(ref, seq), atol=1e-10, rtol=1e-10)
+
+
+def test_interleaved_hadamard_is_orthogonal_and_mixes_every_group():
+    """The rotation folded into quantized latents: orthogonal, and output group j takes channels
+    j, j + n, j + 2n, ... (n groups), so each group spans the leading and trailing directions."""
+    from lrexport.kv.quant import interleaved_hadamard
+
+    for width, block in ((96, 32), (64, 16), (32, 32)):
+        R = interleaved_hadamard(width, block)
+        assert torch.allclose(R @ R.T, torch.eye(width, dtype=R.dtype), atol=1e-12)
+        n = width // block
+        for j in range(n):
+            cols = (R[j * block:(j + 1) * block].abs() > 0).any(0).nonzero().flatten()
+            assert torch.equal(cols, torch.arange(j, width, n))

@@ -32,7 +32,7 @@ from lrexport.calib.stats import CalibStats, input_key
 from lrexport.config import config_to_dict, register_config
 from lrexport.errors import ConfigError
 from lrexport.factorize import Decomposition, FisherWhitenSvd, WhitenSvd, factorize
-from lrexport.kv.quant import BITS, block_hadamard, bytes_per_token
+from lrexport.kv.quant import BITS, bytes_per_token, interleaved_hadamard
 from lrexport.models.llama import LlamaLR
 from lrexport.models.spec import ModelSpec
 from lrexport.passes.latent_kv import LatentKVLayer
@@ -155,7 +155,7 @@ def build_latent_kv(model: LlamaLR, stats: CalibStats, cfg: PaluKV) -> KVBuild:
             A = [d.V[:r] for d in decomps[fqn]]  # [r, n] per group
             up = [d.U[:, :r].T for d in decomps[fqn]]  # [r, s*D] per group
             if cfg.bits and cfg.hadamard:
-                H = block_hadamard(r, cfg.quant_group)  # symmetric: H^T == H
+                H = interleaved_hadamard(r, cfg.quant_group)  # orthogonal: up^T H^T H A == up^T A
                 A, up = [H @ a for a in A], [H @ u for u in up]
             parts[kind] = (torch.cat(A).to(dtype), torch.stack(up).to(dtype), r)
             bias = mods[fqn].bias
