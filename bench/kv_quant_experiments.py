@@ -112,9 +112,7 @@ def rotation(name: str, width: int, block: int, dtype=torch.float64) -> torch.Te
         signs = torch.randint(0, 2, (width,), generator=g).to(dtype) * 2 - 1
         return H * signs[None, :]
     if name == "interleave + block hadamard":
-        n = width // block  # group j takes channels j, j + n, j + 2n, ...
-        perm = torch.arange(width).reshape(block, n).T.reshape(-1)
-        return H[:, torch.argsort(perm)]
+        return quant.interleaved_hadamard(width, block, dtype)
     q, r = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
 

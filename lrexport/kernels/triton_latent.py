@@ -216,6 +216,7 @@ if triton is not None:
         NGK = (G * RK) // QG
         NGV = (G * RV) // QG
         first = start + tl.arange(0, BLOCK_N)
+        sck, zek, scv, zev = 0.0, 0.0, 0.0, 0.0  # unused by the other unpacking paths
         if PRE_K:
             sck, zek = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end, g * RK, RK_P, RK,
                                 QG, NGK)
@@ -237,29 +238,21 @@ if triton is not None:
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
             if HOIST:
-                if FAST_K:
-                    lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
-                                      True, sck, zek).to(cdt)
-                    k1 = _mma(lat, u1h, IEEE)
-                    k2 = _mma(lat, u2h, IEEE)
-                else:
-                    lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
-                                      False, 0.0, 0.0).to(cdt)
-                    k1 = _mma(lat, u1h, IEEE)
-                    k2 = _mma(lat, u2h, IEEE)
+                lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
+                                  FAST_K, sck, zek).to(cdt)
+                k1 = _mma(lat, u1h, IEEE)
+                k2 = _mma(lat, u2h, IEEE)
             else:
                 k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 for c in range(0, RK // RKB):
                     cb = g * RK + c * RKB
                     ch = c * RKB + kch
+                    sc_c, ze_c = 0.0, 0.0
                     if FAST_KC:
                         sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, QG, NGK)
-                        lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG, NGK,
-                                          True, sc_c, ze_c).to(cdt)
-                    else:
-                        lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG, NGK,
-                                          False, 0.0, 0.0).to(cdt)
+                    lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG, NGK,
+                                      FAST_KC, sc_c, ze_c).to(cdt)
                     u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
                     u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
                     k1 += _mma(lat, u1, IEEE)
@@ -273,12 +266,8 @@ if triton is not None:
             kr2 = (k2 * kc + k1 * ks).to(cdt)
             row_cv = b * scv_b + pos64 * scv_p
             row_pv = b * spv_b + pos64 * spv_p
-            if FAST_V:
-                v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, True,
-                                scv, zev).to(cdt)
-            else:
-                v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, False,
-                                0.0, 0.0).to(cdt)
+            v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, FAST_V,
+                            scv, zev).to(cdt)
             if SWAP:  # scores [BLOCK_N, M]: the rebuilt keys feed the MMA from registers
                 s_t = _mma(kr1, q1t, IEEE) + _mma(kr2, q2t, IEEE)
                 ok = nmask[:, None] & (offs_n[:, None] <= qpos[None, :]) & rvalid[None, :]
