@@ -141,7 +141,9 @@ def _encode_model(ins, outs, attrs, gin, gout) -> bytes:
             tensor += _field(2, b"".join(_field(1, _field(2, d)) for d in dims))  # shape.dim.dim_param
         return _field(1, name) + _field(2, _field(1, tensor))  # name, type.tensor_type
 
-    def attribute(name, v):  # AttributeProto: name, f / i, type (FLOAT=1, INT=2)
+    def attribute(name, v):  # AttributeProto: name, f / i / s, type (FLOAT=1, INT=2, STRING=3)
+        if isinstance(v, (str, bytes)):
+            return _field(1, name) + _field(4, v) + _field(20, 3)
         return _field(1, name) + (_field(2, float(v)) + _field(20, 1) if isinstance(v, float)
                                   else _field(3, int(v)) + _field(20, 2))
 
@@ -215,6 +217,28 @@ def initial_caches(rng, sh: Shape, dt) -> dict:
 def attributes(sh: Shape) -> dict:
     return dict(num_heads=sh.Hq, num_kv_heads=sh.Hkv, group_size=sh.s, window=sh.window, bits=sh.bits,
                 quant_group=sh.qg, scale=float(sh.D ** -0.5))
+
+
+def triton_attributes(sh: Shape, arch: int) -> dict:
+    """The node attributes of the ahead-of-time Triton decode kernel for ``sh`` (float16), as the
+    exporter attaches them (lrexport.kernels.aot)."""
+    from lrexport.kernels import aot
+
+    kw = sh.G * sh.rk * sh.bits // 8 if sh.bits else sh.G * sh.rk
+    vw = sh.G * sh.rv * sh.bits // 8 if sh.bits else sh.G * sh.rv
+    spec = aot.DecodeSpec(num_heads=sh.Hq, num_kv_heads=sh.Hkv, group_size=sh.s, head_dim=sh.D, rk=sh.rk, rv=sh.rv,
+                          bits=sh.bits, quant_group=sh.qg if sh.bits else 0, window=sh.window, has_k_bias=sh.k_bias,
+                          k_width=kw, v_width=vw, kp_width=2 * sh.G * sh.rk // sh.qg if sh.bits else 0,
+                          vp_width=2 * sh.G * sh.rv // sh.qg if sh.bits else 0)
+    c = aot.compile_decode(spec, arch)
+    return {"cuda_kernel": c.meta, "cuda_cubin": c.cubin}
+
+
+def fnv1a(data: bytes) -> str:
+    h = 1469598103934665603
+    for b in data:
+        h = ((h ^ b) * 1099511628211) & (1 << 64) - 1
+    return f"{h:016x}"
 
 
 def as_f32(feeds: dict) -> dict:
@@ -308,6 +332,11 @@ class Checker:
         self.provider = "CPUExecutionProvider" if emulated else "CUDAExecutionProvider"
         self.device = "cpu" if emulated else "cuda"
         self.rows: list[Row] = []
+        self.arch = 90  # the Triton kernels' target: the GPU's compute capability (90 when emulated)
+        if not emulated:
+            import torch
+            major, minor = torch.cuda.get_device_capability(0)
+            self.arch = 10 * major + minor
 
     def session(self, model, gpu: bool, debug: bool = False):
         """A session with the library under test (gpu) or the CPU kernel's. With ``debug`` the
@@ -356,13 +385,20 @@ class Checker:
               f"{'  ' + row.note if row.note else ''}", flush=True)
 
     # -- a prefill and decode steps with in-place caches
-    def chain(self, name: str, sh: Shape, dt, steps=(9, 1, 1, 1), past_len=(0, 5), seed=0, timing=False):
+    def chain(self, name: str, sh: Shape, dt, steps=(9, 1, 1, 1), past_len=(0, 5), seed=0, timing=False,
+              triton=False):
+        """``triton``: the node carries the ahead-of-time Triton decode kernel (float16), which
+        the decode steps must run (on a GPU; the emulation reports the attached cubin instead)."""
         rng = np.random.default_rng(seed)
         attrs = attributes(sh)
         const = constants(rng, sh, dt)
         state = initial_caches(rng, sh, dt)
         feeds0 = dict(const, **state, **new_tokens(rng, sh, 1, dt), past_len=np.asarray(past_len, np.int64))
-        gpu_sess = self.session(make_model(feeds0, attrs), gpu=True, debug=True)
+        gpu_attrs = dict(attrs)
+        if triton:
+            gpu_attrs.update(triton_attributes(sh, self.arch))
+            cubin_id = f"{len(gpu_attrs['cuda_cubin'])} cubin bytes (fnv1a {fnv1a(gpu_attrs['cuda_cubin'])})"
+        gpu_sess = self.session(make_model(feeds0, gpu_attrs), gpu=True, debug=True)
         cpu_sess = self.session(make_model(as_f32(feeds0), attrs), gpu=False)
         caches = {n: self.ortvalue(v) for n, v in state.items() if v is not None}
         pl = np.asarray(past_len, np.int64)
@@ -391,6 +427,12 @@ class Checker:
             want = "present_k aliases past_k, present_v aliases past_v"
             if want not in text or "CUDA device" not in text:
                 row.ok, row.note = False, f"kernel log lacks '{want}' / 'CUDA device': {text.strip()[:200]}"
+            elif triton and cubin_id not in text:  # the attributes reached the kernel intact
+                row.ok, row.note = False, f"kernel log lacks '{cubin_id}': {text.strip()[:300]}"
+            elif triton and S == 1 and not self.emulated and ", Triton decode kernel" not in text:
+                row.ok, row.note = False, f"the Triton decode kernel did not run: {text.strip()[:300]}"
+            elif ", Triton decode kernel" in text:
+                row.note = "Triton (ahead of time)"
             elif "tensor cores" in text:  # a float16 model (unless LREXPORT_CUDA_MMA=0)
                 row.note = "tensor cores"
             if timing:  # re-runs write the same tokens at the same positions: the caches stay as checked
@@ -562,7 +604,42 @@ def run_all(ck: Checker, quick: bool):
             (300, 1, 1), (0, 600)
     for dt, bits in ((np.float16, 4), (np.float32, 0)) if not quick else ((np.float16, 4),):
         ck.chain("large", Shape(bits=bits, **big), dt, steps=steps, past_len=past, seed=11, timing=not ck.emulated)
+    triton_grid(ck, quick)
     ck.errors()
+
+
+# Triton decode kernel shapes: a key rank that is a multiple of 16 (value ranks need not be)
+TRITON_SHAPES = {1: dict(rk=32, rv=16), 2: dict(rk=48, rv=24), 4: dict(rk=64, rv=40)}
+
+
+def triton_grid(ck: Checker, quick: bool):
+    """Float16 nodes carrying the ahead-of-time Triton decode kernel: prefill on the CUDA C++
+    kernel, decode steps on the Triton kernel, the same checks."""
+    try:
+        from lrexport.kernels import triton_latent
+    except ImportError:
+        triton_latent = None
+    if triton_latent is None or triton_latent.triton is None:
+        ck.rows.append(Row("triton", "-", 0, 0, "-", ok=False, note="triton is not installed: no ahead-of-time "
+                           "kernels to check"))
+        return
+    for bits in ((0, 4) if quick else (0, 2, 3, 4, 8)):
+        for s in ((2,) if quick else (1, 2, 4)):
+            sh = Shape(s=s, bits=bits, v_up=s != 2, k_bias=s != 2, **TRITON_SHAPES[s])
+            ck.chain("triton", sh, np.float16, steps=(9, 1, 1, 1), past_len=(0, 5), seed=300 + 10 * bits + s,
+                     triton=True)
+    if quick:
+        return
+    ck.chain("triton batch 17", Shape(B=17, s=4, bits=2, **TRITON_SHAPES[4]), np.float16, steps=(3, 1, 1),
+             past_len=tuple(range(0, 34, 2)), seed=13, triton=True)
+    ck.chain("triton window=6", Shape(s=2, bits=4, window=6, **TRITON_SHAPES[2]), np.float16, steps=(12, 1, 1, 5, 1),
+             past_len=(3, 20), seed=14, triton=True)
+    big = dict(B=2, Hq=32, Hkv=8, D=128, s=2, rk=128, rv=128, P=2048, Prope=2048, qg=32)
+    if ck.emulated:
+        big.update(Hq=8, Hkv=2, P=320, Prope=320)
+    for bits in (0, 4):
+        ck.chain("triton large", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1), past_len=(0, 200), seed=15,
+                 timing=not ck.emulated, triton=True)
 
 
 def environment(ort, emulated: bool) -> dict:

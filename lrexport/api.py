@@ -343,11 +343,13 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
     return Runner(cm.backend(device), cm.tokenizer, cm.plan, stop_ids(cm), "torch")
 
 
-def export(*, model: str | Path | CompressedModel | None = None, out: str | Path):
-    """Export a compressed folder (or a plain model) as a deployable ONNX folder."""
+def export(*, model: str | Path | CompressedModel | None = None, out: str | Path, cuda_arch: int | None = None):
+    """Export a compressed folder (or a plain model) as a deployable ONNX folder.
+
+    ``cuda_arch``: see :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models)."""
     from lrexport.export import export_onnx
 
-    return export_onnx(open_model(model), out)
+    return export_onnx(open_model(model), out, cuda_arch=cuda_arch)
 
 
 def generate_text(*, model: str | Path | CompressedModel | Runner | None = None, prompts: list[str],

@@ -143,10 +143,14 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from lrexport import api
 
-    res = api.export(model=args.model, out=args.out)
+    res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch)
     for r in res.passes:
         print(r.summary())
     info = res.onnx_info
+    if info.get("cuda_kernels"):
+        k = info["cuda_kernels"]
+        print(f"GPU decode kernels (sm_{k['arch']}): {k['kernels']} compiled for {k['nodes']} attention nodes"
+              + (f"; {len(k['skipped'])} nodes use the CUDA C++ kernel only" if k["skipped"] else ""))
     print(f"inputs: {', '.join(info['inputs'][:4])}{', ...' if len(info['inputs']) > 4 else ''}")
     print(f"wrote {res.folder} ({res.seconds:.0f}s); run it: lrexport generate {res.folder} --prompt ...")
     return 0
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a compressed model as an ONNX folder for ONNX Runtime")
     x.add_argument("model", nargs="?", default=None, help="compressed folder (or HF folder / .gguf / default model)")
     x.add_argument("--out", required=True)
+    x.add_argument("--cuda-arch", type=int, default=None, metavar="CC",
+                   help="compile the GPU decode kernels of a float16 model for this compute capability "
+                        "(e.g. 90 = H100/H200; default: 90 for float16 models; 0: none)")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="print a compressed model's plan; plot its ranks")

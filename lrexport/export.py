@@ -5,6 +5,11 @@
       lrexport.json                 the plan, plus the ONNX I/O and cache layout ("onnx")
       config.json, tokenizer files
 
+Float16 models with latent-KV attention also carry GPU decode kernels: the Triton kernel
+compiled ahead of time for one GPU architecture (``cuda_arch``, default sm_90) and attached to
+each ``LowRankKVAttention`` node, which the library's CUDA kernel launches for one-token steps
+(:mod:`lrexport.kernels.aot`). ``cuda_arch=0`` leaves them out.
+
 The folder is written to a temporary folder and renamed, so an interrupted export leaves
 nothing that looks complete. ``onnx.checker`` runs on the result.
 """
@@ -39,13 +44,19 @@ class ExportResult:
     onnx_info: dict[str, Any]
 
 
-def export_onnx(cm: CompressedModel, out: str | Path) -> ExportResult:
-    """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically)."""
+def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None) -> ExportResult:
+    """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically).
+
+    ``cuda_arch``: the compute capability (e.g. 90) to compile the GPU decode kernels of a float16
+    model's latent-KV attention for; None: 90 when the model is float16 and Triton is installed;
+    0: none.
+    """
     t0 = time.perf_counter()
     tg = cm.graph
     if "kivi" in tg.meta:
         raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
     res = emit(tg)
+    gpu = _gpu_kernels(res.model, cuda_arch)
     info = {
         "file": MODEL_FILE, "ir_version": IR_VERSION, "inputs": res.input_names, "outputs": res.output_names,
         "cache": [{"name": n, "width": w, "dtype": d} for n, w, d in zip(tg.cache.names, tg.cache.widths,
@@ -54,6 +65,8 @@ def export_onnx(cm: CompressedModel, out: str | Path) -> ExportResult:
         "eos_token_ids": list(cm.spec.eos_token_ids),
         **param_accounting(cm.spec, cm.plan, tg.rank_names),
     }
+    if gpu:
+        info["cuda_kernels"] = gpu
     folder = Path(out)
     with atomic_dir(folder) as tmp:
         onnx.save_model(res.model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -68,6 +81,28 @@ def export_onnx(cm: CompressedModel, out: str | Path) -> ExportResult:
     seconds = time.perf_counter() - t0
     log.info("exported %s in %.1fs", folder, seconds)
     return ExportResult(folder=folder, passes=res.passes, seconds=seconds, onnx_info=info)
+
+
+def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None) -> dict | None:
+    from lrexport.emit.functions import LOWRANK_OP
+    from lrexport.kernels import aot, triton_latent
+
+    if cuda_arch == 0 or not any(n.op_type == LOWRANK_OP for n in model.graph.node):
+        return None
+    if cuda_arch is None:
+        if triton_latent.triton is None:
+            log.info("triton is not installed: the export carries no GPU decode kernels")
+            return None
+        f16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+        if not f16:
+            return None
+        cuda_arch = aot.DEFAULT_ARCH
+    elif triton_latent.triton is None:
+        raise PassError(f"compiling GPU kernels for sm_{cuda_arch} needs triton (pip install triton)")
+    summary = aot.attach_cuda_kernels(model, cuda_arch)
+    log.info("GPU decode kernels for sm_%d: %d nodes, %d compiled kernels%s", cuda_arch, summary["nodes"],
+             summary["kernels"], f", {len(summary['skipped'])} nodes without" if summary["skipped"] else "")
+    return summary
 
 
 def load_onnx_backend(folder: str | Path, *, use_library: bool = True, **kw):

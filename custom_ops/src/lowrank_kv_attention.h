@@ -58,6 +58,8 @@ struct KernelBase {
   virtual ~KernelBase() = default;
   // May throw: the one caller (op_common.cc) turns exceptions into error statuses.
   virtual OrtStatus* Compute(OrtKernelContext* ctx) const = 0;
+  // After the common attributes are read (session creation): a kernel's own attributes.
+  virtual OrtStatus* Init(const OrtKernelInfo*) { return nullptr; }
 };
 
 struct LowRankKVAttentionKernel : KernelBase {

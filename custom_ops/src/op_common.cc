@@ -437,6 +437,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     std::unique_ptr<KernelBase> k(self(op)->make_kernel());
     if (!k) return make_error(ORT_FAIL, err_prefix() + "cannot create the kernel (out of memory)");
     LRX_RETURN_IF_ERROR(read_attributes(info, &k->attrs));
+    LRX_RETURN_IF_ERROR(k->Init(info));
     const char* dbg = std::getenv("LREXPORT_OPS_DEBUG");
     k->debug = dbg && *dbg && std::strcmp(dbg, "0") != 0;
     *kernel = k.release();

@@ -390,6 +390,62 @@ def _align(valid: int) -> int:
     return min(valid & -valid, 16)
 
 
+# decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json)
+DECODE_STAGES = {False: 3, True: 2}
+
+
+def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
+                  block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
+                  cuda_core_scores: bool = False, swap: bool = True) -> dict:
+    """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
+
+    Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
+    library (:mod:`lrexport.kernels.aot`), so both run the same specialization. ``itemsize``:
+    bytes per element of ``k_up`` (the compute dtype).
+    """
+    block_t = 1 if S == 1 else max(1, 64 // nrep)
+    cc = cuda_core_scores and S == 1 and nrep <= 8
+    m_rows = _next_pow2(block_t * nrep) if cc else max(16, _next_pow2(block_t * nrep))
+    rv_p = max(16, _next_pow2(rv))
+    rkb = 32 if rk % 32 == 0 else 16
+    rk_p = _next_pow2(rk)
+    if hoist is None:  # keep k_up on chip when its slice is small (M-LRD); stream it in chunks otherwise
+        hoist = rk_p * D * itemsize <= 32768
+    if hoist:  # the chunk settings are unused: fix them so that they do not split the compiled kernels
+        rkb = 16
+
+    def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
+        return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
+
+    return dict(D=D, RV_P=rv_p, RKB=rkb, AL_K=_align(rk), AL_V=_align(rv), NREP=nrep, BLOCK_T=block_t, M=m_rows,
+                BLOCK_N=block_n or (64 if S == 1 else 32), BITS=bits, QG=quant_group if bits else 1, HOIST=hoist,
+                RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
+                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swap and S == 1 and not cc)
+
+
+def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: int, num_sms: int, waves: int = 4,
+               num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, positions per split) of the cached positions: flash-decoding for decode.
+
+    Decode aims at about ``waves`` programs per multiprocessor with splits of at least 256
+    positions; prefill does not split. The C++ launcher of the ahead-of-time kernels
+    (custom_ops/src/cuda/triton_aot.cc) computes the same.
+    """
+    if num_splits is None:
+        num_splits = max(1, min(_cdiv(waves * num_sms, batch * num_kv_heads), _cdiv(kv_max, 256))) if S == 1 else 1
+    split_len = _cdiv(_cdiv(kv_max, num_splits), block_n) * block_n
+    return _cdiv(kv_max, split_len), split_len
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fallbacks(block_n: int, num_stages: int | None) -> list[tuple[int, int | None]]:
+    """(tile, stages) settings to try in order when shared memory does not fit."""
+    return [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -504,30 +560,16 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     ck_params = cache_k_params if bits else cache_k
     cv_params = cache_v_params if bits else cache_v
 
-    block_t = 1 if S == 1 else max(1, 64 // nrep)
-    cuda_core_scores = cuda_core_scores and S == 1 and nrep <= 8
-    swap = swap and S == 1 and not cuda_core_scores
-    m_rows = _next_pow2(block_t * nrep) if cuda_core_scores else max(16, _next_pow2(block_t * nrep))
-    n_tblocks = triton.cdiv(S, block_t)
     if kv_max is None:
         kv_max = int((past_len_B + S).max())
-    if block_n is None:
-        block_n = 64 if S == 1 else 32
-    if num_splits is None:
-        if S == 1:  # flash-decoding: about `waves` programs per multiprocessor, splits of >= 256 positions
-            base = B * num_kv_heads
-            num_splits = max(1, min(triton.cdiv(waves * _num_sms(dev), base), triton.cdiv(kv_max, 256)))
-        else:
-            num_splits = 1
-    split_len = triton.cdiv(triton.cdiv(kv_max, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(kv_max, split_len)
-    rv_p = max(16, _next_pow2(rv))
-    rkb = 32 if rk % 32 == 0 else 16
-    rk_p = _next_pow2(rk)
-    if hoist is None:  # keep k_up on chip when its slice is small (M-LRD); stream it in chunks otherwise
-        hoist = rk_p * D * k_up_GrE.element_size() <= 32768
-    if hoist:  # the chunk settings are unused: fix them so that they do not split the compiled kernels
-        rkb = 16
+    cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
+                        itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
+                        cuda_core_scores=cuda_core_scores, swap=swap)
+    block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
+    rv_p = cfg["RV_P"]
+    n_tblocks = triton.cdiv(S, block_t)
+    num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
+                                       num_sms=_num_sms(dev), waves=waves, num_splits=num_splits)
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
         mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
@@ -536,14 +578,10 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         acc = mx = sm = out
     grid = (B * num_kv_heads, n_tblocks, num_splits)
 
-    def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
-        return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
-
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     if num_stages is None and S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels.json)
-        num_stages = 2 if bits else 3
-    attempts = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1), (16, 1)]
-    for i, (bn, st) in enumerate(attempts):
+        num_stages = DECODE_STAGES[bool(bits)]
+    for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
         stage = {} if st is None else {"num_stages": st}
         try:
             _latent_attn_fwd[grid](
@@ -553,17 +591,13 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
                 out, out.stride(0), out.stride(1),
                 acc, mx, sm,
-                S, split_len, num_splits, scale * LOG2E,
-                HQ=num_heads, HKV=num_kv_heads, GS=group_size, D=D, RK=rk, RV=rv, RV_P=rv_p, RKB=rkb,
-                AL_K=_align(rk), AL_V=_align(rv),
-                NREP=nrep, BLOCK_T=block_t, M=m_rows, BLOCK_N=bn, SPLIT=num_splits > 1, BITS=bits,
-                QG=quant_group if bits else 1, WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
-                HOIST=hoist, RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p),
-                FAST_KC=not hoist and fast(rk, rkb), FAST_V=fast(rv, rv_p), CC=cuda_core_scores, SWAP=swap,
+                S, split_len, num_splits, scale * LOG2E, RK=rk, RV=rv,
+                **{**cfg, "BLOCK_N": bn}, HQ=num_heads, HKV=num_kv_heads, GS=group_size, SPLIT=num_splits > 1,
+                WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
                 num_warps=num_warps, **stage)
             break
         except triton.runtime.errors.OutOfResources:
-            if i == len(attempts) - 1:
+            if i == len(fallbacks(block_n, num_stages)) - 1:
                 raise
     if num_splits > 1:
         _combine[(B * S * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p,

@@ -31,6 +31,16 @@ struct Params {
   int device;                                   // the device that holds the tensors
 };
 
+// An ahead-of-time Triton decode kernel (lrexport/kernels/aot.py, loaded by triton_aot.cc) for the
+// call's device. Its arguments: triton_aot.h's kArgNames, then two null scratch pointers.
+struct TritonDecode {
+  void* function = nullptr;  // CUfunction
+  void* launch = nullptr;    // the driver's cuLaunchKernel
+  int warps = 4, shared = 0, waves = 4;
+  int64_t block_n = 64, rv_p = 16;
+  uint64_t d16 = 0;  // bit i: integer argument i (kArgNames order) was compiled as a multiple of 16
+};
+
 // How a call is split into blocks, and the device scratch memory it needs.
 struct Plan {
   int64_t qtile = 1;   // new tokens per attention block
@@ -40,16 +50,24 @@ struct Plan {
   size_t smem_attn = 0, smem_combine = 0;
   size_t scratch_bytes = 0;  // past_len copy + partial results
   size_t off_ml = 0, off_acc = 0;
+  // the Triton decode kernel (S = 1, plan() given one whose checks pass): its splits of split_len
+  // positions; scratch: past_len as int32, then max / sum [B*Hq*nsplit] and acc [.., rv_p] floats
+  bool triton = false;
+  std::string triton_skip;  // why a given Triton kernel is not used for this call ("" when it is)
+  int64_t split_len = 0;
+  size_t off_past32 = 0, off_max = 0, off_sum = 0;
 };
 
-// Fills *plan for p (queries the device's properties). Returns "" or an error message.
-std::string plan(const Params& p, Plan* plan);
+// Fills *plan for p (queries the device's properties). Returns "" or an error message. `triton`: a
+// decode kernel loaded for p.device (or null), used when the call is one token per row and its
+// arguments meet the compiled assumptions (plan->triton; else plan->triton_skip says why).
+std::string plan(const Params& p, Plan* plan, const TritonDecode* triton = nullptr);
 
 // Enqueues the call on `stream` (a cudaStream_t; nullptr = the legacy default stream): copies
 // past -> present where they are different buffers, writes (quantizes) the new tokens, attends.
 // `scratch` is device memory of plan.scratch_bytes (null when 0). Returns "" or an error message
 // (a CUDA error of a launch or a copy); nothing is synchronized.
-std::string run(const Params& p, const Plan& plan, void* scratch, void* stream);
+std::string run(const Params& p, const Plan& plan, void* scratch, void* stream, const TritonDecode* triton = nullptr);
 
 }  // namespace cuda
 }  // namespace lrexport

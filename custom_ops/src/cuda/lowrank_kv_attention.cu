@@ -119,6 +119,12 @@ struct Args {
   void *out, *cache_k, *params_k, *cache_v, *params_v;  // the present caches
   int64_t qtile, nqt, nsplit;
   float *part_ml, *part_acc;  // [B*S*Hq*nsplit, 2] (max, sum), [B*S*Hq*nsplit, rv]
+  // what combine reads: max and sum of partial row p at part_m[p * ml_step], part_l[p * ml_step],
+  // its accumulators at part_acc + p * acc_ld; max in units of exp2 (the Triton kernel) or exp
+  const float *part_m, *part_l;
+  int64_t ml_step, acc_ld;
+  bool max_log2;
+  int32_t* past32;  // the Triton decode kernel's past_len (int32)
 };
 
 __device__ __forceinline__ int64_t past_len_of(const Args& a, int64_t b) {
@@ -548,13 +554,13 @@ __global__ void __launch_bounds__(128) combine(Args a) {
   const int tid = threadIdx.x;
   if (tid == 0) {
     float M = -INFINITY;
-    for (int64_t sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, a.part_ml[(row * a.nsplit + sp) * 2]);
+    for (int64_t sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, a.part_m[(row * a.nsplit + sp) * a.ml_step]);
     float total = 0.0f;
     for (int64_t sp = 0; sp < a.nsplit; ++sp) {
-      const float m = a.part_ml[(row * a.nsplit + sp) * 2];
-      const float w = m == -INFINITY ? 0.0f : expf(m - M);
+      const float m = a.part_m[(row * a.nsplit + sp) * a.ml_step];
+      const float w = m == -INFINITY ? 0.0f : (a.max_log2 ? exp2f(m - M) : expf(m - M));
       w_s[sp] = w;
-      total += w * a.part_ml[(row * a.nsplit + sp) * 2 + 1];
+      total += w * a.part_l[(row * a.nsplit + sp) * a.ml_step];
     }
     const float inv = 1.0f / total;  // > 0: every query sees at least its own position
     for (int64_t sp = 0; sp < a.nsplit; ++sp) w_s[sp] *= inv;
@@ -562,7 +568,7 @@ __global__ void __launch_bounds__(128) combine(Args a) {
   __syncthreads();
   for (int64_t c = tid; c < a.rv; c += blockDim.x) {
     float o = 0.0f;
-    for (int64_t sp = 0; sp < a.nsplit; ++sp) o += w_s[sp] * a.part_acc[(row * a.nsplit + sp) * a.rv + c];
+    for (int64_t sp = 0; sp < a.nsplit; ++sp) o += w_s[sp] * a.part_acc[(row * a.nsplit + sp) * a.acc_ld + c];
     o_s[c] = o;
   }
   __syncthreads();
@@ -580,6 +586,14 @@ __global__ void __launch_bounds__(128) combine(Args a) {
   }
 }
 
+// ---- the Triton decode kernel's inputs ------------------------------------------------------
+
+// past_len as int32 for the Triton kernel (one thread per row).
+__global__ void past_len_i32(Args a) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b < a.B) a.past32[b] = static_cast<int32_t>(past_len_of(a, b));
+}
+
 // ---- host side ------------------------------------------------------------------------------
 
 std::string cuda_error(const char* what, cudaError_t e) {
@@ -588,13 +602,56 @@ std::string cuda_error(const char* what, cudaError_t e) {
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+// The Triton decode kernel (S = 1), after the cache write: past_len as int32, the kernel (one
+// program per row, KV head and split), then combine (splits in exp2 units, rows of rv_p floats).
+std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonDecode& t, char* base,
+                          cudaStream_t stream) {
+  cudaError_t e;
+  int32_t* past32 = reinterpret_cast<int32_t*>(base + pl.off_past32);
+  a.past32 = past32;
+  LRX_LAUNCH(past_len_i32, static_cast<unsigned>((p.B + 127) / 128), 128, 0, stream, a);
+  if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the past_len conversion", e);
+  float* mx = reinterpret_cast<float*>(base + pl.off_max);
+  float* sm = reinterpret_cast<float*>(base + pl.off_sum);
+  const int64_t kp = p.bits ? p.NPk : p.Ck, vp = p.bits ? p.NPv : p.Cv;
+  // the argument values (plan() checked that they fit int32 and meet the d16 assumptions)
+  int32_t ints[] = {static_cast<int32_t>(p.Hq * p.D), static_cast<int32_t>(p.Hq * p.D),
+                    static_cast<int32_t>(p.P * p.Ck),  static_cast<int32_t>(p.Ck),
+                    static_cast<int32_t>(p.P * kp),    static_cast<int32_t>(kp),
+                    static_cast<int32_t>(p.P * p.Cv),  static_cast<int32_t>(p.Cv),
+                    static_cast<int32_t>(p.P * vp),    static_cast<int32_t>(vp),
+                    0, 0, static_cast<int32_t>(pl.split_len), static_cast<int32_t>(pl.nsplit),
+                    static_cast<int32_t>(p.rk), static_cast<int32_t>(p.rv)};
+  float qk_scale = p.scale * 1.4426950408889634f;
+  const void* ptrs[] = {p.query, a.cache_k, p.bits ? a.params_k : a.cache_k, a.cache_v,
+                        p.bits ? a.params_v : a.cache_v, p.k_up, p.k_bias ? p.k_bias : p.k_up, p.cos, p.sin,
+                        past32, a.out, a.part_acc, mx, sm, nullptr, nullptr};
+  // kArgNames order (triton_aot.h), then Triton's global and profile scratch pointers (none)
+  void* args[] = {&ptrs[0],  &ints[0],  &ints[1],  &ptrs[1],  &ints[2],  &ints[3],  &ptrs[2],  &ints[4],  &ints[5],
+                  &ptrs[3],  &ints[6],  &ints[7],  &ptrs[4],  &ints[8],  &ints[9],  &ptrs[5],  &ptrs[6],  &ptrs[7],
+                  &ptrs[8],  &ptrs[9],  &ptrs[10], &ints[10], &ints[11], &ptrs[11], &ptrs[12], &ptrs[13], &ints[12],
+                  &ints[13], &qk_scale, &ints[14], &ints[15], &ptrs[14], &ptrs[15]};
+  using LaunchFn = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*,
+                           void**, void**);
+  const int r = reinterpret_cast<LaunchFn>(t.launch)(
+      t.function, static_cast<unsigned>(p.B * p.Hkv), 1, static_cast<unsigned>(pl.nsplit),
+      static_cast<unsigned>(32 * t.warps), 1, 1, static_cast<unsigned>(t.shared), stream, args, nullptr);
+  if (r != 0) return "cuLaunchKernel of the Triton decode kernel failed (CUresult " + std::to_string(r) + ")";
+  a.part_m = mx, a.part_l = sm, a.ml_step = 1, a.acc_ld = t.rv_p, a.max_log2 = true;
+  LRX_LAUNCH(combine<__half>, static_cast<unsigned>(p.B * p.Hq), 128, pl.smem_combine, stream, a);
+  if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
+  return "";
+}
+
 template <class T>
-std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream) {
+std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream, const TritonDecode* triton,
+                   char* base) {
   cudaError_t e;
   const int64_t rows = p.B * p.S;
   if (rows > 0) {
     LRX_LAUNCH(write_tokens<T>, dim3(static_cast<unsigned>(rows), 2), 128, 0, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the cache write", e);
+    if (pl.triton) return launch_triton(p, pl, a, *triton, base, stream);
     void (*attend)(Args) = attend_partial<T, false>;
     if constexpr (std::is_same<T, __half>::value) {
       if (pl.mma) attend = attend_partial<T, true>;
@@ -612,9 +669,46 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream)
   return "";
 }
 
+// The Triton decode kernel for this call, when its compiled assumptions hold: one new token per
+// row, float16, int32 arguments, 16-byte aligned tensors and the integer arguments it was compiled
+// as multiples of 16 for (TritonDecode::d16). Splits as lrexport.kernels.triton_latent.split_plan.
+// Returns "" (pl->triton set, scratch re-planned) or why not.
+std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t kv_max, Plan* pl) {
+  if (p.S != 1) return "more than one new token per row (prefill)";
+  if (!p.f16) return "float32 activations";
+  const int64_t kp = p.bits ? p.NPk : p.Ck, vp = p.bits ? p.NPv : p.Cv;
+  const int64_t ints[] = {p.Hq * p.D, p.Hq * p.D, p.P * p.Ck, p.Ck, p.P * kp, kp, p.P * p.Cv, p.Cv, p.P * vp, vp,
+                          0, 0, -1, -1, p.rk, p.rv};  // split_len, nsplit: below
+  for (int i = 0; i < 16; ++i) {
+    if (ints[i] > 0x7fffffff) return "a cache of more than 2^31 elements per row";
+    if (ints[i] >= 0 && ((t.d16 >> i) & 1) && ints[i] % 16) return "an argument is not a multiple of 16 as compiled";
+  }
+  const void* ptrs[] = {p.query, p.present_k, p.present_v, p.k_up, p.k_bias, p.cos, p.sin,
+                        p.bits ? p.present_k_params : nullptr, p.bits ? p.present_v_params : nullptr};
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16) return "a tensor that is not 16-byte aligned";
+  const int64_t programs = p.B * p.Hkv;
+  int64_t ns = std::max<int64_t>(1, std::min((t.waves * static_cast<int64_t>(sms) + programs - 1) / programs,
+                                             (kv_max + 255) / 256));
+  const int64_t split_len = ((kv_max + ns - 1) / ns + t.block_n - 1) / t.block_n * t.block_n;
+  ns = (kv_max + split_len - 1) / split_len;
+  if (programs > 0x7fffffff || ns > 65535) return "too many programs for one launch";
+  pl->triton = true;
+  pl->split_len = split_len;
+  pl->nsplit = ns;
+  pl->smem_combine = static_cast<size_t>(p.rv + ns) * 4;
+  const size_t prows = static_cast<size_t>(p.B * p.Hq * ns);
+  pl->off_past32 = align_up(static_cast<size_t>(p.B) * 8, 256);  // after the int64 past_len copy
+  pl->off_max = pl->off_past32 + align_up(static_cast<size_t>(p.B) * 4, 256);
+  pl->off_sum = pl->off_max + align_up(prows * 4, 256);
+  pl->off_acc = pl->off_sum + align_up(prows * 4, 256);
+  pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(t.rv_p) * 4;
+  return "";
+}
+
 }  // namespace
 
-std::string plan(const Params& p, Plan* pl) {
+std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
   *pl = Plan{};
   if (p.B == 0 || p.S == 0) return "";
   int dev = 0, sms = 0, smem_optin = 0, cc_major = 0;
@@ -660,10 +754,11 @@ std::string plan(const Params& p, Plan* pl) {
   pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
   pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
   pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(p.rv) * 4;
+  if (triton) pl->triton_skip = plan_triton(p, *triton, sms, max_len, pl);
   return "";
 }
 
-std::string run(const Params& p, const Plan& pl, void* scratch, void* stream_ptr) {
+std::string run(const Params& p, const Plan& pl, void* scratch, void* stream_ptr, const TritonDecode* triton) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   cudaGetLastError();  // clear an earlier, unrelated error: what follows reports only ours
   cudaError_t e;
@@ -708,7 +803,8 @@ std::string run(const Params& p, const Plan& pl, void* scratch, void* stream_ptr
   a.qtile = pl.qtile, a.nqt = pl.nqt, a.nsplit = pl.nsplit;
   a.part_ml = reinterpret_cast<float*>(base + pl.off_ml);
   a.part_acc = reinterpret_cast<float*>(base + pl.off_acc);
-  return p.f16 ? launch<__half>(p, pl, a, stream) : launch<float>(p, pl, a, stream);
+  a.part_m = a.part_ml, a.part_l = a.part_ml + 1, a.ml_step = 2, a.acc_ld = p.rv, a.max_log2 = false;
+  return p.f16 ? launch<__half>(p, pl, a, stream, triton, base) : launch<float>(p, pl, a, stream, triton, base);
 }
 
 }  // namespace cuda

@@ -20,15 +20,64 @@
 #include "../lowrank_kv_attention.h"
 #include "../op_common.h"
 #include "launch.h"
+#include "triton_aot.h"
 
 namespace lrexport {
 namespace {
 
 struct CudaKernel : KernelBase {
+  OrtStatus* Init(const OrtKernelInfo* info) override;
   OrtStatus* Compute(OrtKernelContext* ctx) const override;
+  std::unique_ptr<cuda::TritonModule> triton;  // the node's ahead-of-time decode kernel, if any
+  std::string triton_note;                      // what the node carries (for LREXPORT_OPS_DEBUG)
 };
 
 OrtStatus* cuda_fail(const std::string& msg) { return make_error(ORT_FAIL, err_prefix() + "CUDA kernel: " + msg); }
+
+// A string attribute (binary-safe); *found = false when the node does not set it.
+OrtStatus* attr_string(const OrtKernelInfo* info, const char* name, std::string* out, bool* found) {
+  size_t size = 0;
+  *found = false;
+  if (OrtStatus* st = g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &size)) {
+    g_ort->ReleaseStatus(st);
+    return nullptr;
+  }
+  std::string buf(size, '\0');
+  LRX_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_string(info, name, &buf[0], &size));
+  buf.resize(size > 0 ? size - 1 : 0);  // the API counts a terminating NUL
+  *out = std::move(buf);
+  *found = true;
+  return nullptr;
+}
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+OrtStatus* CudaKernel::Init(const OrtKernelInfo* info) {
+  std::string meta_text, cubin;
+  bool has_meta = false, has_cubin = false;
+  LRX_RETURN_IF_ERROR(attr_string(info, "cuda_kernel", &meta_text, &has_meta));
+  LRX_RETURN_IF_ERROR(attr_string(info, "cuda_cubin", &cubin, &has_cubin));
+  if (!has_meta && !has_cubin) return nullptr;
+  if (has_meta != has_cubin || cubin.empty())
+    return fail("attributes cuda_kernel and cuda_cubin come together (re-export the model)");
+  cuda::TritonMeta meta;
+  const std::string err = cuda::parse_triton_meta(meta_text, &meta);
+  char note[160];
+  if (!err.empty()) {
+    if (err.rfind("abi=", 0) != 0) return fail("attribute cuda_kernel: " + err + " (re-export the model)");
+    triton_note = "Triton decode kernel not used: " + err;  // another exporter version: the C++ kernels run
+    return nullptr;
+  }
+  std::snprintf(note, sizeof(note), "Triton decode kernel %s for sm_%d, %zu cubin bytes (fnv1a %016llx)",
+                meta.name.c_str(), meta.arch, cubin.size(), static_cast<unsigned long long>(fnv1a(cubin)));
+  triton_note = note;
+  triton.reset(new cuda::TritonModule(std::move(cubin), std::move(meta)));
+  return nullptr;
+}
 
 OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   Call call;
@@ -66,13 +115,21 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   p.k_bytes = call.k_bytes, p.v_bytes = call.v_bytes, p.kp_bytes = call.kp_bytes, p.vp_bytes = call.vp_bytes;
   p.device = device;
 
+  std::string triton_why;
+  const cuda::TritonDecode* tk = triton ? triton->get(device, &triton_why) : nullptr;
   cuda::Plan plan;
-  std::string err = cuda::plan(p, &plan);
+  std::string err = cuda::plan(p, &plan, tk);
   if (!err.empty()) return cuda_fail(err);
-  if (debug)
+  if (tk && !plan.triton) triton_why = plan.triton_skip;
+  if (debug) {
+    std::string path = plan.triton ? ", Triton decode kernel" : (plan.mma ? ", tensor cores (WMMA)" : "");
+    if (!triton_note.empty())
+      path += "; " + triton_note + (triton_why.empty() ? "" : "; not used for this call: " + triton_why);
     std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits%s\n",
                  describe_call(call).c_str(), device, static_cast<long long>(plan.qtile),
-                 static_cast<long long>(plan.nsplit), plan.mma ? ", tensor cores (WMMA)" : "");
+                 static_cast<long long>(plan.nsplit), path.c_str());
+  }
+  const cuda::TritonDecode* run_tk = plan.triton ? tk : nullptr;
 
   // Scratch memory from ONNX Runtime's allocator for this device, on this stream: handed back
   // right after the launches, which is safe in stream order (ORT's own CUDA kernels do the same).
@@ -84,7 +141,7 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   };
   std::unique_ptr<void, Free> host_scratch(plan.scratch_bytes ? std::malloc(plan.scratch_bytes) : nullptr);
   if (plan.scratch_bytes && !host_scratch) return cuda_fail("out of memory (emulated scratch)");
-  err = cuda::run(p, plan, host_scratch.get(), stream);
+  err = cuda::run(p, plan, host_scratch.get(), stream, run_tk);
   if (!err.empty()) return cuda_fail(err);
   return nullptr;
 #endif
@@ -99,7 +156,7 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
       return cuda_fail("could not allocate " + std::to_string(plan.scratch_bytes) + " bytes of scratch memory");
     }
   }
-  err = cuda::run(p, plan, scratch, stream);
+  err = cuda::run(p, plan, scratch, stream, run_tk);
   if (scratch) alloc->Free(alloc, scratch);
   if (alloc) g_ort->ReleaseAllocator(alloc);
   if (!err.empty()) return cuda_fail(err);

@@ -1,0 +1,210 @@
+"""Ahead-of-time Triton decode kernels for the CUDA kernel of the ONNX Runtime library.
+
+At export, every ``LowRankKVAttention`` node of a float16 model gets the decode kernel of
+:mod:`lrexport.kernels.triton_latent` compiled for its shapes (``kernel_config``, the same
+specialization the PyTorch path runs) and a GPU architecture, as two node attributes:
+
+* ``cuda_cubin`` (string): the cubin, as ``ptxas`` wrote it;
+* ``cuda_kernel`` (string): ``key=value`` pairs the launcher needs: ``abi`` (the argument
+  order below), ``arch`` (compute capability, e.g. 90), ``name``, ``warps``, ``shared``
+  (dynamic shared memory bytes), ``block_n``, ``rv_p``, ``waves`` and ``d16``: the integer
+  arguments compiled as multiples of 16 (the launcher checks them, and that every pointer is
+  16-byte aligned, and otherwise runs its own CUDA C++ kernel).
+
+The library (``custom_ops/src/cuda/triton_aot.cc``) loads the cubin with the CUDA driver on the
+first decode call on a device of that compute capability and launches it on ONNX Runtime's
+stream for one-token steps; prefill and other devices run the CUDA C++ kernel. Compiling needs
+only Triton (its ``ptxas``), not a GPU, so exports on CPU machines carry GPU kernels too.
+
+The launcher passes the kernel's arguments in the order of :data:`ABI_ARGS` (the
+non-constexpr parameters of ``_latent_attn_fwd`` with ``S`` fixed to 1), then Triton's two
+scratch pointers (null: the kernel uses none, checked here).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx
+
+from lrexport.kernels import triton_latent as tl_k
+
+log = logging.getLogger(__name__)
+
+ABI = 1
+ABI_ARGS = ("Q", "sq_b", "sq_s", "CK", "sck_b", "sck_p", "PK", "spk_b", "spk_p", "CV", "scv_b", "scv_p", "PV",
+            "spv_b", "spv_p", "KUP", "KBIAS", "COS", "SIN", "PAST", "OUT", "so_b", "so_s", "ACC", "MAX", "SUM",
+            "split_len", "nsplit", "qk_scale", "RK", "RV")
+# the most dynamic shared memory per block, by compute capability (CUDA programming guide)
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+NUM_WARPS = 4
+WAVES = 4  # decode programs per multiprocessor (as the PyTorch path)
+DEFAULT_ARCH = 90
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the compiled decode kernel depends on (one per distinct node structure)."""
+
+    num_heads: int
+    num_kv_heads: int
+    group_size: int
+    head_dim: int
+    rk: int
+    rv: int
+    bits: int
+    quant_group: int
+    window: int
+    has_k_bias: bool
+    k_width: int  # cache row widths: elements (float caches) or code bytes
+    v_width: int
+    kp_width: int  # params per row (bits > 0)
+    vp_width: int
+
+
+@dataclass
+class CompiledDecode:
+    cubin: bytes
+    meta: str
+
+
+def _arg_types(bits: int) -> dict[str, str]:
+    cache = "*u8" if bits else "*fp16"
+    return dict(Q="*fp16", CK=cache, PK="*fp16", CV=cache, PV="*fp16", KUP="*fp16", KBIAS="*fp16", COS="*fp16",
+                SIN="*fp16", PAST="*i32", OUT="*fp16", ACC="*fp32", MAX="*fp32", SUM="*fp32", qk_scale="fp32")
+
+
+def _int_args(spec: DecodeSpec) -> dict[str, int]:
+    """The integer arguments' values, for their multiple-of-16 attributes (``P`` cancels: the batch
+    strides are ``P`` times the row strides)."""
+    q = spec.num_heads * spec.head_dim
+    kp = spec.kp_width if spec.bits else spec.k_width
+    vp = spec.vp_width if spec.bits else spec.v_width
+    return dict(sq_b=q, sq_s=q, sck_b=spec.k_width, sck_p=spec.k_width, spk_b=kp, spk_p=kp, scv_b=spec.v_width,
+                scv_p=spec.v_width, spv_b=vp, spv_p=vp, so_b=0, so_s=0, split_len=64, nsplit=1, RK=spec.rk,
+                RV=spec.rv)
+
+
+def supported(spec: DecodeSpec) -> str:
+    """'' when the decode kernel takes ``spec``, else why not."""
+    if not tl_k.supports(spec.head_dim, spec.rk, spec.bits, spec.quant_group):
+        return (f"head dim {spec.head_dim}, key rank {spec.rk}, bits {spec.bits}, quantization group "
+                f"{spec.quant_group} (the Triton kernel needs a power-of-two head dim >= 32 and a key rank that "
+                "is a multiple of 16)")
+    return ""
+
+
+def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH) -> CompiledDecode:
+    """Compile the float16 decode kernel for ``spec`` and compute capability ``arch`` (no GPU needed)."""
+    if tl_k.triton is None:
+        raise RuntimeError("compiling GPU kernels needs triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    why = supported(spec)
+    if why:
+        raise ValueError(f"no Triton decode kernel for {why}")
+    fn = tl_k._latent_attn_fwd
+    cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
+                             rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2)
+    const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
+             "WINDOW": spec.window, "HAS_BIAS": spec.has_k_bias, "IEEE": False, "S": 1}
+    types = _arg_types(spec.bits)
+    ints = _int_args(spec)
+    args = [n for n in fn.arg_names if n not in const]
+    if tuple(args) != ABI_ARGS:
+        raise RuntimeError(f"_latent_attn_fwd's run-time arguments changed ({args}); update ABI_ARGS and the "
+                           "launcher in custom_ops/src/cuda/triton_aot.cc")
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+    d16 = [n for n in args if n in ints and n != "nsplit" and ints[n] % 16 == 0]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in args if sig[n].startswith("*") or n in d16}
+    limit = SMEM_LIMIT.get(arch, min(SMEM_LIMIT.values()))
+    tried = []
+    for block_n, stages in tl_k.fallbacks(cfg["BLOCK_N"], tl_k.DECODE_STAGES[bool(spec.bits)]):
+        src = ASTSource(fn, sig, constexprs={**const, "BLOCK_N": block_n}, attrs=attrs)
+        k = tl_k.triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=NUM_WARPS, num_stages=stages or 1))
+        md = k.metadata
+        tried.append(f"{block_n}x{stages}: {md.shared} B")
+        if md.shared > limit:
+            continue
+        if md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
+            raise RuntimeError(f"the compiled decode kernel needs global scratch memory or clusters ({md}); the "
+                               "launcher passes none")
+        meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
+                f"rv_p={cfg['RV_P']} waves={WAVES} d16={','.join(d16)}")
+        return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
+    raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
+                       f"({'; '.join(tried)})")
+
+
+def parse_meta(meta: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in meta.split())
+
+
+def _static_last_dim(model: onnx.ModelProto, name: str) -> int | None:
+    for vi in list(model.graph.input) + list(model.graph.value_info):
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+    return None
+
+
+def node_spec(model: onnx.ModelProto, node: onnx.NodeProto) -> DecodeSpec | str:
+    """The decode kernel's spec of a ``LowRankKVAttention`` node, or why it has none."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    inp = list(node.input) + [""] * (13 - len(node.input))
+    k_up = inits.get(inp[8])
+    if k_up is None or k_up.data_type != onnx.TensorProto.FLOAT16:
+        return "k_up is not a float16 initializer (the GPU kernels are compiled for float16 models)"
+    G, rk, sD = k_up.dims
+    Hkv, gs = int(a["num_kv_heads"]), int(a.get("group_size", 1))
+    D = sD // gs
+    bits, qg = int(a.get("bits", 0)), int(a.get("quant_group", 32))
+    widths = [_static_last_dim(model, inp[i]) for i in (3, 4, 5, 6)]
+    if widths[0] is None or widths[2] is None or (bits and (widths[1] is None or widths[3] is None)):
+        return "the cache inputs have no static widths"
+    if bits:
+        rv = widths[3] * qg // (2 * G)  # params: a float16 scale and zero point per group of qg channels
+    else:
+        rv = widths[2] // G
+    return DecodeSpec(num_heads=int(a["num_heads"]), num_kv_heads=Hkv, group_size=gs, head_dim=D, rk=rk, rv=rv,
+                      bits=bits, quant_group=qg if bits else 0, window=int(a.get("window", 0)),
+                      has_k_bias=bool(inp[9]), k_width=widths[0], v_width=widths[2], kp_width=widths[1] or 0,
+                      vp_width=widths[3] or 0)
+
+
+def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH) -> dict:
+    """Compile and attach the decode kernels to the model's ``LowRankKVAttention`` nodes (in place).
+
+    Returns a summary: ``{"arch", "nodes", "kernels", "skipped": {node: why}}``.
+    """
+    from lrexport.emit.functions import LOWRANK_OP
+    from lrexport.util import progress
+
+    nodes = [n for n in model.graph.node if n.op_type == LOWRANK_OP]
+    specs, skipped = {}, {}
+    for n in nodes:
+        s = node_spec(model, n)
+        why = s if isinstance(s, str) else supported(s)
+        if why:
+            skipped[n.name] = why
+        else:
+            specs[n.name] = s
+    compiled = {}
+    for s in progress(sorted(set(specs.values()), key=repr), desc=f"GPU kernels (sm_{arch})",
+                          unit="kernel"):
+        compiled[s] = compile_decode(s, arch)
+    for n in nodes:
+        if n.name not in specs:
+            continue
+        c = compiled[specs[n.name]]
+        for attr in [x for x in n.attribute if x.name in ("cuda_kernel", "cuda_cubin")]:
+            n.attribute.remove(attr)
+        n.attribute.extend([onnx.helper.make_attribute("cuda_kernel", c.meta),
+                            onnx.helper.make_attribute("cuda_cubin", c.cubin)])
+    for name, why in skipped.items():
+        log.info("no GPU decode kernel for %s: %s", name, why)
+    return {"arch": arch, "nodes": len(specs), "kernels": len(compiled), "skipped": skipped}
