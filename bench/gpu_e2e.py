@@ -9,7 +9,12 @@ vocabulary 128256) and random fp16 weights; ``--layers`` sets the depth (32 in t
 model). Variants, each exported by lrexport to an ONNX folder and run by ONNX Runtime's CUDA
 execution provider with the caches bound in place (IO binding, caches in GPU memory):
 
-* ``uncompressed``: the plain export (standard-op attention over the dense cache);
+* ``uncompressed_gqa``: the uncompressed model on ONNX Runtime's fused operators
+  (``GroupQueryAttention`` with RoPE inside and the caches updated in place, fused RMSNorm;
+  ``bench/gqa_model.py``): the strongest standard baseline, against which ``speedup`` is
+  reported when it runs;
+* ``uncompressed``: lrexport's plain export of the same model (standard-op attention over the
+  dense cache; ``speedup_plain`` is against it);
 * ``lrexport``: weights 20% (uniform ranks over q/o/gate/up/down) + KV 50% (M-LRD, uniform),
   attention as ``LowRankKVAttention`` on lrexport's CUDA kernel;
 * ``lrexport_4bit``: the same with 4-bit latents.
@@ -36,7 +41,16 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("uncompressed", "lrexport", "lrexport_4bit")
+VARIANTS = ("uncompressed_gqa", "uncompressed", "lrexport", "lrexport_4bit")
+BASELINES = ("uncompressed_gqa", "uncompressed")  # speedup is against the first that ran
+
+
+def _gqa():
+    """bench/gqa_model.py (the GroupQueryAttention baseline), imported from beside this file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gqa_model
+
+    return gqa_model
 
 
 def llama3_8b_config(layers: int, max_len: int) -> dict:
@@ -191,11 +205,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "gpu_e2e"))
     ap.add_argument("--build-only", action="store_true", help="export the variants to --work and stop")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gqa", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
-        print(json.dumps(worker(args.worker, contexts, batches, args.steps, args.device)))
+        run = _gqa().gqa_worker if args.gqa else worker
+        print(json.dumps(run(args.worker, contexts, batches, args.steps, args.device)))
         return 0
     import torch
 
@@ -206,21 +222,30 @@ def main(argv=None) -> int:
     work = Path(args.work)
     rows, info = [], {}
     for v in args.variants.split(","):
-        folder = build_variant(v, cfg, dtype, work, gen_device)
+        gqa = v == "uncompressed_gqa"
+        if gqa:
+            t0 = time.perf_counter()
+            folder = _gqa().build_gqa_model(cfg, dtype, work, gen_device)
+            info[v] = {"build_s": time.perf_counter() - t0}
+        else:
+            folder = build_variant(v, cfg, dtype, work, gen_device)
         if args.build_only:
             continue
-        meta = json.loads((folder / "lrexport.json").read_text())
-        info[v] = {**meta.get("bench", {}), "kv_bytes_per_token": (meta.get("kv") or {}).get("bytes_per_token")}
+        if not gqa:
+            meta = json.loads((folder / "lrexport.json").read_text())
+            info[v] = {**meta.get("bench", {}), "kv_bytes_per_token": (meta.get("kv") or {}).get("bytes_per_token")}
         cmd = [sys.executable, __file__, "--worker", str(folder), "--contexts", args.contexts, "--batches",
-               args.batches, "--steps", str(args.steps), "--device", args.device]
+               args.batches, "--steps", str(args.steps), "--device", args.device] + (["--gqa"] if gqa else [])
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{v}: the worker failed (exit {proc.returncode})")
         for r in json.loads(proc.stdout.strip().splitlines()[-1]):
-            rows.append({"variant": "uncompressed" if v == "uncompressed" else "lrexport", "setting": v, **r})
+            rows.append({"variant": "uncompressed" if v in BASELINES else "lrexport", "setting": v, **r})
     if args.build_only:
         return 0
-    base = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed"}
+    ran = [b for b in BASELINES if any(r["setting"] == b for r in rows)]
+    base = {(r["context"], r["batch"]): r for r in rows if ran and r["setting"] == ran[0]}
+    plain = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed"}
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         if b and r is not b:
@@ -228,6 +253,9 @@ def main(argv=None) -> int:
             r["kv_smaller_x"] = b["kv_bytes"] / r["kv_bytes"]
             if r["gpu_mem_bytes"] and b["gpu_mem_bytes"]:
                 r["gpu_mem_smaller_x"] = b["gpu_mem_bytes"] / r["gpu_mem_bytes"]
+        p = plain.get((r["context"], r["batch"]))
+        if p and r is not p and r["setting"] != "uncompressed_gqa":
+            r["speedup_plain"] = r["decode_tok_s"] / p["decode_tok_s"]
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{machine}; {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -242,10 +270,12 @@ def main(argv=None) -> int:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out.with_suffix(".json"))
-    cols = ["setting", "context", "batch", "step_ms", "decode_tok_s", "speedup", "kv_bytes", "kv_smaller_x",
-            "gpu_mem_bytes", "gpu_mem_smaller_x"]
+    cols = ["setting", "context", "batch", "step_ms", "decode_tok_s", "speedup", "speedup_plain", "kv_bytes",
+            "kv_smaller_x", "gpu_mem_bytes", "gpu_mem_smaller_x"]
     lines = [f"# GPU end to end ({doc['date']})", "", doc["machine"], "", f"`{doc['command']}`", "", doc["model"] + "; "
-             + doc["settings"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             + doc["settings"], "", f"speedup: decode tokens/s over {ran[0] if ran else '-'} (same context and "
+             "batch, same run); speedup_plain: over the plain uncompressed export; *_smaller_x: that baseline's "
+             "bytes / these", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
                                        for c in cols) + " |")

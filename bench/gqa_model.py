@@ -1,0 +1,368 @@
+"""An uncompressed Llama decoder on ONNX Runtime's fused operators: the strongest standard baseline.
+
+:func:`build_gqa_model` writes a random Llama-family decoder (the shapes of a Hugging Face
+config, e.g. ``llama3_8b_config()`` of ``bench/gpu_e2e.py``) as an ONNX graph made with
+``onnx.helper``, in the form ONNX Runtime's own generative-AI models take:
+
+* attention is ``com.microsoft.GroupQueryAttention`` with RoPE inside the node
+  (``do_rotary=1``, non-interleaved ``cos_cache`` / ``sin_cache``) over q/k/v packed in one
+  MatMul; its key / value caches are BNSH ``[B, kv_heads, capacity, head_dim]`` buffers that
+  are both the past inputs and the present outputs, so each step writes its token in place
+  and decode runs ONNX Runtime's fused attention kernels on CUDA (flash decoding);
+* RMSNorm is ``SimplifiedLayerNormalization`` (default domain) before the first layer and
+  ``com.microsoft.SkipSimplifiedLayerNormalization`` (residual add and RMSNorm in one kernel)
+  everywhere else; both run on the CPU and CUDA providers in float16 and float32;
+* SiLU is ``x * Sigmoid(x)``, which ONNX Runtime's graph optimizer fuses into one
+  ``QuickGelu`` kernel on the CPU and CUDA providers.
+
+Step inputs: ``input_ids`` int64 ``[B, S]``, ``seqlens_k`` int32 ``[B]`` (each row's total
+length after the step, minus one), ``total_sequence_length`` int32 scalar (the largest total
+length), ``past_key_{i}`` / ``past_value_{i}``; outputs: ``logits`` ``[B, S, vocab]`` and
+``present_key_{i}`` / ``present_value_{i}``. A step is either a first prompt (``S`` equal to
+``total_sequence_length``, the cache empty) or one token per row. ONNX Runtime's CUDA
+GroupQueryAttention runs float16 and bfloat16 only; its CPU kernel also runs float32.
+
+:class:`GqaSession` runs a built folder with the caches bound in place (IO binding);
+:func:`gqa_worker` times decode steps with it, with the row format of ``worker()`` in
+``bench/gpu_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FOLDER = "uncompressed_gqa"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+_ALIGN = 4096  # offsets of the tensors in the data file: page-aligned, so ONNX Runtime can map them
+_NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Llama's RoPE tables ``cos`` / ``sin`` of shape ``[max_len, head_dim / 2]`` (float64)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.cos(angles), np.sin(angles)
+
+
+class _ExternalWeights:
+    """Writes initializers one by one into a single external data file (no 2 GB protobuf limit,
+    and no copy of the whole model in memory)."""
+
+    def __init__(self, folder: Path):
+        self.file = open(folder / DATA_FILE, "wb")  # noqa: SIM115  (closed by close())
+        self.initializers = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        from onnx import TensorProto, helper
+
+        array = np.ascontiguousarray(array)
+        offset = (self.file.tell() + _ALIGN - 1) // _ALIGN * _ALIGN
+        self.file.seek(offset)
+        self.file.write(array.tobytes())
+        tensor = TensorProto(name=name, dims=list(array.shape),
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", offset), ("length", array.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        self.initializers.append(tensor)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _graph(cfg: dict, dtype_name: str, weights: _ExternalWeights, randn, ones):
+    """The decoder's nodes, inputs and outputs; ``randn(shape)`` / ``ones(shape)`` give the weights."""
+    from onnx import TensorProto, helper
+
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(_NP_DTYPES[dtype_name]))
+    hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    H, K = int(cfg["num_attention_heads"]), int(cfg["num_key_value_heads"])
+    D = int(cfg.get("head_dim") or hidden // H)
+    L, V = int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
+    eps, max_len = float(cfg["rms_norm_eps"]), int(cfg["max_position_embeddings"])
+    nodes = []
+
+    def node(op, inputs, outputs, domain="", **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], domain=domain, **attrs))
+        return outputs[0]
+
+    weights.add("embed_tokens.weight", randn((V, hidden)))
+    cos, sin = _rope_tables(max_len, D, float(cfg["rope_theta"]))
+    weights.add("cos_cache", cos.astype(_NP_DTYPES[dtype_name]))
+    weights.add("sin_cache", sin.astype(_NP_DTYPES[dtype_name]))
+    residual = node("Gather", ["embed_tokens.weight", "input_ids"], ["embeddings"])
+    x = None  # the output of the last MLP, added to the residual stream by the next norm
+    for i in range(L):
+        p = f"layers.{i}."
+        weights.add(p + "input_layernorm.weight", ones(hidden))
+        if x is None:
+            h = node("SimplifiedLayerNormalization", [residual, p + "input_layernorm.weight"], [p + "attn_in"],
+                     epsilon=eps, axis=-1, stash_type=1)
+        else:
+            node("SkipSimplifiedLayerNormalization", [x, residual, p + "input_layernorm.weight"],
+                 [p + "attn_in", "", "", p + "attn_residual"], domain="com.microsoft", epsilon=eps)
+            h, residual = p + "attn_in", p + "attn_residual"
+        weights.add(p + "qkv_proj.weight", randn((hidden, (H + 2 * K) * D)))  # [in, out]: columns q | k | v
+        qkv = node("MatMul", [h, p + "qkv_proj.weight"], [p + "qkv"])
+        attn = node("GroupQueryAttention",
+                    [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                     "cos_cache", "sin_cache"],
+                    [p + "attn", f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
+                    num_heads=H, kv_num_heads=K, scale=float(D) ** -0.5, do_rotary=1, rotary_interleaved=0)
+        weights.add(p + "o_proj.weight", randn((H * D, hidden)))
+        o = node("MatMul", [attn, p + "o_proj.weight"], [p + "o"])
+        weights.add(p + "post_attention_layernorm.weight", ones(hidden))
+        node("SkipSimplifiedLayerNormalization", [o, residual, p + "post_attention_layernorm.weight"],
+             [p + "mlp_in", "", "", p + "mlp_residual"], domain="com.microsoft", epsilon=eps)
+        h, residual = p + "mlp_in", p + "mlp_residual"
+        for kind, shape in (("gate_proj", (hidden, inter)), ("up_proj", (hidden, inter)),
+                            ("down_proj", (inter, hidden))):
+            weights.add(p + kind + ".weight", randn(shape))
+        gate = node("MatMul", [h, p + "gate_proj.weight"], [p + "gate"])
+        up = node("MatMul", [h, p + "up_proj.weight"], [p + "up"])
+        silu = node("Mul", [gate, node("Sigmoid", [gate], [p + "gate_sigmoid"])], [p + "silu"])
+        x = node("MatMul", [node("Mul", [silu, up], [p + "act"]), p + "down_proj.weight"], [p + "mlp_out"])
+    weights.add("norm.weight", ones(hidden))
+    if x is None:
+        final = node("SimplifiedLayerNormalization", [residual, "norm.weight"], ["final_norm"], epsilon=eps,
+                     axis=-1, stash_type=1)
+    else:
+        final = node("SkipSimplifiedLayerNormalization", [x, residual, "norm.weight"], ["final_norm"],
+                     domain="com.microsoft", epsilon=eps)
+    weights.add("lm_head.weight", randn((hidden, V)))
+    node("MatMul", [final, "lm_head.weight"], ["logits"])
+
+    cache_shape = ["batch", K, "capacity", D]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", et, ["batch", "sequence", V])]
+    for i in range(L):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", et, cache_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", et, cache_shape))
+    return nodes, inputs, outputs, {"hidden_size": hidden, "intermediate_size": inter, "num_heads": H,
+                                    "num_kv_heads": K, "head_dim": D, "num_layers": L, "vocab_size": V,
+                                    "max_len": max_len}
+
+
+def build_gqa_model(cfg: dict, dtype_name: str, out: Path, gen_device: str, seed: int = 0) -> Path:
+    """Write the random decoder of ``cfg`` to ``out/uncompressed_gqa`` and return that folder.
+
+    The folder holds ``model.onnx``, its weights in ``model.onnx.data`` and ``meta.json`` (the
+    cache layout and the model's dimensions). Weights are ``normal * 0.02`` in ``dtype_name``
+    (``"float16"`` or ``"float32"``), drawn on ``gen_device`` with ``seed``; norms are ones;
+    projections are stored as ``[in, out]``. A complete folder built from the same config,
+    dtype and seed is reused; the model is written to a temporary folder first and renamed
+    when complete.
+    """
+    import torch
+    from onnx import helper, save_model
+
+    if dtype_name not in _NP_DTYPES:
+        raise ValueError(f"dtype_name must be one of {sorted(_NP_DTYPES)}, got {dtype_name!r}")
+    if cfg.get("rope_scaling"):
+        raise ValueError(f"rope_scaling {cfg['rope_scaling']!r} is not supported: the model has Llama's plain RoPE")
+    out = Path(out)
+    folder = out / FOLDER
+    source = {"config": cfg, "dtype": dtype_name, "seed": seed}
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        if json.loads(meta_path.read_text()).get("source") == source:
+            return folder
+        print(f"{folder}: built from another config, dtype or seed; rebuilding", file=sys.stderr, flush=True)
+    tmp = out / (FOLDER + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    torch.manual_seed(seed)
+    dtype = getattr(torch, dtype_name)
+
+    def randn(shape):
+        return (torch.randn(*shape, device=gen_device, dtype=torch.float32) * 0.02).to(dtype).cpu().numpy()
+
+    def ones(n):
+        return np.ones(n, dtype=_NP_DTYPES[dtype_name])
+
+    t0 = time.perf_counter()
+    weights = _ExternalWeights(tmp)
+    try:
+        nodes, inputs, outputs, dims = _graph(cfg, dtype_name, weights, randn, ones)
+    finally:
+        weights.close()
+    graph = helper.make_graph(nodes, "llama_gqa_decoder", inputs, outputs, initializer=weights.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10  # ONNX Runtime reads IR <= 13; onnx may write newer by default
+    save_model(model, str(tmp / MODEL_FILE))
+    caches = [f"past_{kind}_{i}" for i in range(dims["num_layers"]) for kind in ("key", "value")]
+    meta = {"format": "onnxruntime GroupQueryAttention decoder", "file": MODEL_FILE, "dtype": dtype_name, **dims,
+            "cache_layout": "BNSH [batch, num_kv_heads, capacity, head_dim], past_* bound as present_*",
+            "caches": caches, "source": source, "build_s": time.perf_counter() - t0,
+            "onnx_bytes": sum(f.stat().st_size for f in tmp.glob("model.onnx*"))}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    print(f"{FOLDER}: built in {meta['build_s']:.0f}s ({meta['onnx_bytes'] / 2**30:.2f} GiB)", file=sys.stderr,
+          flush=True)
+    return folder
+
+
+class GqaSession:
+    """An ONNX Runtime session over a folder of :func:`build_gqa_model`.
+
+    ``device`` is ``"cpu"`` (CPU provider; caches are numpy arrays) or ``"cuda"`` (CUDA
+    provider first, CPU second; caches are ``torch`` tensors in GPU memory, bound by pointer).
+    """
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        import onnxruntime as ort
+
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        folder = Path(folder)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder}: no meta.json (not a folder of build_gqa_model, or an incomplete one)")
+        self.meta = json.loads(meta_path.read_text())
+        if device == "cuda" and self.meta["dtype"] != "float16":
+            raise ValueError(f"{folder}: ONNX Runtime's CUDA GroupQueryAttention runs float16, not "
+                             f"{self.meta['dtype']} (build the model with dtype_name='float16')")
+        self.device = device
+        self.np_dtype = _NP_DTYPES[self.meta["dtype"]]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(folder / self.meta["file"]), providers=providers)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError("ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu); "
+                               f"available: {ort.get_available_providers()}")
+
+    def new_caches(self, batch: int, capacity: int) -> list:
+        """Zeroed key / value caches of ``capacity`` positions, in the order of ``meta["caches"]``."""
+        m = self.meta
+        shape = (batch, m["num_kv_heads"], capacity, m["head_dim"])
+        if self.device == "cpu":
+            return [np.zeros(shape, dtype=self.np_dtype) for _ in m["caches"]]
+        import torch
+
+        caches = [torch.zeros(shape, dtype=getattr(torch, m["dtype"]), device="cuda") for _ in m["caches"]]
+        torch.cuda.synchronize()  # ONNX Runtime runs on its own stream
+        return caches
+
+    def bind(self, caches: list) -> BoundCaches:
+        """An IO binding of ``caches`` as both the past inputs and the present outputs."""
+        return BoundCaches(self, caches)
+
+
+class BoundCaches:
+    """Caches bound in place to a :class:`GqaSession`; :meth:`step` runs one step over them."""
+
+    def __init__(self, gqa: GqaSession, caches: list):
+        import onnxruntime as ort
+
+        m = gqa.meta
+        if len(caches) != len(m["caches"]):
+            raise ValueError(f"expected {len(m['caches'])} caches, got {len(caches)}")
+        self.gqa, self.caches = gqa, caches
+        self.batch, _, self.capacity, _ = caches[0].shape
+        self.io = gqa.session.io_binding()
+        self._logits = {}  # sequence length -> logits OrtValue
+        for name, buf in zip(m["caches"], caches):
+            expected = (self.batch, m["num_kv_heads"], self.capacity, m["head_dim"])
+            if tuple(buf.shape) != expected:
+                raise ValueError(f"{name}: shape {tuple(buf.shape)}, expected {expected}")
+            present = "present_" + name.removeprefix("past_")
+            if gqa.device == "cpu":
+                val = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the array's memory
+                self.io.bind_ortvalue_input(name, val)
+                self.io.bind_ortvalue_output(present, val)
+            else:
+                if not buf.is_cuda or not buf.is_contiguous():
+                    raise ValueError(f"{name}: caches must be contiguous tensors in GPU memory")
+                where = ("cuda", buf.device.index or 0, gqa.np_dtype, list(buf.shape), buf.data_ptr())
+                self.io.bind_input(name, *where)
+                self.io.bind_output(present, *where)
+
+    def step(self, input_ids: np.ndarray, seqlens_k: np.ndarray, total_sequence_length: int) -> np.ndarray:
+        """Run one step of ``input_ids`` ``[B, S]``; returns the logits ``[B, S, vocab]`` as a numpy array.
+
+        ``seqlens_k[b]`` is row ``b``'s length after the step minus one; ``total_sequence_length``
+        the largest length after the step. The new keys and values are written into the caches.
+        """
+        import onnxruntime as ort
+
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, S = ids.shape
+        if batch != self.batch:
+            raise ValueError(f"input_ids has batch {batch}, the caches {self.batch}")
+        if total_sequence_length > min(self.capacity, self.gqa.meta["max_len"]):
+            raise ValueError(f"total_sequence_length {total_sequence_length} is past the cache capacity "
+                             f"{self.capacity} or the model's max_len {self.gqa.meta['max_len']}")
+        lens = np.ascontiguousarray(seqlens_k, dtype=np.int32)
+        total = np.array(total_sequence_length, dtype=np.int32)
+        if lens.shape != (batch,):
+            raise ValueError(f"seqlens_k has shape {lens.shape}, expected ({batch},)")
+        # the arrays stay referenced until the run: the binding may point at their memory
+        self.io.bind_cpu_input("input_ids", ids)
+        self.io.bind_cpu_input("seqlens_k", lens)
+        self.io.bind_cpu_input("total_sequence_length", total)
+        if S not in self._logits:
+            shape = [batch, S, self.gqa.meta["vocab_size"]]
+            self._logits[S] = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.gqa.np_dtype, self.gqa.device, 0)
+        self.io.bind_ortvalue_output("logits", self._logits[S])
+        self.gqa.session.run_with_iobinding(self.io)
+        logits = self._logits[S].numpy()  # a copy from GPU memory, a view of the bound buffer on the CPU
+        return logits.copy() if self.gqa.device == "cpu" else logits
+
+
+def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str) -> list[dict]:
+    """Decode speed of a :func:`build_gqa_model` folder: rows as ``worker()`` of ``bench/gpu_e2e.py``.
+
+    For each batch and context, caches of ``context + steps + 4`` positions are allocated once
+    and taken as already holding ``context`` tokens per row; ``steps + 3`` steps then decode
+    one token per row (the argmax of the last logits), and ``step_ms`` is the median of the
+    last ``steps``. A step binds the token ids and lengths, runs, and copies the logits to the
+    host. ``gpu_mem_bytes`` is the GPU memory taken since before the session was created
+    (CUDA only); ``kv_bytes`` the size of all cache buffers.
+    """
+    import torch
+
+    if device == "cuda":
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+        free0, _ = torch.cuda.mem_get_info()
+    gqa = GqaSession(folder, device)
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in batches:
+        for C in contexts:
+            caches = gqa.new_caches(B, C + steps + 4)
+            kv_bytes = sum(c.nbytes for c in caches)  # numpy arrays or torch tensors
+            bound = gqa.bind(caches)
+            ids = rng.integers(10, min(1000, gqa.meta["vocab_size"]), (B, 1))
+            times = []
+            for t in range(steps + 3):
+                total = C + t + 1
+                t0 = time.perf_counter()
+                logits = bound.step(ids, np.full(B, total - 1, dtype=np.int32), total)
+                times.append(time.perf_counter() - t0)
+                ids = logits[:, -1:].argmax(-1)
+            step_s = float(np.median(times[3:]))
+            mem = None
+            if device == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                mem = free0 - free
+            rows.append({"context": C, "batch": B, "step_ms": 1e3 * step_s, "decode_tok_s": B / step_s,
+                         "kv_bytes": kv_bytes, "gpu_mem_bytes": mem, "finite": bool(np.isfinite(logits).all())})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del bound, caches
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
