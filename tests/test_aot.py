@@ -1,0 +1,145 @@
+"""Ahead-of-time GPU decode kernels (lrexport.kernels.aot): compiled at export on this CPU machine,
+attached to the LowRankKVAttention nodes, and read intact by the library's CUDA kernel.
+
+Running them needs a GPU: bench/gpu_check_ort.py checks nodes that carry them against the CPU
+kernel and a float64 reference (bench/results/gpu_check_ort.json); here the emulated CUDA kernel
+(-DLREXPORT_CUDA_EMULATE=ON) checks that ONNX Runtime hands it the cubin byte for byte.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lrexport import ortops
+from lrexport.kernels import aot, triton_latent
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(triton_latent.triton is None, reason="compiling GPU kernels needs triton")
+
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 2-layer float16 model with M-LRD latents (float and 4-bit caches), exported."""
+    e2e = _bench("gpu_e2e")
+    cfg = e2e.smoke_config(2, 96)
+    work = tmp_path_factory.mktemp("aot")
+    return {v: e2e.build_variant(v, cfg, "float16", work, "cpu") for v in ("lrexport", "lrexport_4bit")}
+
+
+def _lowrank_nodes(folder: Path):
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return m, [n for n in m.graph.node if n.op_type == "LowRankKVAttention"]
+
+
+def test_abi_matches_the_kernel_signature():
+    """The launcher passes the kernel's run-time arguments in ABI_ARGS order: every parameter of
+    _latent_attn_fwd that is not a compile-time constant, with S fixed to 1."""
+    fn = triton_latent._latent_attn_fwd
+    params = inspect.signature(fn.fn).parameters
+    runtime = [n for n, p in params.items() if "constexpr" not in str(p.annotation) and n != "S"]
+    assert tuple(runtime) == aot.ABI_ARGS
+    # the C++ side lists the integer arguments in the same order (custom_ops/src/cuda/triton_aot.cc)
+    ints = [n for n in aot.ABI_ARGS if n.startswith("s") or n in ("split_len", "nsplit", "RK", "RV")]
+    cc = (REPO / "custom_ops" / "src" / "cuda" / "triton_aot.cc").read_text()
+    listed = cc[cc.index("kIntArgs[kNumIntArgs] = {"):].split("};")[0]
+    assert [s.strip().strip('"') for s in listed.split("{", 1)[1].split(",")] == ints
+
+
+@pytest.mark.parametrize("variant,bits", [("lrexport", 0), ("lrexport_4bit", 4)])
+def test_export_attaches_compiled_kernels(exported, variant, bits):
+    folder = exported[variant]
+    model, nodes = _lowrank_nodes(folder)
+    assert len(nodes) == 2
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        meta = aot.parse_meta(attrs["cuda_kernel"].decode())
+        assert meta["abi"] == str(aot.ABI) and meta["arch"] == "90" and meta["name"] == "_latent_attn_fwd"
+        assert int(meta["shared"]) <= aot.SMEM_LIMIT[90] and meta["block_n"] == "64"
+        assert attrs["cuda_cubin"][:4] == b"\x7fELF"  # a cubin is an ELF image
+        spec = aot.node_spec(model, n)
+        assert (spec.bits, spec.head_dim, spec.rk, spec.rv) == (bits, 32, 16, 16)  # smoke: D=32, M-LRD 50%
+    info = json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_kernels"]
+    assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {}}
+
+
+def test_no_kernels_when_asked_or_float32(tmp_path):
+    e2e = _bench("gpu_e2e")
+    cfg = e2e.smoke_config(1, 64)
+    f32 = e2e.build_variant("lrexport", cfg, "float32", tmp_path / "f32", "cpu")
+    _, nodes = _lowrank_nodes(f32)
+    assert nodes and not any(a.name.startswith("cuda_") for n in nodes for a in n.attribute)
+    assert "cuda_kernels" not in json.loads((f32 / "lrexport.json").read_text())["onnx"]
+    # an explicit architecture on a float32 model: every node is skipped, with the reason
+    model, nodes = _lowrank_nodes(f32)
+    summary = aot.attach_cuda_kernels(model, 90)
+    assert summary["nodes"] == 0 and all("float16" in why for why in summary["skipped"].values())
+
+
+def test_unsupported_shapes_are_refused():
+    spec = aot.DecodeSpec(num_heads=4, num_kv_heads=2, group_size=1, head_dim=32, rk=24, rv=16, bits=0,
+                          quant_group=0, window=0, has_k_bias=False, k_width=48, v_width=32, kp_width=0, vp_width=0)
+    assert "multiple of 16" in aot.supported(spec)
+    with pytest.raises(ValueError, match="no Triton decode kernel"):
+        aot.compile_decode(spec)
+
+
+def _emulated_lib():
+    lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", jobs=1,
+                       extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
+    assert "EMULATED" in ortops.last_cuda_status, ortops.last_cuda_status
+    return lib
+
+
+def test_kernel_attributes_reach_the_cuda_kernel(monkeypatch, capfd):
+    """The emulated CUDA kernel receives the node's cubin intact (size and FNV-1a hash in its debug
+    line; ONNX Runtime's string attributes are binary-safe), and a malformed cuda_kernel fails at
+    session creation with a message that names it."""
+    g = _bench("gpu_check_ort")
+    lib = _emulated_lib()
+    sh = g.Shape(s=2, bits=4, rk=32, rv=16, qg=8)
+    rng = np.random.default_rng(0)
+    feeds = dict(g.constants(rng, sh, np.float16), **g.initial_caches(rng, sh, np.float16),
+                 **g.new_tokens(rng, sh, 1, np.float16), past_len=np.asarray([3, 7], np.int64))
+    attrs = g.attributes(sh)
+    extra = g.triton_attributes(sh, 90)
+    monkeypatch.setenv("LREXPORT_OPS_DEBUG", "1")
+
+    def session(a):
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(str(lib))
+        return ort.InferenceSession(g.make_model(feeds, a), so, providers=["CPUExecutionProvider"])
+
+    sess = session({**attrs, **extra})
+    out = sess.run(None, {k: v for k, v in feeds.items() if v is not None})[0]
+    assert g.rel_err(out, g.reference(g.as_f32(feeds), attrs)[0]) < 3e-3
+    err = capfd.readouterr().err
+    assert f"{len(extra['cuda_cubin'])} cubin bytes (fnv1a {g.fnv1a(extra['cuda_cubin'])})" in err, err
+    assert "not used for this call: an emulated CUDA kernel (no GPU)" in err
+
+    bad = dict(attrs, cuda_kernel="abi=1 arch=90 warps=4", cuda_cubin=extra["cuda_cubin"])
+    with pytest.raises(Exception, match="attribute cuda_kernel: no kernel name"):
+        session(bad)
+    with pytest.raises(Exception, match="cuda_kernel and cuda_cubin come together"):
+        session(dict(attrs, cuda_kernel=extra["cuda_kernel"]))
+    newer = dict(attrs, cuda_kernel=extra["cuda_kernel"].replace("abi=1", "abi=99"), cuda_cubin=extra["cuda_cubin"])
+    sess = session(newer)  # another exporter's kernel: the CUDA C++ kernel runs
+    out = sess.run(None, {k: v for k, v in feeds.items() if v is not None})[0]
+    assert g.rel_err(out, g.reference(g.as_f32(feeds), attrs)[0]) < 3e-3
+    assert "Triton decode kernel not used: abi=99" in capfd.readouterr().err
