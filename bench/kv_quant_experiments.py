@@ -120,7 +120,7 @@ def rotation(name: str, width: int, block: int, dtype=torch.float64) -> torch.Te
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", choices=("split", "clip", "rotation", "mixed"), required=True)
-    ap.add_argument("--bits", default="3", help="rotation: latent bits to run (e.g. 3,2)")
+    ap.add_argument("--bits", default=None, help="rotation, clip: latent bits to run (default 3; clip: 3,2)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--groups", default="32", help="clip: quantization group sizes to run (e.g. 32,16)")
     ap.add_argument("--out", default=None)
@@ -175,14 +175,15 @@ def main(argv=None) -> int:
         from lrexport.kv import palu
 
         plain = palu.interleaved_hadamard
-        for bits in map(int, args.bits.split(",")):
+        for bits in map(int, (args.bits or "3").split(",")):
             for name in ROTATIONS:
                 palu.interleaved_hadamard = lambda width, block, dtype=torch.float64, name=name: rotation(
                     name, width, block, dtype)
                 record(f"{bits}bit-g32, {name}", PaluKV(**best, bits=bits), bits=bits, rotation=name)
         palu.interleaved_hadamard = plain
     else:
-        for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in (3, 2)):
+        bits_list = [int(b) for b in (args.bits or "3,2").split(",")]
+        for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in bits_list):
             for search in (False, True):
                 op.quantize = clip_quantize if search else quant.quantize
                 record(f"{bits}bit-g{group}{', clip search' if search else ''}",

@@ -13,6 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter. Set before any test module imports
+# triton (triton.jit reads it when a kernel is decorated), so that the whole suite sees one mode.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The tensors here are tiny: one intra-op thread avoids thread start-up and spin-wait costs that,
 # on a small shared machine, make a 16x32 matmul take milliseconds instead of microseconds.
 torch.set_num_threads(1)

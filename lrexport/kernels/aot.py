@@ -23,8 +23,11 @@ scratch pointers (null: the kernel uses none, checked here).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import onnx
 
@@ -86,6 +89,27 @@ def _int_args(spec: DecodeSpec) -> dict[str, int]:
                 RV=spec.rv)
 
 
+@lru_cache(maxsize=1)
+def _jit_kernels():
+    """:mod:`triton_latent` with compilable kernels: the module itself, or, in a process that runs
+    Triton's interpreter (``TRITON_INTERPRET=1``: its kernels are interpreted functions, which
+    cannot be compiled), a private copy loaded with the interpreter off."""
+    if type(tl_k._latent_attn_fwd).__name__ != "InterpretedFunction":
+        return tl_k
+    spec = importlib.util.spec_from_file_location("lrexport.kernels._triton_latent_aot", tl_k.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # read by triton.jit when the kernels are decorated
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return mod
+
+
 def supported(spec: DecodeSpec) -> str:
     """'' when the decode kernel takes ``spec``, else why not."""
     if not tl_k.supports(spec.head_dim, spec.rk, spec.bits, spec.quant_group):
@@ -105,7 +129,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH) -> CompiledDecode
     why = supported(spec)
     if why:
         raise ValueError(f"no Triton decode kernel for {why}")
-    fn = tl_k._latent_attn_fwd
+    fn = _jit_kernels()._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2)
     const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
