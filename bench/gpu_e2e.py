@@ -153,7 +153,6 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
 
 
 def worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str) -> list[dict]:
-    import numpy as np
     import torch
 
     from lrexport.export import load_onnx_backend
@@ -177,15 +176,8 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
                 logits, caches = backend.step(ids, pos, caches, None)
                 times.append(time.perf_counter() - t0)
                 ids, pos = logits[:, -1:].argmax(-1), pos + 1
-            step_s = float(np.median(times[3:]))
-            mem = None
-            if device == "cuda":
-                free, _ = torch.cuda.mem_get_info()
-                mem = free0 - free
-            rows.append({"context": C, "batch": B, "step_ms": 1e3 * step_s, "decode_tok_s": B / step_s,
-                         "kv_bytes": kv_bytes, "gpu_mem_bytes": mem,
-                         "finite": bool(torch.isfinite(logits).all())})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            rows.append(_gqa().decode_row(C, B, times[3:], kv_bytes, bool(torch.isfinite(logits).all()),
+                                          free0 if device == "cuda" else None))
             del caches
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -322,6 +322,24 @@ class BoundCaches:
         return logits.copy() if self.gqa.device == "cpu" else logits
 
 
+def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, finite: bool,
+               free0: int | None) -> dict:
+    """One result row of the end-to-end benchmark (printed to stderr as it comes): the median of
+    the timed steps ``times`` (seconds) and, when ``free0`` (free GPU memory before the session)
+    is given, the GPU memory taken since."""
+    import torch
+
+    step_s = float(np.median(times))
+    mem = None
+    if free0 is not None:
+        free, _ = torch.cuda.mem_get_info()
+        mem = free0 - free
+    row = {"context": context, "batch": batch, "step_ms": 1e3 * step_s, "decode_tok_s": batch / step_s,
+           "kv_bytes": kv_bytes, "gpu_mem_bytes": mem, "finite": finite}
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str) -> list[dict]:
     """Decode speed of a :func:`build_gqa_model` folder: rows as ``worker()`` of ``bench/gpu_e2e.py``.
 
@@ -354,14 +372,8 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
                 logits = bound.step(ids, np.full(B, total - 1, dtype=np.int32), total)
                 times.append(time.perf_counter() - t0)
                 ids = logits[:, -1:].argmax(-1)
-            step_s = float(np.median(times[3:]))
-            mem = None
-            if device == "cuda":
-                free, _ = torch.cuda.mem_get_info()
-                mem = free0 - free
-            rows.append({"context": C, "batch": B, "step_ms": 1e3 * step_s, "decode_tok_s": B / step_s,
-                         "kv_bytes": kv_bytes, "gpu_mem_bytes": mem, "finite": bool(np.isfinite(logits).all())})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            rows.append(decode_row(C, B, times[3:], kv_bytes, bool(np.isfinite(logits).all()),
+                                   free0 if device == "cuda" else None))
             del bound, caches
             if device == "cuda":
                 torch.cuda.empty_cache()
