@@ -116,11 +116,14 @@ def decompose(lm: LoadedModel, wc: WeightCompression, stats: CalibStats) -> dict
 def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCompression | None = None,
              kv: PaluKV | None = None, calibration: SelfCalibration | TextCalibration | None = None,
              schedule: Schedule | None = None, progressive: Progressive | None = None, max_len: int = 2048,
-             use_cache: bool = True) -> CompressionResult:
+             use_cache: bool = True, kv_aware_weights: bool = False) -> CompressionResult:
     """Load (or take) a model, trace it once, calibrate, factorize, allocate and apply the passes.
 
     ``weights`` compresses the projections (FLRC and baselines), ``kv`` the KV cache (Palu);
     with both, ``k_proj``/``v_proj`` belong to the KV pass and leave the weight targets.
+    ``kv_aware_weights`` (with both): the weight pass is calibrated a second time on the
+    KV-compressed model (float latents), so that its statistics and Fisher weights see the
+    activations the deployed model computes, instead of the original model's.
     ``schedule`` is a progressive schedule given as is; ``progressive`` instead stores ranks
     for ``ratio * (1 - margin)`` and solves a schedule whose average over a generation removes
     ``ratio`` (:class:`lrexport.schedule.Progressive`).
@@ -130,6 +133,9 @@ def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCo
     timings: dict[str, float] = {"load_s": time.perf_counter() - t_start}
     if (schedule is not None or progressive is not None) and weights is None:
         raise ConfigError("a progressive schedule needs weight compression (weights=...)")
+    if kv_aware_weights and (weights is None or kv is None):
+        raise ConfigError("kv_aware_weights calibrates the weight pass on the KV-compressed model: it needs both "
+                          "weights= and kv=")
     if schedule is not None and progressive is not None:
         raise ConfigError("give either schedule= (a fixed schedule) or progressive= (one solved for the ratio), "
                           "not both")
@@ -163,12 +169,23 @@ def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCo
         latent, plan.kv = built.layers, built.plan
         timings["kv_build_s"] = built.seconds
         timings["kv_alloc_s"] = built.allocation.seconds
+    wstats = stats
+    if kv_aware_weights:
+        from lrexport.calib.stats import collect_stats
+        from lrexport.kv.palu import kv_compressed_weights
+
+        t = time.perf_counter()
+        windows = calibration_windows(lm, calibration, graph)
+        with kv_compressed_weights(lm.model, latent):
+            wstats = collect_stats(lm.model, windows, fisher=True, fisher_windows=calibration.fisher_windows)
+        timings["calibrate_kv_aware_s"] = time.perf_counter() - t
+        plan.calibration["weights_on_kv_compressed_model"] = True
     if weights is not None:
         t = time.perf_counter()
-        decomps = decompose(lm, weights, stats)
+        decomps = decompose(lm, weights, wstats)
         timings["factorize_s"] = time.perf_counter() - t
         infos = [ProjectionInfo(name=n, m=d.shape[0], n=d.shape[1], sigma2=d.sigma2, loss_weight=d.loss_weight,
-                                fisher_w=stats.fisher_w.get(n, 0.0)) for n, d in decomps.items()]
+                                fisher_w=wstats.fisher_w.get(n, 0.0)) for n, d in decomps.items()]
         ctx = AllocContext(infos=infos)
         if isinstance(weights.allocation, Strs):
             windows = calibration_windows(lm, calibration, graph)[: weights.strs_windows]

@@ -98,7 +98,7 @@ def cmd_compress(args) -> int:
     res = api.compress(model=args.model, weights=weights, kv=_kv(args), calibration=_calibration(args),
                        schedule=parse_schedule(args.schedule, align=args.align),
                        progressive=parse_progressive(args.progressive), max_len=args.max_len,
-                       use_cache=not args.no_cache)
+                       use_cache=not args.no_cache, kv_aware_weights=args.kv_aware_weights)
     cm = res.compressed
     for r in cm.pass_results:
         print(r.summary())
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-quant-group", type=int, default=32, help="latent channels per scale/zero point")
     c.add_argument("--kv-align", type=int, default=1, help="round latent ranks to a multiple of this")
     c.add_argument("--no-hadamard", action="store_true", help="do not rotate quantized latents")
+    c.add_argument("--kv-aware-weights", action="store_true",
+                   help="with --ratio and --kv-ratio: calibrate the weight pass on the KV-compressed model")
     c.add_argument("--calib", default="self", help="'self' (model-generated text) or a .txt/.jsonl file")
     c.add_argument("--calib-windows", type=int, default=32)
     c.add_argument("--calib-window", type=int, default=512)

@@ -283,3 +283,50 @@ def test_interleaved_hadamard_is_orthogonal_and_mixes_every_group():
         for j in range(n):
             cols = (R[j * block:(j + 1) * block].abs() > 0).any(0).nonzero().flatten()
             assert torch.equal(cols, torch.arange(j, width, n))
+
+
+def test_kv_compressed_weights_compute_the_latent_reconstruction():
+    """kv_compressed_weights: inside the block the model's k/v weights are the latent reconstruction
+    (the independent reference above builds the same), so the eager model equals the compiled
+    latent-KV graph; the original weights come back after the block, also after an error."""
+    from lrexport.kv.palu import kv_compressed_weights
+
+    lm = tiny_loaded("llama", seed=21, dtype=torch.float64, **GQA)
+    layers = exact_layers(lm, 1, rank=2)
+    orig = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    ref = reconstructed_model("llama", layers, seed=21, **GQA)
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(0, VOCAB, (6,), generator=g).tolist()
+    with kv_compressed_weights(lm.model, layers):
+        for (n, p), (_, q) in zip(lm.model.named_parameters(), ref.named_parameters()):
+            assert torch.equal(p, q), n
+        assert torch.allclose(eager_logits(lm.model, seq), eager_logits(ref, seq), atol=1e-12)
+    with pytest.raises(RuntimeError, match="boom"), kv_compressed_weights(lm.model, layers):
+        raise RuntimeError("boom")
+    assert all(torch.equal(p, orig[n]) for n, p in lm.model.named_parameters())
+
+
+def test_compress_kv_aware_weights():
+    """The weight pass calibrated on the KV-compressed model: other statistics than the original
+    model's (so other factors), recorded in the plan; it needs both passes."""
+    from lrexport import api
+    from lrexport.calib.data import SelfCalibration
+
+    tiny_calib = SelfCalibration(num_windows=4, window=16, fisher_windows=2)
+
+    def run(aware):
+        lm = tiny_loaded("llama", seed=4, **GQA)
+        return api.compress(model=lm, weights=api.WeightCompression(Uniform(0.3)),
+                            kv=PaluKV(allocation=Uniform(0.5), group_size=1), calibration=tiny_calib,
+                            use_cache=False, kv_aware_weights=aware)
+
+    plain, aware = run(False), run(True)
+    assert aware.compressed.plan.calibration.get("weights_on_kv_compressed_model") is True
+    assert "weights_on_kv_compressed_model" not in plain.compressed.plan.calibration
+    assert plain.compressed.plan.weights.ranks == aware.compressed.plan.weights.ranks  # uniform: same ranks
+    name = "model.layers.1.self_attn.q_proj"
+    fp, fa = plain.compressed.factors[name], aware.compressed.factors[name]
+    assert not torch.allclose(fp.U @ fp.V, fa.U @ fa.V)  # layer 1's inputs changed with layer 0's KV
+    with pytest.raises(ConfigError, match="needs both"):
+        api.compress(model=tiny_loaded("llama", seed=4, **GQA), kv=PaluKV(allocation=Uniform(0.5)),
+                     calibration=tiny_calib, use_cache=False, kv_aware_weights=True)

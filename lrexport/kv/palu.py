@@ -18,6 +18,7 @@ group (the Hadamard block), and the true bytes per token count scales and zero p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -169,3 +170,36 @@ def build_latent_kv(model: LlamaLR, stats: CalibStats, cfg: PaluKV) -> KVBuild:
     log.info("Palu KV: %s-LRD, kept %d/%d dims (%.1f%%), %d bytes/token", plan["grouping"], kv_dims, full_dims,
              100 * kv_dims / full_dims, bpt)
     return KVBuild(layers=layers, allocation=alloc, plan=plan, seconds=seconds)
+
+
+def reconstructed_weights(layer: LatentKVLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k_proj`` / ``v_proj`` weights ``[Hkv*D, n]`` (float64) that ``layer``'s float latents compute:
+    the keys and values of KV head ``(g, slot)`` are ``latent_g @ up[g][:, slot*D:(slot+1)*D]``."""
+    def rebuild(A: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        G, r, _ = up.shape
+        return torch.cat([up[g].T.double() @ A[g * r:(g + 1) * r].double() for g in range(G)])
+
+    return rebuild(layer.A_k, layer.k_up), rebuild(layer.A_v, layer.v_up)
+
+
+@contextlib.contextmanager
+def kv_compressed_weights(model: LlamaLR, latent: dict[int, LatentKVLayer]):
+    """Within the block, ``k_proj`` / ``v_proj`` of every layer in ``latent`` compute the latent
+    reconstruction (and its biases), so that ``model`` runs as the KV-compressed model with float
+    latents; the original weights are put back after it, also on errors."""
+    saved = []
+    try:
+        for i, layer in latent.items():
+            attn = model.model.layers[i].self_attn
+            for lin, W, bias in zip((attn.k_proj, attn.v_proj), reconstructed_weights(layer),
+                                    (layer.k_bias, layer.v_bias)):
+                saved.append((lin, lin.weight.data, lin.bias.data if lin.bias is not None else None))
+                lin.weight.data = W.to(lin.weight.dtype)
+                if bias is not None and lin.bias is not None:
+                    lin.bias.data = bias.to(lin.bias.dtype)
+        yield model
+    finally:
+        for lin, w, b in saved:
+            lin.weight.data = w
+            if b is not None:
+                lin.bias.data = b
