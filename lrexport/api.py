@@ -215,14 +215,20 @@ def compress(*, model: str | Path | LoadedModel | None = None, weights: WeightCo
     return CompressionResult(compressed=cm, timings=timings, stats=stats)
 
 
-def open_model(model: str | Path | CompressedModel | None, *, max_len: int = 2048) -> CompressedModel:
-    """A compressed folder, a plain model (as an uncompressed graph), or the default model."""
+def open_model(model: str | Path | CompressedModel | None, *, max_len: int = 2048,
+               dtype: str | None = None) -> CompressedModel:
+    """A compressed folder, a plain model (as an uncompressed graph), or the default model;
+    ``dtype`` ("float32", "float16", "bfloat16") converts a folder's or model's weights."""
     if isinstance(model, CompressedModel):
+        if dtype is not None and dtype != model.plan.dtype:
+            raise ConfigError(f"cannot convert a compressed model in memory to {dtype}; save it and open the folder")
         return model
     if model is not None and (Path(model) / "lrexport.json").is_file():
-        return load_compressed(model)
-    lm = load(model, max_len=max_len)
-    plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len)
+        return load_compressed(model, dtype=dtype)
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    lm = load(model, max_len=max_len, dtype=getattr(torch, dtype or "float32"))
+    plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len, dtype=dtype or "float32")
     return compile_model(lm.model, plan, {}, tokenizer=lm.tokenizer)
 
 
@@ -360,13 +366,16 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
     return Runner(cm.backend(device), cm.tokenizer, cm.plan, stop_ids(cm), "torch")
 
 
-def export(*, model: str | Path | CompressedModel | None = None, out: str | Path, cuda_arch: int | None = None):
+def export(*, model: str | Path | CompressedModel | None = None, out: str | Path, cuda_arch: int | None = None,
+           dtype: str | None = None):
     """Export a compressed folder (or a plain model) as a deployable ONNX folder.
 
-    ``cuda_arch``: see :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models)."""
+    ``dtype``: convert the weights first ("float16" for ONNX Runtime's CUDA execution provider;
+    the CPU kernel of the custom op is float32). ``cuda_arch``: see
+    :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models)."""
     from lrexport.export import export_onnx
 
-    return export_onnx(open_model(model), out, cuda_arch=cuda_arch)
+    return export_onnx(open_model(model, dtype=dtype), out, cuda_arch=cuda_arch)
 
 
 def generate_text(*, model: str | Path | CompressedModel | Runner | None = None, prompts: list[str],

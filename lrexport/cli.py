@@ -143,7 +143,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from lrexport import api
 
-    res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch)
+    res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch, dtype=args.dtype)
     for r in res.passes:
         print(r.summary())
     info = res.onnx_info
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a compressed model as an ONNX folder for ONNX Runtime")
     x.add_argument("model", nargs="?", default=None, help="compressed folder (or HF folder / .gguf / default model)")
     x.add_argument("--out", required=True)
+    x.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                   help="convert the weights (float16: for ONNX Runtime's CUDA execution provider; the CPU kernel "
+                        "of the custom op is float32; default: the folder's)")
     x.add_argument("--cuda-arch", type=int, default=None, metavar="CC",
                    help="compile the GPU decode kernels of a float16 model for this compute capability "
                         "(e.g. 90 = H100/H200; default: 90 for float16 models; 0: none)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lrexport.errors import PlanError
+from lrexport.errors import ConfigError, PlanError
 from lrexport.factorize.registry import Factors
 from lrexport.models.llama import LlamaLR, build_model
 from lrexport.models.load import load_tokenizer
@@ -144,8 +144,9 @@ def compile_model(model: LlamaLR, plan: Plan, factors: dict[str, Factors], token
                            tokenizer=tokenizer, pass_results=results)
 
 
-def load_compressed(folder: str | Path) -> CompressedModel:
-    """Load a folder written by :meth:`CompressedModel.save`."""
+def load_compressed(folder: str | Path, *, dtype: str | None = None) -> CompressedModel:
+    """Load a folder written by :meth:`CompressedModel.save`; ``dtype`` ("float32", "float16",
+    "bfloat16") converts its floating-point weights (e.g. float16 for GPU deployment)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -162,7 +163,13 @@ def load_compressed(folder: str | Path) -> CompressedModel:
             factors[name] = Factors(tensors.pop(f"{name}.lowrank_u"), tensors.pop(f"{name}.lowrank_v"))
         except KeyError as e:
             raise PlanError(f"{wf}: missing factor {e} of {name}") from e
+    if dtype is not None:
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        plan.dtype = dtype
     dtype = getattr(torch, plan.dtype)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    factors = {n: Factors(f.U.to(dtype), f.V.to(dtype)) for n, f in factors.items()}
     latent: dict[int, LatentKVLayer] = {}
     if plan.kv is not None:
         for layer in range(spec.num_layers):

@@ -143,3 +143,27 @@ def test_kernel_attributes_reach_the_cuda_kernel(monkeypatch, capfd):
     out = sess.run(None, {k: v for k, v in feeds.items() if v is not None})[0]
     assert g.rel_err(out, g.reference(g.as_f32(feeds), attrs)[0]) < 3e-3
     assert "Triton decode kernel not used: abi=99" in capfd.readouterr().err
+
+
+def test_export_float16_from_a_compressed_folder(tmp_path):
+    """``lrexport export --dtype float16``: a float32 compressed folder exported for the GPU, its
+    weights converted and the decode kernels attached (head dim 32, key ranks of 16)."""
+    from lrexport import api
+    from lrexport.allocate import Uniform
+    from lrexport.calib.data import SelfCalibration
+    from lrexport.kv.palu import PaluKV
+    from tests.tiny import tiny_loaded
+
+    lm = tiny_loaded("llama", seed=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    res = api.compress(model=lm, kv=PaluKV(allocation=Uniform(0.5), group_size=1), use_cache=False,
+                       calibration=SelfCalibration(num_windows=4, window=16, fisher_windows=2))
+    res.compressed.save(tmp_path / "compressed")
+    out = api.export(model=tmp_path / "compressed", out=tmp_path / "onnx", dtype="float16")
+    model = onnx.load(str(out.folder / "model.onnx"), load_external_data=False)
+    weights = [t for t in model.graph.initializer if len(t.dims) >= 1 and np.prod(t.dims) > 1]
+    floats = {t.data_type for t in weights} & {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    assert floats == {onnx.TensorProto.FLOAT16}  # (scalars such as the norms' epsilon stay float32)
+    assert out.onnx_info["cuda_kernels"]["nodes"] == lm.spec.num_layers
+    assert json.loads((out.folder / "lrexport.json").read_text())["dtype"] == "float16"
+    with pytest.raises(Exception, match="dtype must be"):
+        api.export(model=tmp_path / "compressed", out=tmp_path / "bad", dtype="int8")

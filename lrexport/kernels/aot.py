@@ -23,11 +23,10 @@ scratch pointers (null: the kernel uses none, checked here).
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 
 import onnx
 
@@ -89,25 +88,31 @@ def _int_args(spec: DecodeSpec) -> dict[str, int]:
                 RV=spec.rv)
 
 
-@lru_cache(maxsize=1)
-def _jit_kernels():
-    """:mod:`triton_latent` with compilable kernels: the module itself, or, in a process that runs
-    Triton's interpreter (``TRITON_INTERPRET=1``: its kernels are interpreted functions, which
-    cannot be compiled), a private copy loaded with the interpreter off."""
-    if type(tl_k._latent_attn_fwd).__name__ != "InterpretedFunction":
-        return tl_k
-    spec = importlib.util.spec_from_file_location("lrexport.kernels._triton_latent_aot", tl_k.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # read by triton.jit when the kernels are decorated
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-    return mod
+def _interpreted() -> bool:
+    """Whether this process runs Triton's interpreter (``TRITON_INTERPRET=1``): its kernels are then
+    interpreted functions, and the interpreter patches ``triton.language`` while it runs, so
+    kernels are compiled in a child process instead."""
+    return type(tl_k._latent_attn_fwd).__name__ == "InterpretedFunction"
+
+
+def _compile_in_child(spec: DecodeSpec, arch: int) -> CompiledDecode:
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "kernel")
+        code = ("import json, sys; from lrexport.kernels import aot; "
+                "c = aot.compile_decode(aot.DecodeSpec(**json.loads(sys.argv[1])), int(sys.argv[2])); "
+                "open(sys.argv[3] + '.cubin', 'wb').write(c.cubin); open(sys.argv[3] + '.meta', 'w').write(c.meta)")
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(spec)), str(arch), out],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling the decode kernel in a child process failed: {proc.stderr.strip()[-2000:]}")
+        with open(out + ".cubin", "rb") as f, open(out + ".meta") as g:
+            return CompiledDecode(cubin=f.read(), meta=g.read())
 
 
 def supported(spec: DecodeSpec) -> str:
@@ -123,13 +128,14 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH) -> CompiledDecode
     """Compile the float16 decode kernel for ``spec`` and compute capability ``arch`` (no GPU needed)."""
     if tl_k.triton is None:
         raise RuntimeError("compiling GPU kernels needs triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-
     why = supported(spec)
     if why:
         raise ValueError(f"no Triton decode kernel for {why}")
-    fn = _jit_kernels()._latent_attn_fwd
+    if _interpreted():
+        return _compile_in_child(spec, arch)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+    fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2)
     const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
