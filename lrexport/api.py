@@ -22,7 +22,7 @@ from lrexport.allocate import AllocContext, Flrc, PaluFisher, ProjectionInfo, St
 from lrexport.allocate.strs_eval import LayerwisePerplexity
 from lrexport.calib.data import SelfCalibration, TextCalibration, text_windows
 from lrexport.calib.stats import CalibStats, collect_stats
-from lrexport.compile import CompressedModel, compile_model, load_compressed, param_accounting
+from lrexport.compile import CompressedModel, check_dtype, compile_model, load_compressed, param_accounting
 from lrexport.config import register_config
 from lrexport.errors import ConfigError
 from lrexport.factorize import Decomposition, FisherWhitenSvd, factorize
@@ -225,10 +225,9 @@ def open_model(model: str | Path | CompressedModel | None, *, max_len: int = 204
         return model
     if model is not None and (Path(model) / "lrexport.json").is_file():
         return load_compressed(model, dtype=dtype)
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    lm = load(model, max_len=max_len, dtype=getattr(torch, dtype or "float32"))
-    plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len, dtype=dtype or "float32")
+    dtype = check_dtype(dtype or "float32")
+    lm = load(model, max_len=max_len, dtype=getattr(torch, dtype))
+    plan = Plan(model=lm.spec.hf_config, source=lm.source, max_len=lm.model.max_len, dtype=dtype)
     return compile_model(lm.model, plan, {}, tokenizer=lm.tokenizer)
 
 

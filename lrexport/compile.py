@@ -144,6 +144,16 @@ def compile_model(model: LlamaLR, plan: Plan, factors: dict[str, Factors], token
                            tokenizer=tokenizer, pass_results=results)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` when it is one of :data:`DTYPES`, else a ConfigError."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return dtype
+
+
 def load_compressed(folder: str | Path, *, dtype: str | None = None) -> CompressedModel:
     """Load a folder written by :meth:`CompressedModel.save`; ``dtype`` ("float32", "float16",
     "bfloat16") converts its floating-point weights (e.g. float16 for GPU deployment)."""
@@ -164,9 +174,7 @@ def load_compressed(folder: str | Path, *, dtype: str | None = None) -> Compress
         except KeyError as e:
             raise PlanError(f"{wf}: missing factor {e} of {name}") from e
     if dtype is not None:
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-        plan.dtype = dtype
+        plan.dtype = check_dtype(dtype)
     dtype = getattr(torch, plan.dtype)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     factors = {n: Factors(f.U.to(dtype), f.V.to(dtype)) for n, f in factors.items()}

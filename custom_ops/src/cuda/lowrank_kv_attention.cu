@@ -602,6 +602,15 @@ std::string cuda_error(const char* what, cudaError_t e) {
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+// The Triton decode kernel's integer arguments, in the order of triton_aot.h's kIntArgs.
+constexpr int kTritonInts = 16;
+void triton_ints(const Params& p, int64_t split_len, int64_t nsplit, int64_t out[kTritonInts]) {
+  const int64_t kp = p.bits ? p.NPk : p.Ck, vp = p.bits ? p.NPv : p.Cv;
+  const int64_t v[kTritonInts] = {p.Hq * p.D, p.Hq * p.D, p.P * p.Ck, p.Ck, p.P * kp, kp, p.P * p.Cv, p.Cv,
+                                  p.P * vp,   vp,         0,          0,    split_len, nsplit, p.rk, p.rv};
+  for (int i = 0; i < kTritonInts; ++i) out[i] = v[i];
+}
+
 // The Triton decode kernel (S = 1), after the cache write: past_len as int32, the kernel (one
 // program per row, KV head and split), then combine (splits in exp2 units, rows of rv_p floats).
 std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonDecode& t, char* base,
@@ -613,15 +622,11 @@ std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonD
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the past_len conversion", e);
   float* mx = reinterpret_cast<float*>(base + pl.off_max);
   float* sm = reinterpret_cast<float*>(base + pl.off_sum);
-  const int64_t kp = p.bits ? p.NPk : p.Ck, vp = p.bits ? p.NPv : p.Cv;
   // the argument values (plan() checked that they fit int32 and meet the d16 assumptions)
-  int32_t ints[] = {static_cast<int32_t>(p.Hq * p.D), static_cast<int32_t>(p.Hq * p.D),
-                    static_cast<int32_t>(p.P * p.Ck),  static_cast<int32_t>(p.Ck),
-                    static_cast<int32_t>(p.P * kp),    static_cast<int32_t>(kp),
-                    static_cast<int32_t>(p.P * p.Cv),  static_cast<int32_t>(p.Cv),
-                    static_cast<int32_t>(p.P * vp),    static_cast<int32_t>(vp),
-                    0, 0, static_cast<int32_t>(pl.split_len), static_cast<int32_t>(pl.nsplit),
-                    static_cast<int32_t>(p.rk), static_cast<int32_t>(p.rv)};
+  int64_t wide[kTritonInts];
+  triton_ints(p, pl.split_len, pl.nsplit, wide);
+  int32_t ints[kTritonInts];
+  for (int i = 0; i < kTritonInts; ++i) ints[i] = static_cast<int32_t>(wide[i]);
   float qk_scale = p.scale * 1.4426950408889634f;
   const void* ptrs[] = {p.query, a.cache_k, p.bits ? a.params_k : a.cache_k, a.cache_v,
                         p.bits ? a.params_v : a.cache_v, p.k_up, p.k_bias ? p.k_bias : p.k_up, p.cos, p.sin,
@@ -676,22 +681,21 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream,
 std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t kv_max, Plan* pl) {
   if (p.S != 1) return "more than one new token per row (prefill)";
   if (!p.f16) return "float32 activations";
-  const int64_t kp = p.bits ? p.NPk : p.Ck, vp = p.bits ? p.NPv : p.Cv;
-  const int64_t ints[] = {p.Hq * p.D, p.Hq * p.D, p.P * p.Ck, p.Ck, p.P * kp, kp, p.P * p.Cv, p.Cv, p.P * vp, vp,
-                          0, 0, -1, -1, p.rk, p.rv};  // split_len, nsplit: below
-  for (int i = 0; i < 16; ++i) {
-    if (ints[i] > 0x7fffffff) return "a cache of more than 2^31 elements per row";
-    if (ints[i] >= 0 && ((t.d16 >> i) & 1) && ints[i] % 16) return "an argument is not a multiple of 16 as compiled";
-  }
-  const void* ptrs[] = {p.query, p.present_k, p.present_v, p.k_up, p.k_bias, p.cos, p.sin,
-                        p.bits ? p.present_k_params : nullptr, p.bits ? p.present_v_params : nullptr};
-  for (const void* q : ptrs)
-    if (reinterpret_cast<uintptr_t>(q) % 16) return "a tensor that is not 16-byte aligned";
   const int64_t programs = p.B * p.Hkv;
   int64_t ns = std::max<int64_t>(1, std::min((t.waves * static_cast<int64_t>(sms) + programs - 1) / programs,
                                              (kv_max + 255) / 256));
   const int64_t split_len = ((kv_max + ns - 1) / ns + t.block_n - 1) / t.block_n * t.block_n;
   ns = (kv_max + split_len - 1) / split_len;
+  int64_t ints[kTritonInts];
+  triton_ints(p, split_len, ns, ints);
+  for (int i = 0; i < kTritonInts; ++i) {
+    if (ints[i] > 0x7fffffff) return "a cache of more than 2^31 elements per row";
+    if (((t.d16 >> i) & 1) && ints[i] % 16) return "an argument is not a multiple of 16 as compiled";
+  }
+  const void* ptrs[] = {p.query, p.present_k, p.present_v, p.k_up, p.k_bias, p.cos, p.sin,
+                        p.bits ? p.present_k_params : nullptr, p.bits ? p.present_v_params : nullptr};
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16) return "a tensor that is not 16-byte aligned";
   if (programs > 0x7fffffff || ns > 65535) return "too many programs for one launch";
   pl->triton = true;
   pl->split_len = split_len;
