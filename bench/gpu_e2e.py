@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -152,7 +153,8 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
     return folder
 
 
-def worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str) -> list[dict]:
+def worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str,
+           profile: bool = False) -> list[dict]:
     import torch
 
     from lrexport.export import load_onnx_backend
@@ -178,6 +180,8 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
                 ids, pos = logits[:, -1:].argmax(-1), pos + 1
             rows.append(_gqa().decode_row(C, B, times[3:], kv_bytes, bool(torch.isfinite(logits).all()),
                                           free0 if device == "cuda" else None))
+            if profile:
+                _gqa().profile_steps(rows[-1], functools.partial(backend.step, ids, pos, caches, None))
             del caches
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -196,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="build/bench-gpu-e2e", help="where the exported variants are kept")
     ap.add_argument("--out", default=str(RESULTS / "gpu_e2e"))
     ap.add_argument("--build-only", action="store_true", help="export the variants to --work and stop")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each setting's GPU work per step (CUPTI kernel durations, by category)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gqa", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -203,7 +209,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
         run = _gqa().gqa_worker if args.gqa else worker
-        print(json.dumps(run(args.worker, contexts, batches, args.steps, args.device)))
+        print(json.dumps(run(args.worker, contexts, batches, args.steps, args.device, args.profile)))
         return 0
     import torch
 
@@ -227,7 +233,8 @@ def main(argv=None) -> int:
             meta = json.loads((folder / "lrexport.json").read_text())
             info[v] = {**meta.get("bench", {}), "kv_bytes_per_token": (meta.get("kv") or {}).get("bytes_per_token")}
         cmd = [sys.executable, __file__, "--worker", str(folder), "--contexts", args.contexts, "--batches",
-               args.batches, "--steps", str(args.steps), "--device", args.device] + (["--gqa"] if gqa else [])
+               args.batches, "--steps", str(args.steps), "--device", args.device] + (["--gqa"] if gqa else []) + (
+                   ["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{v}: the worker failed (exit {proc.returncode})")
@@ -262,7 +269,8 @@ def main(argv=None) -> int:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out.with_suffix(".json"))
-    cols = ["setting", "context", "batch", "step_ms", "decode_tok_s", "speedup", "speedup_plain", "kv_bytes",
+    cols = ["setting", "context", "batch", "step_ms"] + (["gpu_ms", "kernels_per_step"] if args.profile else []) + [
+        "decode_tok_s", "speedup", "speedup_plain", "kv_bytes",
             "kv_smaller_x", "gpu_mem_bytes", "gpu_mem_smaller_x"]
     lines = [f"# GPU end to end ({doc['date']})", "", doc["machine"], "", f"`{doc['command']}`", "", doc["model"] + "; "
              + doc["settings"], "", f"speedup: decode tokens/s over {ran[0] if ran else '-'} (same context and "
@@ -271,6 +279,17 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append("| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
                                        for c in cols) + " |")
+    if args.profile:
+        lines += ["", "GPU work per step (CUPTI kernel durations summed; gpu_ms well under step_ms: the host sets "
+                  "the pace), ms by kernel category:", ""]
+        cats = sorted({c for r in rows for c in r.get("gpu_by_category", {})})
+        lines += ["| setting | context | batch | step_ms | gpu_ms | " + " | ".join(cats) + " |",
+                  "|" + "---|" * (5 + len(cats))]
+        for r in rows:
+            if "gpu_by_category" in r:
+                lines.append(f"| {r['setting']} | {r['context']} | {r['batch']} | {r['step_ms']:.3f} | "
+                             f"{r['gpu_ms']:.3f} | " + " | ".join(f"{r['gpu_by_category'].get(c, 0):.3f}"
+                                                                    for c in cats) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

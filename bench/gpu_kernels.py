@@ -18,7 +18,11 @@ One decode step (one query token per sequence, ``L`` cached tokens) with Llama-2
   ``kv_removed`` is the exact fraction. The time is the attention kernel plus the split
   combine; the output stays in the value-latent space (``B_v`` fused into ``o_proj``).
 
-Each row: median time (``triton.testing.do_bench``), bytes moved (caches, up-projections, RoPE
+Each row: ``time_us``, the GPU time of one call: the median over calls of the summed durations
+of the kernels it launches, as CUPTI records them (``bench/gputime.py``; L2 flushed before each
+call); ``call_us``, the median time between events around back-to-back calls
+(``triton.testing.do_bench``), which counts the host too when it launches more slowly than the
+GPU runs (Python launchers, ONNX Runtime's per-run work); bytes moved (caches, up-projections, RoPE
 tables, queries, outputs), FLOPs (key rebuild, scores, values), achieved bandwidth and the
 ratio to the roofline floor ``max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)`` (H200, measured
 ceilings: device copy and bf16 dense matmul). Writes bench/results/gpu_kernels.json and .md.
@@ -54,19 +58,28 @@ def roofline_us(nbytes: int, flops: int) -> float:
     return max(nbytes / PEAK_BW, flops / PEAK_FLOPS) * 1e6
 
 
-def bench_sdpa(B, L, Hq, Hkv, D, dtype):
+def timed(fn) -> tuple[float, float]:
+    """(GPU time, call time) of ``fn`` in µs: the kernels' summed durations per call (CUPTI,
+    :func:`gputime.gpu_time_us`) and the event time around back-to-back calls
+    (``triton.testing.do_bench``), which also counts the host when it cannot keep the GPU fed."""
+    from gputime import gpu_time_us
     from triton.testing import do_bench
 
+    fn()
+    call = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    return gpu_time_us(fn, reps=20), call
+
+
+def bench_sdpa(B, L, Hq, Hkv, D, dtype):
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device="cuda")
     k = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
     v = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
     fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)  # noqa: E731
-    fn()
-    t = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    t, call = timed(fn)
     esz = torch.finfo(dtype).bits // 8
     nbytes = 2 * B * Hkv * L * D * esz + 2 * B * Hq * D * esz
     flops = 4 * B * Hq * L * D
-    return t, nbytes, flops
+    return t, call, nbytes, flops
 
 
 def ort_gqa_session():
@@ -84,7 +97,6 @@ def bench_ort_gqa(ort, B, L, Hq, Hkv, D, dtype):
     """One decode step of ``GroupQueryAttention`` over ``L`` cached tokens (the last one new)."""
     import numpy as np
     import ort_gqa
-    from triton.testing import do_bench
 
     opts = ort.SessionOptions()
     sess = ort.InferenceSession(ort_gqa.build(B, Hq, Hkv, D, L, "float16"), opts,
@@ -96,8 +108,7 @@ def bench_ort_gqa(ort, B, L, Hq, Hkv, D, dtype):
     pv = torch.randn(B, Hkv, L, D, dtype=dtype, device="cuda")
     run, _ = ort_gqa.session_step(sess, q, k, v, pk, pv, np.full(B, L - 1, dtype=np.int32),
                                   np.array(L, dtype=np.int32), device="cuda")
-    run()
-    t = do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3
+    t = timed(run)
     del sess
     return t
 
@@ -140,8 +151,9 @@ def latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz):
     return cache + tables + weights + io, flops, cache
 
 
-def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
-    from triton.testing import do_bench
+def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg, call: bool = True):
+    """(GPU time, call time) in µs; the call time only with ``call`` (else None)."""
+    from gputime import gpu_time_us
 
     from lrexport.kernels.triton_latent import attend_
 
@@ -149,8 +161,10 @@ def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg):
         return attend_(c["q"], c["ck"], c["pk"], c["cv"], c["pv"], c["past"], c["k_up"], None, None, c["cos"],
                        c["sin"], Hq, Hkv, s, 0, D ** -0.5, bits, qg, rv=rv, kv_max=L, **cfg)
 
+    if call:
+        return timed(fn)
     fn()
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    return gpu_time_us(fn, reps=10), None
 
 
 CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=sw)
@@ -170,7 +184,7 @@ def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
                          if s > 1 else [])
     for cfg in configs:
         try:
-            t = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
+            t, _ = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg, call=False)
         except Exception as e:  # a config that does not fit (shared memory, registers)
             print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
@@ -190,7 +204,9 @@ def save(args, argv, rows, tuning, t_start) -> None:
                          f"{torch.__version__}, triton {triton.__version__}",
               "command": " ".join(["python", "bench/gpu_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"dtype": "float16", "quant_group": QG, "peak_bw": PEAK_BW, "peak_flops": PEAK_FLOPS,
-                           "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)",
+                           "timing": "time_us: median over 20 calls of the summed CUPTI kernel durations per call "
+                                     "(L2 flushed before each); call_us: triton.testing.do_bench median "
+                                     "(warmup 25 ms, rep 100 ms); tuning by time_us (10 calls)",
                            "lrexport_time": "attention kernel + split combine; cache holds the new token",
                            "wall_s": time.time() - t_start},
               "rows": rows, "tuning": tuning}
@@ -230,20 +246,20 @@ def main(argv=None) -> int:
         configs = {}
         for B in map(int, args.batches.split(",")):
             for L in map(int, args.contexts.split(",")):
-                t, nbytes, flops = bench_sdpa(B, L, Hq, Hkv, D, dtype)
+                t, call, nbytes, flops = bench_sdpa(B, L, Hq, Hkv, D, dtype)
                 base = dict(shape=shape, batch=B, context=L, variant="sdpa", kv_removed=0.0, grouping=None, bits=None,
-                            time_us=t, bytes=nbytes, flops=flops, roofline_us=roofline_us(nbytes, flops),
+                            time_us=t, call_us=call, bytes=nbytes, flops=flops, roofline_us=roofline_us(nbytes, flops),
                             kv_bytes=2 * B * Hkv * L * D * esz)
                 base.update(bw_tb_s=nbytes / t / 1e6, of_roofline=t / base["roofline_us"], speedup_vs_sdpa=1.0)
                 rows.append(base)
-                print(f"{shape} B={B} L={L} sdpa {t:.1f} us ({base['bw_tb_s']:.2f} TB/s)", flush=True)
+                print(f"{shape} B={B} L={L} sdpa {t:.1f} us (call {call:.1f}; {base['bw_tb_s']:.2f} TB/s)", flush=True)
                 torch.cuda.empty_cache()
                 if ort is not None:
-                    tg = bench_ort_gqa(ort, B, L, Hq, Hkv, D, dtype)
-                    row = dict(base, variant="ort_gqa", time_us=tg, bw_tb_s=nbytes / tg / 1e6,
+                    tg, call_g = bench_ort_gqa(ort, B, L, Hq, Hkv, D, dtype)
+                    row = dict(base, variant="ort_gqa", time_us=tg, call_us=call_g, bw_tb_s=nbytes / tg / 1e6,
                                of_roofline=tg / base["roofline_us"], speedup_vs_sdpa=t / tg)
                     rows.append(row)
-                    print(f"  ort_gqa {tg:.1f} us (x{t / tg:.2f} vs sdpa)", flush=True)
+                    print(f"  ort_gqa {tg:.1f} us (call {call_g:.1f}; x{t / tg:.2f} vs sdpa)", flush=True)
                     torch.cuda.empty_cache()
                 for red, gname, bits in variants:
                     s = GROUP[gname]
@@ -260,17 +276,19 @@ def main(argv=None) -> int:
                     if cfg is None:
                         print(f"  lrexport {gname} -{red:.0%} bits={bits}: no kernel config fits", flush=True)
                         continue
-                    tl_us = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
+                    tl_us, call_l = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
                     nb, fl, cache = latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz)
                     row = dict(shape=shape, batch=B, context=L, variant="lrexport", kv_removed=1 - rk / (s * D),
                                grouping=gname, bits=bits or None, rank_k=rk, rank_v=rv, group_size=s, time_us=tl_us,
+                               call_us=call_l,
                                bytes=nb, flops=fl, roofline_us=roofline_us(nb, fl), kv_bytes=cache, config=cfg)
                     row.update(bw_tb_s=nb / tl_us / 1e6, of_roofline=tl_us / row["roofline_us"],
                                speedup_vs_sdpa=t / tl_us)
                     rows.append(row)
                     bound = "compute" if fl / PEAK_FLOPS > nb / PEAK_BW else "memory"
-                    print(f"  lrexport {gname} -{red:.0%} bits={bits} r={rk}: {tl_us:.1f} us, x{t / tl_us:.2f} vs "
-                          f"sdpa, {row['of_roofline']:.2f} of roofline ({bound}-bound floor) cfg={cfg}", flush=True)
+                    print(f"  lrexport {gname} -{red:.0%} bits={bits} r={rk}: {tl_us:.1f} us (call {call_l:.1f}), "
+                          f"x{t / tl_us:.2f} vs sdpa, {row['of_roofline']:.2f} of roofline ({bound}-bound floor) "
+                          f"cfg={cfg}", flush=True)
                     del c
                     torch.cuda.empty_cache()
                 save(args, argv, rows, tuning, t_start)
@@ -281,15 +299,18 @@ def main(argv=None) -> int:
 def write_md(result: dict, path: Path) -> None:
     lines = [f"# Decode attention on the GPU ({result['date']})", "", f"Machine: {result['machine']}", "",
              f"Command: `{result['command']}`", "",
-             "fp16; time = median; `x sdpa` = SDPA time / this time (same shape, batch, context, same run); "
+             "fp16; time = GPU time per call (summed kernel durations, median); call = event time around "
+             "back-to-back calls (host included when it is the bottleneck); "
+             "`x sdpa` = SDPA time / this time (same shape, batch, context, same run); "
              "`roofline` = time / max(bytes/4.3 TB/s, FLOPs/790 TFLOP/s).", "",
-             "| shape | batch | context | variant | kv_removed | grouping | bits | time_us | TB/s | roofline "
-             "| x sdpa |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | batch | context | variant | kv_removed | grouping | bits | time_us | call_us | TB/s | "
+             "roofline | x sdpa |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} | {r['kv_removed']:.3f} | "
-                     f"{r['grouping'] or '-'} | {r['bits'] or '-'} | {r['time_us']:.1f} | {r['bw_tb_s']:.2f} | "
-                     f"{r['of_roofline']:.2f} | {r['speedup_vs_sdpa']:.2f} |")
+                     f"{r['grouping'] or '-'} | {r['bits'] or '-'} | {r['time_us']:.1f} | "
+                     f"{r.get('call_us') or float('nan'):.1f} | {r['bw_tb_s']:.2f} | {r['of_roofline']:.2f} | "
+                     f"{r['speedup_vs_sdpa']:.2f} |")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

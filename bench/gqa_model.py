@@ -29,6 +29,7 @@ GroupQueryAttention runs float16 and bfloat16 only; its CPU kernel also runs flo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -322,6 +323,20 @@ class BoundCaches:
         return logits.copy() if self.gqa.device == "cpu" else logits
 
 
+def profile_steps(row: dict, step, steps: int = 5) -> None:
+    """Add the GPU work of ``steps`` calls of ``step`` to ``row`` (``bench/gputime.py``): the
+    summed kernel durations per step (``gpu_ms``), their share of the step's wall time, and the
+    split by kernel category. A step's wall time well above its ``gpu_ms`` means the host (the
+    launches, ONNX Runtime's per-node work) sets the pace, not the kernels."""
+    from gputime import step_breakdown
+
+    b = step_breakdown(step, steps)
+    row.update(gpu_ms=b["gpu_ms"], gpu_busy=b["gpu_ms"] / row["step_ms"], kernels_per_step=b["kernels_per_step"],
+               gpu_by_category=b["by_category"], gpu_top_kernels=b["top"])
+    print(json.dumps({k: row[k] for k in ("context", "batch", "step_ms", "gpu_ms", "kernels_per_step",
+                                          "gpu_by_category")}), file=sys.stderr, flush=True)
+
+
 def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, finite: bool,
                free0: int | None) -> dict:
     """One result row of the end-to-end benchmark (printed to stderr as it comes): the median of
@@ -340,7 +355,8 @@ def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, fini
     return row
 
 
-def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str) -> list[dict]:
+def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str,
+               profile: bool = False) -> list[dict]:
     """Decode speed of a :func:`build_gqa_model` folder: rows as ``worker()`` of ``bench/gpu_e2e.py``.
 
     For each batch and context, caches of ``context + steps + 4`` positions are allocated once
@@ -348,7 +364,8 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
     one token per row (the argmax of the last logits), and ``step_ms`` is the median of the
     last ``steps``. A step binds the token ids and lengths, runs, and copies the logits to the
     host. ``gpu_mem_bytes`` is the GPU memory taken since before the session was created
-    (CUDA only); ``kv_bytes`` the size of all cache buffers.
+    (CUDA only); ``kv_bytes`` the size of all cache buffers. ``profile``: also the GPU work of a
+    step (:func:`profile_steps`).
     """
     import torch
 
@@ -374,6 +391,9 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
                 ids = logits[:, -1:].argmax(-1)
             rows.append(decode_row(C, B, times[3:], kv_bytes, bool(np.isfinite(logits).all()),
                                    free0 if device == "cuda" else None))
+            if profile:
+                lens = np.full(B, C + steps + 2, dtype=np.int32)
+                profile_steps(rows[-1], functools.partial(bound.step, ids, lens, C + steps + 3))
             del bound, caches
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -76,7 +76,32 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
         spec = aot.node_spec(model, n)
         assert (spec.bits, spec.head_dim, spec.rk, spec.rv) == (bits, 32, 16, 16)  # smoke: D=32, M-LRD 50%
     info = json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_kernels"]
-    assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {}}
+    assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
+                    "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 4, "swap": True}}
+
+
+def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
+    """Other kernel settings (bench/retune.py, LREXPORT_CUDA_TUNING) compile another kernel and
+    reach the metadata the launcher reads; bad settings are refused by name."""
+    retune = _bench("retune")
+    dst = tmp_path / "tuned"
+    summary = retune.retune(exported["lrexport"], dst, "block_n=32,num_warps=8,waves=6,swap=0")
+    assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "swap": False}
+    (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
+    a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
+    a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
+    m1 = aot.parse_meta(a1["cuda_kernel"].decode())
+    assert (m1["warps"], m1["block_n"], m1["waves"]) == ("8", "32", "6")
+    assert a1["cuda_cubin"] != a0["cuda_cubin"] and a1["cuda_cubin"][:4] == b"\x7fELF"
+    assert (dst / "model.onnx.data").resolve() == (exported["lrexport"] / "model.onnx.data").resolve()
+    assert not dst.with_name("tuned.tmp").exists()
+    monkeypatch.setenv(aot.TUNING_ENV, "waves=2")
+    assert aot.Tuning.from_env() == aot.Tuning(waves=2)
+    for bad, msg in (("warps=4", "bad kernel tuning item 'warps=4'"), ("block_n=48", "kernel tuning out of range"),
+                     ("num_stages=x", "bad kernel tuning item")):
+        monkeypatch.setenv(aot.TUNING_ENV, bad)
+        with pytest.raises(ValueError, match=f"{aot.TUNING_ENV}: {msg}"):
+            aot.Tuning.from_env()
 
 
 def test_no_kernels_when_asked_or_float32(tmp_path):

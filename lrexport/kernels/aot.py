@@ -40,9 +40,51 @@ ABI_ARGS = ("Q", "sq_b", "sq_s", "CK", "sck_b", "sck_p", "PK", "spk_b", "spk_p",
             "split_len", "nsplit", "qk_scale", "RK", "RV")
 # the most dynamic shared memory per block, by compute capability (CUDA programming guide)
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
-NUM_WARPS = 4
-WAVES = 4  # decode programs per multiprocessor (as the PyTorch path)
 DEFAULT_ARCH = 90
+TUNING_ENV = "LREXPORT_CUDA_TUNING"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The decode kernel's settings that change its speed, not its results.
+
+    ``block_n`` cached positions per tile, ``num_warps``, ``num_stages`` (None: the tuned default
+    of :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` (programs per
+    multiprocessor: how far the cached positions are split; read by the launcher at run time) and
+    ``swap`` (the positions as the MMA rows). The defaults are the PyTorch path's.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int | None = None
+    waves: int = 4
+    swap: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Tuning:
+        """``"block_n=64,num_warps=8,num_stages=3,waves=8,swap=0"`` (any subset)."""
+        kw: dict = {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            key, _, val = item.partition("=")
+            if key not in fields or not val.strip().lstrip("-").isdigit():
+                raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields)} = an integer")
+            kw[key] = bool(int(val)) if key == "swap" else int(val)
+        t = cls(**kw)
+        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or (
+                t.num_stages is not None and not 1 <= t.num_stages <= 5):
+            raise ValueError(f"kernel tuning out of range: {t} (block_n 16/32/64/128, num_warps 1/2/4/8, "
+                             "num_stages 1-5, waves >= 1)")
+        return t
+
+    @classmethod
+    def from_env(cls) -> Tuning:
+        """From ``LREXPORT_CUDA_TUNING`` when it is set (benchmarks compare settings with it), else the defaults."""
+        text = os.environ.get(TUNING_ENV, "")
+        try:
+            return cls.parse(text)
+        except ValueError as e:
+            raise ValueError(f"{TUNING_ENV}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -95,7 +137,7 @@ def _interpreted() -> bool:
     return type(tl_k._latent_attn_fwd).__name__ == "InterpretedFunction"
 
 
-def _compile_in_child(spec: DecodeSpec, arch: int) -> CompiledDecode:
+def _compile_in_child(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecode:
     import json
     import subprocess
     import sys
@@ -104,11 +146,12 @@ def _compile_in_child(spec: DecodeSpec, arch: int) -> CompiledDecode:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "kernel")
         code = ("import json, sys; from lrexport.kernels import aot; "
-                "c = aot.compile_decode(aot.DecodeSpec(**json.loads(sys.argv[1])), int(sys.argv[2])); "
+                "c = aot.compile_decode(aot.DecodeSpec(**json.loads(sys.argv[1])), int(sys.argv[2]), "
+                "aot.Tuning(**json.loads(sys.argv[4]))); "
                 "open(sys.argv[3] + '.cubin', 'wb').write(c.cubin); open(sys.argv[3] + '.meta', 'w').write(c.meta)")
         env = {**os.environ, "TRITON_INTERPRET": "0"}
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(spec)), str(arch), out],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(spec)), str(arch), out,
+                               json.dumps(dataclasses.asdict(tuning))], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the decode kernel in a child process failed: {proc.stderr.strip()[-2000:]}")
         with open(out + ".cubin", "rb") as f, open(out + ".meta") as g:
@@ -124,20 +167,24 @@ def supported(spec: DecodeSpec) -> str:
     return ""
 
 
-def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH) -> CompiledDecode:
-    """Compile the float16 decode kernel for ``spec`` and compute capability ``arch`` (no GPU needed)."""
+def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | None = None) -> CompiledDecode:
+    """Compile the float16 decode kernel for ``spec`` and compute capability ``arch`` (no GPU needed).
+
+    ``tuning``: the kernel settings (default: :meth:`Tuning.from_env`)."""
+    tuning = tuning or Tuning.from_env()
     if tl_k.triton is None:
         raise RuntimeError("compiling GPU kernels needs triton")
     why = supported(spec)
     if why:
         raise ValueError(f"no Triton decode kernel for {why}")
     if _interpreted():
-        return _compile_in_child(spec, arch)
+        return _compile_in_child(spec, arch, tuning)
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
-                             rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2)
+                             rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2,
+                             block_n=tuning.block_n, swap=tuning.swap)
     const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
              "WINDOW": spec.window, "HAS_BIAS": spec.has_k_bias, "IEEE": False, "S": 1}
     types = _arg_types(spec.bits)
@@ -151,10 +198,11 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH) -> CompiledDecode
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in args if sig[n].startswith("*") or n in d16}
     limit = SMEM_LIMIT.get(arch, min(SMEM_LIMIT.values()))
     tried = []
-    for block_n, stages in tl_k.fallbacks(cfg["BLOCK_N"], tl_k.DECODE_STAGES[bool(spec.bits)]):
+    stages0 = tuning.num_stages or tl_k.DECODE_STAGES[bool(spec.bits)]
+    for block_n, stages in tl_k.fallbacks(cfg["BLOCK_N"], stages0):
         src = ASTSource(fn, sig, constexprs={**const, "BLOCK_N": block_n}, attrs=attrs)
         k = tl_k.triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=NUM_WARPS, num_stages=stages or 1))
+                                options=dict(num_warps=tuning.num_warps, num_stages=stages or 1))
         md = k.metadata
         tried.append(f"{block_n}x{stages}: {md.shared} B")
         if md.shared > limit:
@@ -163,7 +211,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH) -> CompiledDecode
             raise RuntimeError(f"the compiled decode kernel needs global scratch memory or clusters ({md}); the "
                                "launcher passes none")
         meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
-                f"rv_p={cfg['RV_P']} waves={WAVES} d16={','.join(d16)}")
+                f"rv_p={cfg['RV_P']} waves={tuning.waves} d16={','.join(d16)}")
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
                        f"({'; '.join(tried)})")
@@ -206,11 +254,13 @@ def node_spec(model: onnx.ModelProto, node: onnx.NodeProto) -> DecodeSpec | str:
                       vp_width=widths[3] or 0)
 
 
-def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH) -> dict:
+def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH, tuning: Tuning | None = None) -> dict:
     """Compile and attach the decode kernels to the model's ``LowRankKVAttention`` nodes (in place).
 
-    Returns a summary: ``{"arch", "nodes", "kernels", "skipped": {node: why}}``.
+    ``tuning``: the kernel settings (default: :meth:`Tuning.from_env`). Returns a summary:
+    ``{"arch", "tuning", "nodes", "kernels", "skipped": {node: why}}``.
     """
+    tuning = tuning or Tuning.from_env()
     from lrexport.emit.functions import LOWRANK_OP
     from lrexport.util import progress
 
@@ -226,7 +276,7 @@ def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH) -> dic
     compiled = {}
     for s in progress(sorted(set(specs.values()), key=repr), desc=f"GPU kernels (sm_{arch})",
                           unit="kernel"):
-        compiled[s] = compile_decode(s, arch)
+        compiled[s] = compile_decode(s, arch, tuning)
     for n in nodes:
         if n.name not in specs:
             continue
@@ -237,4 +287,5 @@ def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH) -> dic
                             onnx.helper.make_attribute("cuda_cubin", c.cubin)])
     for name, why in skipped.items():
         log.info("no GPU decode kernel for %s: %s", name, why)
-    return {"arch": arch, "nodes": len(specs), "kernels": len(compiled), "skipped": skipped}
+    return {"arch": arch, "tuning": dataclasses.asdict(tuning), "nodes": len(specs), "kernels": len(compiled),
+            "skipped": skipped}
