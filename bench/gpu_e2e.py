@@ -15,9 +15,12 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
   reported when it runs;
 * ``uncompressed``: lrexport's plain export of the same model (standard-op attention over the
   dense cache; ``speedup_plain`` is against it);
-* ``lrexport``: weights 20% (uniform ranks over q/o/gate/up/down) + KV 50% (M-LRD, uniform),
-  attention as ``LowRankKVAttention`` on lrexport's CUDA kernel;
-* ``lrexport_4bit``: the same with 4-bit latents.
+* ``lrexport``: weights 20% (uniform ranks over q/o/gate/up/down, multiples of 16, as
+  ``lrexport compress --align 16`` gives) + KV 50% (M-LRD, uniform), attention as
+  ``LowRankKVAttention`` on lrexport's CUDA kernel;
+* ``lrexport_4bit``: the same with 4-bit latents;
+* ``lrexport_align1`` (not run by default): ranks not rounded (``--align 1``, the default of
+  ``compress``), to show what unaligned float16 GEMMs cost.
 
 The random model's factors are drawn directly at the ranks the allocators choose for these
 budgets (decomposing random matrices would only cost time: speed depends on the shapes). The
@@ -125,12 +128,13 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
         shapes = {n: spec.projection_shape(n.rsplit(".", 1)[1]) for n in names}
         infos = [ProjectionInfo(name=n, m=m, n=k, sigma2=torch.ones(min(m, k), dtype=torch.float64))
                  for n, (m, k) in shapes.items()]
-        alloc = allocate(Uniform(0.2), AllocContext(infos=infos))
+        align = 1 if "align1" in variant else 16  # tensor cores want float16 GEMM dimensions in multiples of 8
+        alloc = allocate(Uniform(0.2, align=align), AllocContext(infos=infos))
         for n, r in alloc.ranks.items():
             m, k = shapes[n]
             factors[n] = Factors(_randn((m, r), dtype, gen_device, scale=r ** -0.5),
                                  _randn((r, k), dtype, gen_device))
-        plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(0.2), ranks=alloc.ranks,
+        plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(0.2, align=align), ranks=alloc.ranks,
                                   params_kept=alloc.params_kept, params_total=alloc.total_dense)
         bits = 4 if variant.endswith("4bit") else None
         kv = PaluKV(allocation=Uniform(0.5), group_size=1, bits=bits)

@@ -192,3 +192,22 @@ def test_export_float16_from_a_compressed_folder(tmp_path):
     assert json.loads((out.folder / "lrexport.json").read_text())["dtype"] == "float16"
     with pytest.raises(Exception, match="dtype must be"):
         api.export(model=tmp_path / "compressed", out=tmp_path / "bad", dtype="int8")
+
+
+def test_unaligned_ranks_warn_at_a_gpu_export(tmp_path, caplog):
+    """Weight ranks that are not multiples of 8 keep float16 GEMMs off the tensor cores: a GPU
+    export says so and names the option that fixes it."""
+    import logging
+
+    e2e = _bench("gpu_e2e")
+    cfg = e2e.smoke_config(1, 64)
+    with caplog.at_level(logging.WARNING, logger="lrexport.export"):
+        folder = e2e.build_variant("lrexport_align1", cfg, "float16", tmp_path, "cpu")
+    ranks = json.loads((folder / "lrexport.json").read_text())["weights"]["ranks"]
+    assert any(r % 8 for r in ranks.values())
+    assert "not multiples of 8" in caplog.text and "--align 16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lrexport.export"):
+        folder = e2e.build_variant("lrexport", cfg, "float16", tmp_path, "cpu")
+    assert all(r % 16 == 0 for r in json.loads((folder / "lrexport.json").read_text())["weights"]["ranks"].values())
+    assert "not multiples of 8" not in caplog.text
