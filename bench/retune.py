@@ -3,7 +3,7 @@
     python bench/retune.py SRC DST --tuning "block_n=64,num_warps=8,num_stages=3,waves=8,swap=0"
 
 Only ``model.onnx`` is rewritten (the kernels are node attributes); the weights file and the
-rest are linked from ``SRC``, so trying a kernel setting on a large model takes seconds, not an
+rest are hard-linked from ``SRC``, so trying a kernel setting on a large model takes seconds, not an
 export. The settings are those of :class:`lrexport.kernels.aot.Tuning`.
 """
 
@@ -31,9 +31,12 @@ def retune(src: Path, dst: Path, tuning: str, arch: int = 90) -> dict:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in src.iterdir():
+    for f in src.iterdir():  # hard links: ONNX Runtime refuses external data that resolves outside the folder
         if f.name not in (name, "lrexport.json"):
-            os.symlink(f.resolve(), tmp / f.name)
+            try:
+                os.link(f.resolve(), tmp / f.name)
+            except OSError:  # another file system
+                shutil.copy2(f, tmp / f.name)
     model = onnx.load(str(src / name), load_external_data=False)
     summary = aot.attach_cuda_kernels(model, arch, aot.Tuning.parse(tuning))
     onnx.save(model, str(tmp / name))

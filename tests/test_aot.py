@@ -77,7 +77,8 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
         assert (spec.bits, spec.head_dim, spec.rk, spec.rv) == (bits, 32, 16, 16)  # smoke: D=32, M-LRD 50%
     info = json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_kernels"]
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
-                    "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 4, "swap": True}}
+                    "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
+                               "swap": True}}
 
 
 def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
@@ -85,15 +86,16 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     reach the metadata the launcher reads; bad settings are refused by name."""
     retune = _bench("retune")
     dst = tmp_path / "tuned"
-    summary = retune.retune(exported["lrexport"], dst, "block_n=32,num_warps=8,waves=6,swap=0")
-    assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "swap": False}
+    summary = retune.retune(exported["lrexport"], dst, "block_n=32,num_warps=8,waves=6,min_split=512,swap=0")
+    assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
+                                 "swap": False}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
     m1 = aot.parse_meta(a1["cuda_kernel"].decode())
-    assert (m1["warps"], m1["block_n"], m1["waves"]) == ("8", "32", "6")
+    assert (m1["warps"], m1["block_n"], m1["waves"], m1["min_split"]) == ("8", "32", "6", "512")
     assert a1["cuda_cubin"] != a0["cuda_cubin"] and a1["cuda_cubin"][:4] == b"\x7fELF"
-    assert (dst / "model.onnx.data").resolve() == (exported["lrexport"] / "model.onnx.data").resolve()
+    assert (dst / "model.onnx.data").samefile(exported["lrexport"] / "model.onnx.data")  # linked, not copied
     assert not dst.with_name("tuned.tmp").exists()
     monkeypatch.setenv(aot.TUNING_ENV, "waves=2")
     assert aot.Tuning.from_env() == aot.Tuning(waves=2)

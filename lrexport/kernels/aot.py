@@ -49,20 +49,22 @@ class Tuning:
     """The decode kernel's settings that change its speed, not its results.
 
     ``block_n`` cached positions per tile, ``num_warps``, ``num_stages`` (None: the tuned default
-    of :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` (programs per
-    multiprocessor: how far the cached positions are split; read by the launcher at run time) and
-    ``swap`` (the positions as the MMA rows). The defaults are the PyTorch path's.
+    of :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` and ``min_split``
+    (programs per multiprocessor and the fewest positions per split: how far the cached positions
+    are split; read by the launcher at run time) and ``swap`` (the positions as the MMA rows). The
+    defaults are the PyTorch path's.
     """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int | None = None
-    waves: int = 4
+    waves: int = tl_k.DECODE_WAVES
+    min_split: int = tl_k.DECODE_MIN_SPLIT
     swap: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
-        """``"block_n=64,num_warps=8,num_stages=3,waves=8,swap=0"`` (any subset)."""
+        """``"block_n=64,num_warps=8,num_stages=3,waves=8,min_split=512,swap=0"`` (any subset)."""
         kw: dict = {}
         fields = {f.name for f in dataclasses.fields(cls)}
         for item in filter(None, (x.strip() for x in text.split(","))):
@@ -71,10 +73,10 @@ class Tuning:
                 raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields)} = an integer")
             kw[key] = bool(int(val)) if key == "swap" else int(val)
         t = cls(**kw)
-        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or (
+        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5):
             raise ValueError(f"kernel tuning out of range: {t} (block_n 16/32/64/128, num_warps 1/2/4/8, "
-                             "num_stages 1-5, waves >= 1)")
+                             "num_stages 1-5, waves >= 1, min_split >= 1)")
         return t
 
     @classmethod
@@ -211,7 +213,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
             raise RuntimeError(f"the compiled decode kernel needs global scratch memory or clusters ({md}); the "
                                "launcher passes none")
         meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
-                f"rv_p={cfg['RV_P']} waves={tuning.waves} d16={','.join(d16)}")
+                f"rv_p={cfg['RV_P']} waves={tuning.waves} min_split={tuning.min_split} d16={','.join(d16)}")
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
                        f"({'; '.join(tried)})")

@@ -423,16 +423,25 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                 FAST_V=fast(rv, rv_p), CC=cc, SWAP=swap and S == 1 and not cc)
 
 
-def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: int, num_sms: int, waves: int = 4,
-               num_splits: int | None = None) -> tuple[int, int]:
+# decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
+# multiprocessor, but no split shorter than 1024 positions (batch 1 at 32K: 32 splits beat 66 and 132;
+# batch 8: 16 splits beat 8 and 4)
+DECODE_WAVES = 8
+DECODE_MIN_SPLIT = 1024
+
+
+def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: int, num_sms: int,
+               waves: int = DECODE_WAVES, num_splits: int | None = None,
+               min_split: int = DECODE_MIN_SPLIT) -> tuple[int, int]:
     """(splits, positions per split) of the cached positions: flash-decoding for decode.
 
-    Decode aims at about ``waves`` programs per multiprocessor with splits of at least 256
-    positions; prefill does not split. The C++ launcher of the ahead-of-time kernels
-    (custom_ops/src/cuda/triton_aot.cc) computes the same.
+    Decode aims at about ``waves`` programs per multiprocessor with splits of at least
+    ``min_split`` positions; prefill does not split. The C++ launcher of the ahead-of-time
+    kernels (``plan_triton`` in custom_ops/src/cuda/lowrank_kv_attention.cu) computes the same.
     """
     if num_splits is None:
-        num_splits = max(1, min(_cdiv(waves * num_sms, batch * num_kv_heads), _cdiv(kv_max, 256))) if S == 1 else 1
+        num_splits = (max(1, min(_cdiv(waves * num_sms, batch * num_kv_heads), _cdiv(kv_max, min_split)))
+                      if S == 1 else 1)
     split_len = _cdiv(_cdiv(kv_max, num_splits), block_n) * block_n
     return _cdiv(kv_max, split_len), split_len
 
@@ -527,13 +536,15 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int = 4,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = 4, hoist: bool | None = None, vector_unpack: bool = True,
+            waves: int = DECODE_WAVES, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
+            vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
-    ``num_splits`` (or ``waves`` programs per multiprocessor), ``hoist`` (keep ``k_up`` on
+    ``num_splits`` (or ``waves`` programs per multiprocessor and splits of at least ``min_split``
+    positions), ``hoist`` (keep ``k_up`` on
     chip), ``vector_unpack`` (False: per-channel code gathers, for testing),
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
     multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows), ``swap`` (decode:
@@ -569,7 +580,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
     num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
-                                       num_sms=_num_sms(dev), waves=waves, num_splits=num_splits)
+                                       num_sms=_num_sms(dev), waves=waves, num_splits=num_splits,
+                                       min_split=min_split)
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
         mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)

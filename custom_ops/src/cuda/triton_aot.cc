@@ -45,7 +45,8 @@ std::string parse_triton_meta(const std::string& text, TritonMeta* m) {
         m->d16 |= uint64_t{1} << i;
       }
     } else if (!num) {
-      if (k == "abi" || k == "arch" || k == "warps" || k == "shared" || k == "block_n" || k == "rv_p" || k == "waves")
+      if (k == "abi" || k == "arch" || k == "warps" || k == "shared" || k == "block_n" || k == "rv_p" || k == "waves" ||
+          k == "min_split")
         return "'" + kv + "': not a number";
       // unknown keys are ignored: newer exporters may add some
     } else if (k == "abi") {
@@ -62,12 +63,14 @@ std::string parse_triton_meta(const std::string& text, TritonMeta* m) {
       m->rv_p = n;
     } else if (k == "waves") {
       m->waves = static_cast<int>(n);
+    } else if (k == "min_split") {
+      m->min_split = n;
     }
   }
   if (abi != kAbi) return "abi=" + std::to_string(abi) + " (this library launches abi=" + std::to_string(kAbi) + ")";
   if (!have_name) return "no kernel name";
   if (m->arch < 30 || m->warps < 1 || m->warps > 32 || m->shared < 0 || m->block_n < 16 || m->rv_p < 16 ||
-      m->waves < 1)
+      m->waves < 1 || m->min_split < 1)
     return "a value out of range";
   return "";
 }
@@ -211,7 +214,7 @@ const TritonDecode* TritonModule::get(int device, std::string* why) const {
         k.function = fn;
         k.launch = d.launch;
         k.warps = meta_.warps, k.shared = meta_.shared, k.waves = meta_.waves;
-        k.block_n = meta_.block_n, k.rv_p = meta_.rv_p, k.d16 = meta_.d16;
+        k.block_n = meta_.block_n, k.rv_p = meta_.rv_p, k.min_split = meta_.min_split, k.d16 = meta_.d16;
       } else {
         if (mod && d.push(ctx) == 0) {
           d.unload(mod);

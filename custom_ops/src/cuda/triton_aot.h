@@ -2,8 +2,9 @@
 // float16 model may carry the cubin of the Triton decode kernel compiled for its shapes and one GPU
 // architecture, as two string attributes:
 //   cuda_cubin   the cubin;
-//   cuda_kernel  "abi=1 arch=90 name=_latent_attn_fwd warps=4 shared=N block_n=64 rv_p=64 waves=4
-//                 d16=sq_b,sq_s,..." (d16: the integer arguments compiled as multiples of 16).
+//   cuda_kernel  "abi=1 arch=90 name=_latent_attn_fwd warps=4 shared=N block_n=64 rv_p=64 waves=8
+//                 min_split=1024 d16=sq_b,sq_s,..." (d16: the integer arguments compiled as multiples
+//                 of 16; waves and min_split: how the cached positions are split, see plan_triton).
 // The CUDA kernel loads it with the driver API (libcuda, opened at run time) on the first call on a
 // device of that compute capability, and launches it for one-token steps (lowrank_kv_attention.cu,
 // launch_triton); anything else runs the CUDA C++ kernels.
@@ -31,6 +32,7 @@ struct TritonMeta {
   std::string name;
   int warps = 4, shared = 0, waves = 4;
   int64_t block_n = 64, rv_p = 16;
+  int64_t min_split = 256;  // absent in models exported before it was added: their rule
   uint64_t d16 = 0;
 };
 
