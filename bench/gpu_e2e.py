@@ -273,17 +273,25 @@ def main(argv=None) -> int:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out.with_suffix(".json"))
-    cols = ["setting", "context", "batch", "step_ms"] + (["gpu_ms", "kernels_per_step"] if args.profile else []) + [
-        "decode_tok_s", "speedup", "speedup_plain", "kv_bytes",
-            "kv_smaller_x", "gpu_mem_bytes", "gpu_mem_smaller_x"]
+    doc["baseline"] = ran[0] if ran else None
+    print(write_md(doc, out.with_suffix(".md")))
+    return 0
+
+
+def write_md(doc: dict, path: Path) -> str:
+    """The results table (and, for ``--profile`` runs, the GPU work by kernel category) as markdown."""
+    rows = doc["rows"]
+    profiled = any("gpu_ms" in r for r in rows)
+    cols = ["setting", "context", "batch", "step_ms"] + (["gpu_ms", "kernels_per_step"] if profiled else []) + [
+        "decode_tok_s", "speedup", "speedup_plain", "kv_bytes", "kv_smaller_x", "gpu_mem_bytes", "gpu_mem_smaller_x"]
     lines = [f"# GPU end to end ({doc['date']})", "", doc["machine"], "", f"`{doc['command']}`", "", doc["model"] + "; "
-             + doc["settings"], "", f"speedup: decode tokens/s over {ran[0] if ran else '-'} (same context and "
+             + doc["settings"], "", f"speedup: decode tokens/s over {doc.get('baseline') or '-'} (same context and "
              "batch, same run); speedup_plain: over the plain uncompressed export; *_smaller_x: that baseline's "
              "bytes / these", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
                                        for c in cols) + " |")
-    if args.profile:
+    if profiled:
         lines += ["", "GPU work per step (CUPTI kernel durations summed; gpu_ms well under step_ms: the host sets "
                   "the pace), ms by kernel category:", ""]
         cats = sorted({c for r in rows for c in r.get("gpu_by_category", {})})
@@ -294,9 +302,13 @@ def main(argv=None) -> int:
                 lines.append(f"| {r['setting']} | {r['context']} | {r['batch']} | {r['step_ms']:.3f} | "
                              f"{r['gpu_ms']:.3f} | " + " | ".join(f"{r['gpu_by_category'].get(c, 0):.3f}"
                                                                     for c in cats) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    if doc.get("note"):
+        lines += ["", doc["note"]]
+    text = "\n".join(lines) + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return text
 
 
 if __name__ == "__main__":

@@ -265,12 +265,12 @@ def main(argv=None) -> int:
                     s = GROUP[gname]
                     rk = rv = floor16((1 - red) * s * D)
                     c = make_latent_case(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
-                    key = (red, gname, bits)
+                    key = (red, gname, bits, B)  # tuned per batch: the best split differs
                     if key not in configs:
-                        tc = make_latent_case(1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
-                        configs[key], timings = tune(tc, 1, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg)
+                        tc = make_latent_case(B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
+                        configs[key], timings = tune(tc, B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg)
                         tuning.append(dict(shape=shape, kv_removed=1 - rk / (s * D), grouping=gname, bits=bits or None,
-                                           context=args.tune_context, batch=1, configs=timings))
+                                           context=args.tune_context, batch=B, configs=timings))
                         del tc
                     cfg = configs[key]
                     if cfg is None:

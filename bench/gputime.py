@@ -24,7 +24,7 @@ GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 # kernel name fragments (lowercase) -> category, first match wins
 CATEGORIES = (
     ("attention (lrexport)", ("latent_attn", "write_tokens", "past_len_i32", "combine", "lowrank", "attend")),
-    ("attention (other)", ("flash", "attention", "attn", "fmha", "xqa", "gqa", "rotary", "softmax")),
+    ("attention (other)", ("flash", "attention", "attn", "fmha", "mha", "xqa", "gqa", "rotary", "softmax")),
     ("matmul", ("gemm", "gemv", "xmma", "cutlass", "cublas", "nvjet", "matmul", "splitk", "dot_kernel")),
     ("norm", ("layernorm", "layer_norm", "rmsnorm", "skip")),
     ("copy", ("memcpy", "memset", "copy")),
