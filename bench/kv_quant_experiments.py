@@ -15,8 +15,9 @@ so they measure quality, not a deployable layout:
   3, K at 2, V at 2 bits. 8-bit rounding adds about 1/255 of each group's range.
 * ``clip``: the product's layout and dequantization, but each group's range is searched:
   ``K`` candidates shrink ``[min, max]`` about its centre by ``1 - k/16`` (k < K) and the one
-  with the least squared error in the group is stored. Rows at 3 and 2 bits, with and without
-  the search, for each group size of ``--groups``.
+  with the least squared error in the group is stored (``--search shrink``); ``grid`` trims
+  each end independently by ``k/32`` of the range (8 x 8 candidates). Rows at 3 and 2 bits,
+  for each search of ``--search`` and each group size of ``--groups``.
 * ``rotation``: the product's quantizer and layout with other orthogonal rotations folded
   into the latent projections in place of the product's (any orthogonal ``R`` folds:
   ``A' = R A``, ``k_up' = R k_up``): the block Hadamard after random sign flips; after an
@@ -79,6 +80,33 @@ def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
     return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
 
 
+def grid_quantize(x: torch.Tensor, bits: int, group: int, steps: int = 8):
+    """``lrexport.kv.quant.quantize`` with each group's range searched over a grid: ``steps``
+    trims of the lower end times ``steps`` of the upper end, each ``k/32`` of the range (so
+    ``steps**2`` candidates, asymmetric ones included); the least squared error is stored."""
+    R = x.shape[-1]
+    xg = x.float().reshape(*x.shape[:-1], R // group, group)
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    levels = (1 << bits) - 1
+    span = hi - lo
+    best = None
+    for a in range(steps):
+        for b in range(steps):
+            scale = ((span * ((32 - a - b) / 32)) / levels).clamp_min(1e-8).half()
+            zero = (lo + span * (a / 32)).half()
+            sf, zf = scale.float()[..., None], zero.float()[..., None]
+            q = torch.round((xg - zf) / sf).clamp(0, levels)
+            err = ((q * sf + zf) - xg).square().sum(-1)
+            if best is None:
+                best = (err, q, scale, zero)
+            else:
+                m = err < best[0]
+                best = (torch.where(m, err, best[0]), torch.where(m[..., None], q, best[1]),
+                        torch.where(m, scale, best[2]), torch.where(m, zero, best[3]))
+    _, q, scale, zero = best
+    return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
+
+
 def group_bits(plan: str, n: int) -> list[int]:
     """Bits of each of ``n`` quantization groups: 3 everywhere, or 4/3/2 by thirds (average 3 when
     ``n % 3 != 1``; otherwise one more group at 3)."""
@@ -123,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default=None, help="rotation, clip: latent bits to run (default 3; clip: 3,2)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--groups", default="32", help="clip: quantization group sizes to run (e.g. 32,16)")
+    ap.add_argument("--search", default="none,shrink",
+                    help="clip: range searches to run: none, shrink (8 symmetric shrinks), grid (8 x 8 trims of "
+                         "each end)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = args.out or str(RESULTS / f"kv_quant_experiments_{args.experiment}")
@@ -184,11 +215,11 @@ def main(argv=None) -> int:
     else:
         bits_list = [int(b) for b in (args.bits or "3,2").split(",")]
         for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in bits_list):
-            for search in (False, True):
-                op.quantize = clip_quantize if search else quant.quantize
-                record(f"{bits}bit-g{group}{', clip search' if search else ''}",
-                       PaluKV(**best, bits=bits, quant_group=group), bits=bits, quant_group=group,
-                       clip_search=search)
+            for search in args.search.split(","):
+                op.quantize = {"none": quant.quantize, "shrink": clip_quantize, "grid": grid_quantize}[search]
+                label = {"none": "", "shrink": ", clip search", "grid": ", clip grid search"}[search]
+                record(f"{bits}bit-g{group}{label}", PaluKV(**best, bits=bits, quant_group=group), bits=bits,
+                       quant_group=group, clip_search=search != "none", search=search)
         op.quantize = quant.quantize
     return 0
 
@@ -202,6 +233,7 @@ def write(out: str, args, rows: list[dict]) -> None:
                       "base 28.69, this setting in float 32.87)",
            "rows": rows}
     tmp = Path(out + ".json.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out + ".json")
     lines = [f"# KV latent quantization: {args.experiment} ({doc['date']})", "", f"Machine: {doc['machine']}", "",
