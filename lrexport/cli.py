@@ -143,7 +143,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from lrexport import api
 
-    res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch, dtype=args.dtype)
+    res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch, dtype=args.dtype,
+                     cuda_tuning=args.cuda_tuning)
     for r in res.passes:
         print(r.summary())
     info = res.onnx_info
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cuda-arch", type=int, default=None, metavar="CC",
                    help="compile the GPU decode kernels of a float16 model for this compute capability "
                         "(e.g. 90 = H100/H200; default: 90 for float16 models; 0: none)")
+    x.add_argument("--cuda-tuning", default=None, metavar="SETTINGS",
+                   help="decode kernel settings, e.g. 'waves=8,min_split=1024,num_warps=4,block_n=64,swap=1' "
+                        "(default: the tuned ones, or LREXPORT_CUDA_TUNING)")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="print a compressed model's plan; plot its ranks")

@@ -44,19 +44,28 @@ class ExportResult:
     onnx_info: dict[str, Any]
 
 
-def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None) -> ExportResult:
+def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None,
+                cuda_tuning: str | None = None) -> ExportResult:
     """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically).
 
     ``cuda_arch``: the compute capability (e.g. 90) to compile the GPU decode kernels of a float16
     model's latent-KV attention for; None: 90 when the model is float16 and Triton is installed;
-    0: none.
+    0: none. ``cuda_tuning``: their settings (:meth:`lrexport.kernels.aot.Tuning.parse`; default
+    the tuned ones, or ``LREXPORT_CUDA_TUNING``).
     """
+    from lrexport.errors import ConfigError
+    from lrexport.kernels import aot
+
+    try:
+        tuning = aot.Tuning.parse(cuda_tuning) if cuda_tuning else None
+    except ValueError as e:
+        raise ConfigError(f"--cuda-tuning: {e}") from None
     t0 = time.perf_counter()
     tg = cm.graph
     if "kivi" in tg.meta:
         raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
     res = emit(tg)
-    gpu = _gpu_kernels(res.model, cuda_arch)
+    gpu = _gpu_kernels(res.model, cuda_arch, tuning)
     if gpu:
         _warn_unaligned_ranks(cm)
     info = {
@@ -96,7 +105,7 @@ def _warn_unaligned_ranks(cm: CompressedModel) -> None:
                     odd[0], ranks[odd[0]])
 
 
-def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None) -> dict | None:
+def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None, tuning=None) -> dict | None:
     from lrexport.emit.functions import LOWRANK_OP
     from lrexport.kernels import aot, triton_latent
 
@@ -112,7 +121,10 @@ def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None) -> dict | None:
         cuda_arch = aot.DEFAULT_ARCH
     elif triton_latent.triton is None:
         raise PassError(f"compiling GPU kernels for sm_{cuda_arch} needs triton (pip install triton)")
-    summary = aot.attach_cuda_kernels(model, cuda_arch)
+    try:
+        summary = aot.attach_cuda_kernels(model, cuda_arch, tuning)
+    except ValueError as e:  # LREXPORT_CUDA_TUNING
+        raise PassError(str(e)) from None
     log.info("GPU decode kernels for sm_%d: %d nodes, %d compiled kernels%s", cuda_arch, summary["nodes"],
              summary["kernels"], f", {len(summary['skipped'])} nodes without" if summary["skipped"] else "")
     return summary

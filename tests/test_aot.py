@@ -194,6 +194,16 @@ def test_export_float16_from_a_compressed_folder(tmp_path):
     assert json.loads((out.folder / "lrexport.json").read_text())["dtype"] == "float16"
     with pytest.raises(Exception, match="dtype must be"):
         api.export(model=tmp_path / "compressed", out=tmp_path / "bad", dtype="int8")
+    # kernel settings at export (lrexport export --cuda-tuning): in the metadata the launcher reads
+    tuned = api.export(model=tmp_path / "compressed", out=tmp_path / "tuned", dtype="float16",
+                       cuda_tuning="waves=6,min_split=512")
+    _, nodes = _lowrank_nodes(tuned.folder)
+    meta = aot.parse_meta(next(a.s for a in nodes[0].attribute if a.name == "cuda_kernel").decode())
+    assert (meta["waves"], meta["min_split"]) == ("6", "512")
+    assert tuned.onnx_info["cuda_kernels"]["tuning"]["waves"] == 6
+    with pytest.raises(ValueError, match="--cuda-tuning: bad kernel tuning item 'wave=6'"):
+        api.export(model=tmp_path / "compressed", out=tmp_path / "bad2", dtype="float16", cuda_tuning="wave=6")
+    assert not (tmp_path / "bad2").exists()
 
 
 def test_unaligned_ranks_warn_at_a_gpu_export(tmp_path, caplog):
