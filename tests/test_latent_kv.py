@@ -143,7 +143,19 @@ def test_pack_round_trip_and_quantization_error_bound(bits):
     # half a step of rounding, plus the float16 rounding of scale (x levels) and zero point
     bound = step / 2 + (2**bits - 1) * step * 2**-11 + xg.abs().amax(-1) * 2**-11
     err = (back - x).abs().view(3, 5, 2, 32).amax(-1)
-    assert bool((err <= bound * 1.0001).all())
+    if bits != 2:
+        assert bool((err <= bound * 1.0001).all())
+    else:
+        # 2-bit groups search their range: each end trimmed by at most 7/32 of it, so clipped values
+        # may be off by that much more; and no group is worse in squared error than min/max
+        span = xg.amax(-1) - xg.amin(-1)
+        assert bool((err <= bound + span * 7 / 32 * 1.0001).all())
+        lo = xg.amin(-1).half().double()
+        sc = (span / 3).float().half().double()
+        plain = ((torch.round((xg.float() - lo[..., None].float()) / sc[..., None].float()).clamp(0, 3).double()
+                  * sc[..., None] + lo[..., None]) - xg).square().sum(-1)
+        got = (back - x).view(3, 5, 2, 32).square().sum(-1)
+        assert bool((got <= plain * (1 + 1e-5)).all()) and bool((got < plain * 0.999).any())
     assert bytes_per_token(64, bits, 32) == 64 * bits // 8 + 8
 
 

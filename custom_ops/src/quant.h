@@ -13,6 +13,13 @@
 //   lo, hi = min, max (float32); scale = fp16(max((hi - lo) / (2^bits - 1), 1e-8)); zero = fp16(lo);
 //   q = clamp(round_half_even((x - zero) / scale), 0, 2^bits - 1)  (float32 arithmetic on the
 //   float16-rounded scale and zero). A NaN quotient (0/0 when scale rounds to 0) gives code 0.
+// 2-bit groups whose size is a power of two up to 256 search their range instead (like
+// lrexport.kv.quant._searched): 64 candidates trim a/32 of the range from the bottom and b/32
+// from the top (a, b < 8, a major; (0, 0) is min/max):
+//   scale = fp16(max(((hi - lo) * (32 - a - b)) * 2^-5 / 3, 1e-8)); zero = a ? fp16(lo + ((hi - lo) * a) * 2^-5) : fp16(lo)
+// and the codes of the one with the least error scale^2 * sum((q - t)^2) are stored, t being the
+// unrounded level. The squares are exact in double and the sum adds halves (v[i] + v[i + n/2],
+// repeated), so every implementation picks the same candidate; ties keep the first.
 //
 // The same functions serve the CPU kernel and the CUDA kernel (custom_ops/src/cuda/): under nvcc
 // they are __host__ __device__, the bit casts use CUDA intrinsics on the device, and the
@@ -110,6 +117,60 @@ LRX_HD uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
   return (row[c / per] >> (bits * (c % per))) & ((1u << bits) - 1u);
 }
 
+constexpr int kSearchBits = 2;
+constexpr int kSearchSteps = 8;
+constexpr int64_t kSearchMaxGroup = 256;
+
+LRX_HD bool searches(int bits, int64_t group) noexcept {
+  return bits == kSearchBits && (group & (group - 1)) == 0 && group <= kSearchMaxGroup;
+}
+
+// round half to even, clamped to [0, levels]; NaN -> 0
+LRX_HD float level_code(float t, uint32_t levels) noexcept {
+  float q = nearbyintf(t);  // default rounding: half to even
+  if (!(q > 0.0f)) q = 0.0f;  // also NaN -> 0
+  if (q > static_cast<float>(levels)) q = static_cast<float>(levels);
+  return q;
+}
+
+LRX_HD float clamp_scale(float scale) noexcept {
+  if (!(scale >= 1e-8f)) scale = scale != scale ? scale : 1e-8f;  // clamp_min, NaN passes
+  return scale;
+}
+
+// The searched (scale, zero) of a 2-bit group (see the header comment); sq: `group` doubles of
+// scratch.
+template <class Load>
+LRX_HD void search_range(const Load& x, int64_t group, uint32_t levels, float lo, float hi, double* sq,
+                         uint16_t* best_sh, uint16_t* best_zh) noexcept {
+  const float span = hi - lo;
+  double best = 0.0;
+  for (int a = 0; a < kSearchSteps; ++a) {
+    for (int b = 0; b < kSearchSteps; ++b) {
+      const float num = (span * static_cast<float>(32 - a - b)) * 0.03125f;
+      const uint16_t sh = f32_to_f16(clamp_scale(num / static_cast<float>(levels)));
+      // (span * a) is rounded once; the 2^-5 scaling is exact, so a fused multiply-add of it with lo
+      // rounds like the separate operations
+      const uint16_t zh = a == 0 ? f32_to_f16(lo) : f32_to_f16(lo + (span * static_cast<float>(a)) * 0.03125f);
+      const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
+      for (int64_t c = 0; c < group; ++c) {
+        const float t = (x(c) - zf) / sf;
+        const double d = static_cast<double>(level_code(t, levels)) - static_cast<double>(t);
+        sq[c] = d * d;  // exact
+      }
+      for (int64_t h = group / 2; h >= 1; h /= 2)
+        for (int64_t i = 0; i < h; ++i) sq[i] = sq[i] + sq[i + h];
+      const double s = static_cast<double>(sf);
+      const double err = sq[0] * (s * s);
+      if ((a == 0 && b == 0) || err < best) {
+        best = err;
+        *best_sh = sh;
+        *best_zh = zh;
+      }
+    }
+  }
+}
+
 // Quantize one group of `group` values (a multiple of 8) into packed codes (group*bits/8 bytes,
 // all written) and its float16 scale and zero point. x(i) gives value i as a float (the CUDA
 // kernel reads float16 latents through it; the float16 -> float conversion is exact).
@@ -123,18 +184,20 @@ LRX_HD void quantize_group_with(const Load& x, int64_t group, int bits, uint8_t*
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
   }
-  float scale = (hi - lo) / static_cast<float>(levels);
-  if (!(scale >= 1e-8f)) scale = scale != scale ? scale : 1e-8f;  // clamp_min, NaN passes
-  const uint16_t sh = f32_to_f16(scale), zh = f32_to_f16(lo);
+  uint16_t sh, zh;
+  if (searches(bits, group)) {
+    double sq[kSearchMaxGroup];
+    search_range(x, group, levels, lo, hi, sq, &sh, &zh);
+  } else {
+    sh = f32_to_f16(clamp_scale((hi - lo) / static_cast<float>(levels)));
+    zh = f32_to_f16(lo);
+  }
   *scale_h = sh;
   *zero_h = zh;
   const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
   for (int64_t i = 0; i < group * bits / 8; ++i) codes[i] = 0;
   for (int64_t c = 0; c < group; ++c) {
-    float q = nearbyintf((x(c) - zf) / sf);  // default rounding: half to even
-    if (!(q > 0.0f)) q = 0.0f;                // also NaN -> 0
-    if (q > static_cast<float>(levels)) q = static_cast<float>(levels);
-    const uint32_t code = static_cast<uint32_t>(q);
+    const uint32_t code = static_cast<uint32_t>(level_code((x(c) - zf) / sf, levels));
     if (bits == 8) {
       codes[c] = static_cast<uint8_t>(code);
     } else if (bits == 3) {

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from lrexport.emit.builder import Builder
+from lrexport.kv.quant import SEARCH_STEPS, searches
 
 DOMAIN = "lrexport"
 DENSE_OP = "DenseAttention"
@@ -146,6 +147,37 @@ def _unpack(b: Builder, packed: str, bits: int, B: str, P: str) -> str:
     return b.reshape(c, B, P, -1)
 
 
+def _searched_params(b: Builder, xg: str, lo: str, hi: str, qg: int, levels: int) -> tuple[str, str]:
+    """float16 (scale, zero) ``[B, S, NG]`` of the least-error candidate range of each group, as
+    ``lrexport.kv.quant._searched``: 64 candidates on a new axis, float64 errors of exact squares
+    summed by halves, the first minimum (ArgMin keeps the first)."""
+    cand = [(a, c) for a in range(SEARCH_STEPS) for c in range(SEARCH_STEPS)]
+    f16, f32, f64 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+    span = b.unsqueeze(b.op("Sub", hi, lo), [3])  # [B, S, NG, 1]
+    lo4 = b.unsqueeze(lo, [3])
+    k32 = b.const(0.03125, np.float32)
+    num = b.op("Mul", b.op("Mul", span, b.const([32.0 - a - c for a, c in cand], np.float32)), k32)
+    scale = b.op("Cast", b.op("Max", b.op("Div", num, b.const(float(levels), np.float32)),
+                              b.const(1e-8, np.float32)), to=f16)  # [B, S, NG, 64]
+    shifted = b.op("Add", lo4, b.op("Mul", b.op("Mul", span, b.const([float(a) for a, _ in cand], np.float32)), k32))
+    zero = b.op("Cast", b.op("Where", b.const([a == 0 for a, _ in cand], np.bool_), lo4, shifted), to=f16)
+    sf, zf = (b.unsqueeze(b.op("Cast", t, to=f32), [4]) for t in (scale, zero))  # [B, S, NG, 64, 1]
+    t = b.op("Div", b.op("Sub", b.unsqueeze(xg, [3]), zf), sf)  # [B, S, NG, 64, qg]
+    q = b.op("Clip", b.op("Round", t), b.const(0.0, np.float32), b.const(float(levels), np.float32))
+    d = b.op("Sub", b.op("Cast", q, to=f64), b.op("Cast", t, to=f64))
+    sq = b.op("Mul", d, d)  # exact in float64
+    n = qg
+    while n > 1:
+        n //= 2
+        sq = b.op("Add", b.slice_last(sq, 0, n), b.slice_last(sq, n, 2 * n))
+    s64 = b.op("Cast", scale, to=f64)
+    err = b.op("Mul", b.op("Squeeze", sq, b.const([-1])), b.op("Mul", s64, s64))
+    err = b.op("Where", b.op("IsNaN", err), b.const(0.0, np.float64), err)  # all-NaN groups: the first
+    idx = b.op("ArgMin", err, axis=-1, keepdims=1)
+    pick = [b.op("Squeeze", b.op("GatherElements", v, idx, axis=-1), b.const([-1])) for v in (scale, zero)]
+    return pick[0], pick[1]
+
+
 def _store_latent(b: Builder, new: str, cache: str, params: str, pos: str, sh: AttnShape, B: str, S: str, P: str):
     """Write the new latents (quantized when bits) and return (cache', params', all latents as floats)."""
     if not sh.bits:
@@ -155,9 +187,12 @@ def _store_latent(b: Builder, new: str, cache: str, params: str, pos: str, sh: A
     xg = b.op("Cast", b.reshape(new, B, S, -1, qg), to=onnx.TensorProto.FLOAT)
     lo = b.op("ReduceMin", xg, b.const([-1]), keepdims=0)
     hi = b.op("ReduceMax", xg, b.const([-1]), keepdims=0)
-    scale = b.op("Cast", b.op("Max", b.op("Div", b.op("Sub", hi, lo), b.const(float(levels), np.float32)),
-                              b.const(1e-8, np.float32)), to=onnx.TensorProto.FLOAT16)
-    zero = b.op("Cast", lo, to=onnx.TensorProto.FLOAT16)
+    if searches(sh.bits, qg):
+        scale, zero = _searched_params(b, xg, lo, hi, qg, levels)
+    else:
+        scale = b.op("Cast", b.op("Max", b.op("Div", b.op("Sub", hi, lo), b.const(float(levels), np.float32)),
+                                  b.const(1e-8, np.float32)), to=onnx.TensorProto.FLOAT16)
+        zero = b.op("Cast", lo, to=onnx.TensorProto.FLOAT16)
     sf, zf = (b.unsqueeze(b.op("Cast", t, to=onnx.TensorProto.FLOAT), [3]) for t in (scale, zero))
     q = b.op("Clip", b.op("Round", b.op("Div", b.op("Sub", xg, zf), sf)), b.const(0.0, np.float32),
              b.const(float(levels), np.float32))

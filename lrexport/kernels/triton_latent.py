@@ -34,6 +34,7 @@ import os
 import torch
 
 from lrexport.errors import ShapeError
+from lrexport.kv.quant import searches
 
 try:  # triton is optional: CPU installs run the reference
     import triton
@@ -335,11 +336,28 @@ if triton is not None:
         tl.store(OUT + row * RV + cv, (num / den).to(OUT.dtype.element_ty), mask=cv < RV)
 
     @triton.jit
+    def _round_half_even(q, INTERP: tl.constexpr):
+        if INTERP:  # the interpreter lacks libdevice: 1.5 * 2^23 rounds half to even for |q| < 2^22
+            q = (q + 12582912.0) - 12582912.0
+        else:
+            q = libdevice.rint(q)  # round half to even, as torch.round
+        return q
+
+    @triton.jit
+    def _halving_sum(v, N: tl.constexpr, LOGN: tl.constexpr):
+        """Sum of ``v`` ([N = 2**LOGN]) by adding halves, as ``lrexport.kv.quant._halving_sum``."""
+        for i in tl.static_range(LOGN):
+            v = tl.sum(tl.reshape(v, (2, N >> (i + 1))), 0)
+        return tl.sum(v, 0)
+
+    @triton.jit
     def _store_quant(X, sx_row, C, sc_b, sc_p, Pp, sp_b, sp_p, PAST, S,
-                     R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, INTERP: tl.constexpr):
+                     R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, SEARCH: tl.constexpr,
+                     QG_LOG2: tl.constexpr, INTERP: tl.constexpr):
         """Quantize one new token's latent row (R channels) into the packed cache at its position.
 
-        Program (b, t, quant group); bit-exact with :func:`lrexport.kv.quant.quantize`.
+        Program (b, t, quant group); bit-exact with :func:`lrexport.kv.quant.quantize`, including
+        its range search (``SEARCH``: 2-bit groups).
         """
         pid = tl.program_id(0)
         grp = tl.program_id(1)
@@ -354,11 +372,33 @@ if triton is not None:
         hi = tl.max(x, 0)
         scale = tl.maximum(tl.math.div_rn(hi - lo, LEVELS + 0.0), 1e-8).to(tl.float16)
         zero = lo.to(tl.float16)
+        if SEARCH:  # candidates as lrexport.kv.quant._searched, (0, 0) first
+            span = hi - lo
+            best = 0.0
+            for a in tl.static_range(8):
+                for bb in tl.static_range(8):
+                    sc = tl.maximum(tl.math.div_rn((span * (32.0 - a - bb)) * 0.03125, LEVELS + 0.0),
+                                    1e-8).to(tl.float16)
+                    if a == 0:
+                        ze = lo.to(tl.float16)
+                    else:
+                        ze = (lo + (span * (a + 0.0)) * 0.03125).to(tl.float16)
+                    tq = tl.math.div_rn(x - ze.to(tl.float32), sc.to(tl.float32))
+                    cq = _round_half_even(tq, INTERP)
+                    cq = tl.where(cq != cq, 0.0, cq)
+                    cq = tl.minimum(tl.maximum(cq, 0.0), LEVELS)
+                    d = cq.to(tl.float64) - tq.to(tl.float64)
+                    s64 = sc.to(tl.float32).to(tl.float64)
+                    err = _halving_sum(d * d, QG, QG_LOG2) * (s64 * s64)
+                    if a == 0 and bb == 0:
+                        best = err
+                    else:
+                        better = err < best
+                        best = tl.where(better, err, best)
+                        scale = tl.where(better, sc, scale)
+                        zero = tl.where(better, ze, zero)
         q = tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32))  # IEEE division, as torch
-        if INTERP:  # the interpreter lacks libdevice: 1.5 * 2^23 rounds half to even for |q| < 2^22
-            q = (q + 12582912.0) - 12582912.0
-        else:
-            q = libdevice.rint(q)  # round half to even, as torch.round
+        q = _round_half_even(q, INTERP)
         q = tl.where(q != q, 0.0, q)  # 0/0 for a constant group whose scale rounded to 0
         q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
         prow = Pp + b * sp_b + pos * sp_p
@@ -477,7 +517,9 @@ def write_latents(cache: torch.Tensor, params: torch.Tensor | None, new_BSR: tor
         x = x.contiguous()
     _store_quant[(B * S, R // quant_group)](
         x, x.stride(0), cache, cache.stride(0), cache.stride(1), params, params.stride(0), params.stride(1),
-        past_len_B, S, R=R, QG=quant_group, BITS=bits, INTERP=_INTERPRET, num_warps=1)
+        past_len_B, S, R=R, QG=quant_group, BITS=bits, SEARCH=searches(bits, quant_group),
+        QG_LOG2=quant_group.bit_length() - 1, INTERP=_INTERPRET,
+        num_warps=1)
 
 
 def supports(D: int, rk: int, bits: int, quant_group: int) -> bool:
