@@ -56,17 +56,19 @@ from lrexport.kv.palu import PaluKV  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
-    """``lrexport.kv.quant.quantize`` with the group's range searched over ``candidates`` shrinkages."""
+def _range_search(x: torch.Tensor, bits: int, group: int, trims: list[tuple[float, float]]):
+    """``lrexport.kv.quant.quantize`` with each group's range searched over ``trims``: pairs of
+    fractions of the range cut from the bottom and the top; the least squared (float32
+    reconstruction) error is stored, ties keep the first."""
     R = x.shape[-1]
     xg = x.float().reshape(*x.shape[:-1], R // group, group)
     lo, hi = xg.amin(-1), xg.amax(-1)
     levels = (1 << bits) - 1
     span = hi - lo
     best = None
-    for k in range(candidates):
-        scale = ((span * ((16 - k) / 16)) / levels).clamp_min(1e-8).half()
-        zero = (lo + span * (k / 32)).half()
+    for low, high in trims:
+        scale = ((span * (1 - low - high)) / levels).clamp_min(1e-8).half()
+        zero = (lo + span * low).half()
         sf, zf = scale.float()[..., None], zero.float()[..., None]
         q = torch.round((xg - zf) / sf).clamp(0, levels)
         err = ((q * sf + zf) - xg).square().sum(-1)
@@ -80,31 +82,16 @@ def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
     return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
 
 
+def clip_quantize(x: torch.Tensor, bits: int, group: int, candidates: int = 8):
+    """The range shrunk about its centre by ``k/16`` (k < ``candidates``)."""
+    return _range_search(x, bits, group, [(k / 32, k / 32) for k in range(candidates)])
+
+
 def grid_quantize(x: torch.Tensor, bits: int, group: int, steps: int = 8):
-    """``lrexport.kv.quant.quantize`` with each group's range searched over a grid: ``steps``
-    trims of the lower end times ``steps`` of the upper end, each ``k/32`` of the range (so
-    ``steps**2`` candidates, asymmetric ones included); the least squared error is stored."""
-    R = x.shape[-1]
-    xg = x.float().reshape(*x.shape[:-1], R // group, group)
-    lo, hi = xg.amin(-1), xg.amax(-1)
-    levels = (1 << bits) - 1
-    span = hi - lo
-    best = None
-    for a in range(steps):
-        for b in range(steps):
-            scale = ((span * ((32 - a - b) / 32)) / levels).clamp_min(1e-8).half()
-            zero = (lo + span * (a / 32)).half()
-            sf, zf = scale.float()[..., None], zero.float()[..., None]
-            q = torch.round((xg - zf) / sf).clamp(0, levels)
-            err = ((q * sf + zf) - xg).square().sum(-1)
-            if best is None:
-                best = (err, q, scale, zero)
-            else:
-                m = err < best[0]
-                best = (torch.where(m, err, best[0]), torch.where(m[..., None], q, best[1]),
-                        torch.where(m, scale, best[2]), torch.where(m, zero, best[3]))
-    _, q, scale, zero = best
-    return quant.pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
+    """``steps`` trims of the lower end times ``steps`` of the upper end, each ``k/32`` of the
+    range (so ``steps**2`` candidates, asymmetric ones included). The product's 2-bit quantizer
+    (``lrexport.kv.quant``) searches the same candidates, with the error of the codes' levels."""
+    return _range_search(x, bits, group, [(a / 32, b / 32) for a in range(steps) for b in range(steps)])
 
 
 def group_bits(plan: str, n: int) -> list[int]:
