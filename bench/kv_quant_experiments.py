@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import sys
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
         bits_list = [int(b) for b in (args.bits or "3,2").split(",")]
         for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in bits_list):
             for search in args.search.split(","):
-                op.quantize = {"none": quant.quantize, "shrink": clip_quantize, "grid": grid_quantize}[search]
+                op.quantize = {"none": functools.partial(quant.quantize, search=False), "shrink": clip_quantize,
+                               "grid": grid_quantize}[search]
                 label = {"none": "", "shrink": ", clip search", "grid": ", clip grid search"}[search]
                 record(f"{bits}bit-g{group}{label}", PaluKV(**best, bits=bits, quant_group=group), bits=bits,
                        quant_group=group, clip_search=search != "none", search=search)

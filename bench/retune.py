@@ -25,25 +25,22 @@ def retune(src: Path, dst: Path, tuning: str, arch: int = 90) -> dict:
     import onnx
 
     from lrexport.kernels import aot
+    from lrexport.util import atomic_dir
 
     meta = json.loads((src / "lrexport.json").read_text())
     name = meta["onnx"]["file"]
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():  # hard links: ONNX Runtime refuses external data that resolves outside the folder
-        if f.name not in (name, "lrexport.json"):
-            try:
-                os.link(f.resolve(), tmp / f.name)
-            except OSError:  # another file system
-                shutil.copy2(f, tmp / f.name)
     model = onnx.load(str(src / name), load_external_data=False)
     summary = aot.attach_cuda_kernels(model, arch, aot.Tuning.parse(tuning))
-    onnx.save(model, str(tmp / name))
     meta.setdefault("bench", {})["cuda_tuning"] = summary["tuning"]
-    (tmp / "lrexport.json").write_text(json.dumps(meta, indent=2, default=str))
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.replace(dst)
+    with atomic_dir(dst) as tmp:
+        for f in src.iterdir():  # hard links: ONNX Runtime refuses external data that resolves outside the folder
+            if f.name not in (name, "lrexport.json"):
+                try:
+                    os.link(f.resolve(), tmp / f.name)
+                except OSError:  # another file system
+                    shutil.copy2(f, tmp / f.name)
+        onnx.save(model, str(tmp / name))
+        (tmp / "lrexport.json").write_text(json.dumps(meta, indent=2, default=str))
     return summary
 
 

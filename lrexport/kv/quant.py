@@ -129,12 +129,14 @@ def _searched(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int)
     return best[1], best[2], best[3]
 
 
-def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, group: int, *, search: bool | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., R]`` -> (packed codes uint8 ``[..., R*bits/8]``, params float16 ``[..., 2R/group]``).
 
     Per group: asymmetric, scale and zero point in float16. 2-bit groups (power-of-two sizes up
     to 256) search their range over 64 trims of its ends (:func:`_searched`); the others use
-    their min and max. Dequantization is the same either way.
+    their min and max. Dequantization is the same either way. ``search``: force the search on
+    or off (experiments; the op's kernels follow :func:`searches`).
     """
     R = x.shape[-1]
     if R % group:
@@ -142,7 +144,7 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     xg = x.float().reshape(*x.shape[:-1], R // group, group)
     lo, hi = xg.amin(-1), xg.amax(-1)
     levels = (1 << bits) - 1
-    if searches(bits, group):
+    if searches(bits, group) if search is None else search:
         q, scale, zero = _searched(xg, lo, hi, levels)
         return pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
     # scale and zero are stored in float16; quantize against the stored values
