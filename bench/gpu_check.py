@@ -65,6 +65,8 @@ def run_ref(c, Hq, Hkv, s, D, window, bits, qg):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rel-rope", type=int, default=None,
+                    help="the kernels' RoPE mode (triton_latent.DECODE_REL_ROPE; default: the library's)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
         got = cast(c64, dtype, "cuda")
         out = tlk.latent_attention_(got["q"], got["lk"], got["lv"], got["ck"], got["pk"], got["cv"],
                                     got["pv"], got["past"], got["k_up"], got["k_bias"], got["v_up"],
-                                    got["cos"], got["sin"], Hq, Hkv, s, window, D ** -0.5, bits, qg)
+                                    got["cos"], got["sin"], Hq, Hkv, s, window, D ** -0.5, bits, qg,
+                                    **({} if args.rel_rope is None else {"rel_rope": args.rel_rope}))
         torch.cuda.synchronize()
         denom = ref[0].abs().max()
         err = float((out.double().cpu() - ref[0]).abs().max() / denom)

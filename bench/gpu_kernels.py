@@ -171,16 +171,37 @@ CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=sw)
            for bn, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2))
            for sw in (False, True)
            for wv in (2, 4, 8)]
+# a quick grid around the settings the full one picks most (bench/results/gpu_kernels.json)
+SMALL_CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=True)
+                 for bn, w, st in ((64, 4, 3), (64, 8, 3), (128, 4, 2)) for wv in (4, 8)]
 
 
-def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
+# the split rule: programs per multiprocessor and the shortest split
+SPLIT_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=3, waves=wv, min_split=ms, swap=True)
+                 for wv in (4, 8, 16, 32) for ms in (256, 1024)]
+
+
+# programs per multiprocessor: smaller tiles, fewer warps, a register cap
+OCCUPANCY_CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=16, min_split=256, swap=True)
+                     | ({} if nreg is None else {"maxnreg": nreg})
+                     for bn in (16, 32, 64) for w in (2, 4) for st in (2, 3, 4) for nreg in (None, 128)]
+
+
+def grid(name: str, rel_ropes: list[int]) -> list[dict]:
+    """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
+    base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS}[name]
+    return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
+
+
+def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None):
     """The fastest kernel config for this variant (timed at the tuning context) and every config's time.
 
     G-LRD variants also try keeping the whole ``k_up`` slice on chip (``hoist``), which the
     kernel does by itself only for small slices.
     """
     best, timings = None, []
-    configs = CONFIGS + ([dict(cfg, hoist=True) for cfg in CONFIGS if cfg["block_n"] == 64 and cfg["num_warps"] == 4]
+    configs = configs or CONFIGS
+    configs = configs + ([dict(cfg, hoist=True) for cfg in configs if cfg["block_n"] == 64 and cfg["num_warps"] == 4]
                          if s > 1 else [])
     for cfg in configs:
         try:
@@ -218,6 +239,8 @@ def save(args, argv, rows, tuning, t_start) -> None:
 
 
 def main(argv=None) -> int:
+    from lrexport.kernels.triton_latent import DECODE_REL_ROPE
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama2-7b,llama3-8b")
     ap.add_argument("--batches", default="1,8")
@@ -225,6 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
+    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy"), default="full",
+                    help="kernel settings to tune over")
+    ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
+                    help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's GroupQueryAttention rows")
     ap.add_argument("--out", default=str(RESULTS / "gpu_kernels.json"))
     args = ap.parse_args(argv)
@@ -268,7 +295,8 @@ def main(argv=None) -> int:
                     key = (red, gname, bits, B)  # tuned per batch: the best split differs
                     if key not in configs:
                         tc = make_latent_case(B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
-                        configs[key], timings = tune(tc, B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg)
+                        configs[key], timings = tune(tc, B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg,
+                                                       grid(args.grid, [int(x) for x in args.rel_rope.split(",")]))
                         tuning.append(dict(shape=shape, kv_removed=1 - rk / (s * D), grouping=gname, bits=bits or None,
                                            context=args.tune_context, batch=B, configs=timings))
                         del tc

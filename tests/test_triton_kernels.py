@@ -203,3 +203,18 @@ def test_swapped_decode(gs, Hkv, Hq, bits, window):
     for splits in (1, 3):
         out = run_kernel(c, window=window, swap=True, num_splits=splits, block_n=32)[0]
         assert rel_err(out, ref[0]) < TOL
+
+
+@pytest.mark.parametrize("rel_rope", [0, 1, 2], ids=["absolute", "relative", "relative-reload"])
+@pytest.mark.parametrize("S,past,swap,window", [(1, (250, 37), True, 0), (1, (250, 37), False, 40), (5, (60, 0), False, 0),
+                                                (4, (9, 31), False, 6)], ids=["decode-swap", "decode-window", "prefill",
+                                                                            "chunk-window"])
+def test_rope_modes(rel_rope, S, past, swap, window):
+    """RoPE at each key's position, or by relative angle (keys by their offset in the tile, queries by
+    qpos - tile start), reach the same scores: against the float64 reference, with splits."""
+    c = make_case(S=S, Hq=4, Hkv=2, rv=16, P=300, past=past, seed=S + rel_rope)
+    ref = reference(c, window=window)
+    for splits in (1, 3):
+        out = run_kernel(c, window=window, swap=swap, num_splits=splits if S == 1 else None, block_n=32,
+                         rel_rope=rel_rope)[0]
+        assert rel_err(out, ref[0]) < TOL

@@ -154,6 +154,7 @@ if triton is not None:
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
+        REL_ROPE: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -195,6 +196,15 @@ if triton is not None:
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
+        if REL_ROPE:
+            # keys' RoPE by angle addition: the key at n0 + i from the tile's row n0 and the offset rows i (a
+            # table the loop reuses), divided by row 0 (the table's own scale, e.g. YaRN's attention factor)
+            offs_i = tl.arange(0, BLOCK_N)
+            imask = offs_i < end - start  # offsets past the split's length are masked in every tile
+            if REL_ROPE == 1:  # the offset rows stay in registers across the loop
+                kc_i = tl.load(COS + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
+                ks_i = tl.load(SIN + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
+            inv_c0 = 1.0 / tl.load(COS + d).to(tl.float32)
         if SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
             q1t = tl.trans(q1r)
             q2t = tl.trans(q2r)
@@ -261,8 +271,22 @@ if triton is not None:
             if HAS_BIAS:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
-            kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-            ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            if REL_ROPE == 0:
+                kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+                ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            else:
+                if REL_ROPE == 1:
+                    kc_o = kc_i
+                    ks_o = ks_i
+                else:  # reloaded each tile (the same rows: cache hits)
+                    kc_o = tl.load(COS + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
+                    ks_o = tl.load(SIN + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
+                cb = tl.load(COS + n0 * HALF + d).to(tl.float32) * inv_c0
+                sb = tl.load(SIN + n0 * HALF + d).to(tl.float32) * inv_c0
+                kc_o = kc_o.to(tl.float32)
+                ks_o = ks_o.to(tl.float32)
+                kc = kc_o * cb[None, :] - ks_o * sb[None, :]
+                ks = ks_o * cb[None, :] + kc_o * sb[None, :]
             kr1 = (k1 * kc - k2 * ks).to(cdt)
             kr2 = (k2 * kc + k1 * ks).to(cdt)
             row_cv = b * scv_b + pos64 * scv_p
@@ -430,13 +454,17 @@ def _align(valid: int) -> int:
     return min(valid & -valid, 16)
 
 
+# the keys' RoPE in the kernels: 0 = a table row per key; 1 = by angle addition (a row per tile and the
+# offset rows 0..BLOCK_N-1, held in registers across the loop); 2 = the same, the offset rows reloaded each tile
+DECODE_REL_ROPE = 0
+
 # decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json)
 DECODE_STAGES = {False: 3, True: 2}
 
 
 def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
-                  cuda_core_scores: bool = False, swap: bool = True) -> dict:
+                  cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -460,7 +488,7 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
     return dict(D=D, RV_P=rv_p, RKB=rkb, AL_K=_align(rk), AL_V=_align(rv), NREP=nrep, BLOCK_T=block_t, M=m_rows,
                 BLOCK_N=block_n or (64 if S == 1 else 32), BITS=bits, QG=quant_group if bits else 1, HOIST=hoist,
                 RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
-                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swap and S == 1 and not cc)
+                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swap and S == 1 and not cc, REL_ROPE=rel_rope)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -580,7 +608,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
             waves: int = DECODE_WAVES, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
             vector_unpack: bool = True,
-            cuda_core_scores: bool = False, swap: bool = True) -> torch.Tensor:
+            cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
+            maxnreg: int | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -591,7 +620,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
     multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows), ``swap`` (decode:
     the cached positions as the MMA rows, ``k @ q^T`` and ``v^T @ p^T``, so that the rebuilt keys
-    feed the score MMA from registers). A setting whose
+    feed the score MMA from registers), ``rel_rope`` (see ``DECODE_REL_ROPE``), ``maxnreg`` (a register
+    cap per thread: more programs per multiprocessor). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -617,7 +647,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         kv_max = int((past_len_B + S).max())
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
-                        cuda_core_scores=cuda_core_scores, swap=swap)
+                        cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
@@ -636,7 +666,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     if num_stages is None and S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels.json)
         num_stages = DECODE_STAGES[bool(bits)]
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
-        stage = {} if st is None else {"num_stages": st}
+        stage = ({} if st is None else {"num_stages": st}) | ({} if maxnreg is None else {"maxnreg": maxnreg})
         try:
             _latent_attn_fwd[grid](
                 q, q.stride(0), q.stride(1),
@@ -654,8 +684,9 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             if i == len(fallbacks(block_n, num_stages)) - 1:
                 raise
     if num_splits > 1:
-        _combine[(B * S * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p,
-                                       NSPLIT_P=max(2, _next_pow2(num_splits)), num_warps=1)
+        nsplit_p = max(2, _next_pow2(num_splits))
+        _combine[(B * S * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
+                                       num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
     if v_up_GrE is None:
         return out
     kv = torch.arange(num_heads, device=dev) // nrep

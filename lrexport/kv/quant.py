@@ -99,6 +99,13 @@ def _halving_sum(v: torch.Tensor) -> torch.Tensor:
     return v[..., 0]
 
 
+def _div(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x / d`` rounded once (IEEE), on every device: PyTorch's CUDA kernels turn a division by a
+    Python scalar into a multiplication by its reciprocal, which rounds differently now and then;
+    the kernels (CPU, CUDA, Triton) divide."""
+    return x / torch.full_like(x, d)
+
+
 def _searched(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int):
     """(codes, scale, zero) of the candidate range with the least squared error per group.
 
@@ -113,7 +120,7 @@ def _searched(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int)
     best = None
     for a in range(SEARCH_STEPS):
         for b in range(SEARCH_STEPS):
-            scale = (((span * float(32 - a - b)) * 0.03125) / levels).clamp_min(1e-8).half()
+            scale = _div(((span * float(32 - a - b)) * 0.03125), levels).clamp_min(1e-8).half()
             zero = lo.half() if a == 0 else (lo + (span * float(a)) * 0.03125).half()
             sf, zf = scale.float()[..., None], zero.float()[..., None]
             t = (xg - zf) / sf
@@ -148,7 +155,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, *, search: bool | None = No
         q, scale, zero = _searched(xg, lo, hi, levels)
         return pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
     # scale and zero are stored in float16; quantize against the stored values
-    scale = ((hi - lo) / levels).clamp_min(1e-8).half()
+    scale = _div(hi - lo, levels).clamp_min(1e-8).half()
     zero = lo.half()
     q = torch.round((xg - zero.float()[..., None]) / scale.float()[..., None]).clamp(0, levels)
     return pack(q.reshape(x.shape).long(), bits), torch.cat([scale, zero], dim=-1)
