@@ -133,6 +133,22 @@ def rotation(name: str, width: int, block: int, dtype=torch.float64) -> torch.Te
     return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
 
 
+def fine_quantize(x: torch.Tensor, bits: int, group: int):
+    """The grid's range of trims (up to 15/64 of the range from each end) in steps of 1/64: 256 candidates."""
+    return _range_search(x, bits, group, [(a / 64, b / 64) for a in range(16) for b in range(16)])
+
+
+def wide_quantize(x: torch.Tensor, bits: int, group: int):
+    """Trims of up to 11/32 of the range from each end, in steps of 1/32: 144 candidates."""
+    return _range_search(x, bits, group, [(a / 32, b / 32) for a in range(12) for b in range(12)])
+
+
+SEARCHES = {"none": (functools.partial(quant.quantize, search=False), ""), "shrink": (clip_quantize, ", clip search"),
+            "grid": (grid_quantize, ", clip grid search"), "fine": (fine_quantize, ", fine grid search"),
+            "wide": (wide_quantize, ", wide grid search"),
+            "product": (functools.partial(quant.quantize, search=True), ", the product's search")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", choices=("split", "clip", "rotation", "mixed"), required=True)
@@ -141,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--groups", default="32", help="clip: quantization group sizes to run (e.g. 32,16)")
     ap.add_argument("--search", default="none,shrink",
                     help="clip: range searches to run: none, shrink (8 symmetric shrinks), grid (8 x 8 trims of "
-                         "each end)")
+                         "each end), fine (16 x 16 trims, steps of 1/64), wide (12 x 12 trims), product "
+                         "(lrexport.kv.quant's search)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = args.out or str(RESULTS / f"kv_quant_experiments_{args.experiment}")
@@ -204,9 +221,7 @@ def main(argv=None) -> int:
         bits_list = [int(b) for b in (args.bits or "3,2").split(",")]
         for bits, group in ((b, int(g)) for g in args.groups.split(",") for b in bits_list):
             for search in args.search.split(","):
-                op.quantize = {"none": functools.partial(quant.quantize, search=False), "shrink": clip_quantize,
-                               "grid": grid_quantize}[search]
-                label = {"none": "", "shrink": ", clip search", "grid": ", clip grid search"}[search]
+                op.quantize, label = SEARCHES[search]
                 record(f"{bits}bit-g{group}{label}", PaluKV(**best, bits=bits, quant_group=group), bits=bits,
                        quant_group=group, clip_search=search != "none", search=search)
         op.quantize = quant.quantize

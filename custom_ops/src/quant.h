@@ -14,9 +14,9 @@
 //   q = clamp(round_half_even((x - zero) / scale), 0, 2^bits - 1)  (float32 arithmetic on the
 //   float16-rounded scale and zero). A NaN quotient (0/0 when scale rounds to 0) gives code 0.
 // 2-bit groups whose size is a power of two up to 256 search their range instead (like
-// lrexport.kv.quant._searched): 64 candidates trim a/32 of the range from the bottom and b/32
-// from the top (a, b < 8, a major; (0, 0) is min/max):
-//   scale = fp16(max(((hi - lo) * (32 - a - b)) * 2^-5 / 3, 1e-8)); zero = a ? fp16(lo + ((hi - lo) * a) * 2^-5) : fp16(lo)
+// lrexport.kv.quant._searched): 256 candidates trim a/64 of the range from the bottom and b/64
+// from the top (a, b < 16, a major; (0, 0) is min/max):
+//   scale = fp16(max(((hi - lo) * (64 - a - b)) * 2^-6 / 3, 1e-8)); zero = a ? fp16(lo + ((hi - lo) * a) * 2^-6) : fp16(lo)
 // and the codes of the one with the least error scale^2 * sum((q - t)^2) are stored, t being the
 // unrounded level. The squares are exact in double and the sum adds halves (v[i] + v[i + n/2],
 // repeated), so every implementation picks the same candidate; ties keep the first.
@@ -118,7 +118,8 @@ LRX_HD uint32_t get_code(const uint8_t* row, int64_t c, int bits) noexcept {
 }
 
 constexpr int kSearchBits = 2;
-constexpr int kSearchSteps = 8;
+constexpr int kSearchSteps = 16;
+constexpr int kSearchDenom = 64;  // a power of two: the trims' scaling is exact
 constexpr int64_t kSearchMaxGroup = 256;
 
 LRX_HD bool searches(int bits, int64_t group) noexcept {
@@ -147,11 +148,12 @@ LRX_HD void search_range(const Load& x, int64_t group, uint32_t levels, float lo
   double best = 0.0;
   for (int a = 0; a < kSearchSteps; ++a) {
     for (int b = 0; b < kSearchSteps; ++b) {
-      const float num = (span * static_cast<float>(32 - a - b)) * 0.03125f;
+      const float num = (span * static_cast<float>(kSearchDenom - a - b)) * (1.0f / kSearchDenom);
       const uint16_t sh = f32_to_f16(clamp_scale(num / static_cast<float>(levels)));
-      // (span * a) is rounded once; the 2^-5 scaling is exact, so a fused multiply-add of it with lo
-      // rounds like the separate operations
-      const uint16_t zh = a == 0 ? f32_to_f16(lo) : f32_to_f16(lo + (span * static_cast<float>(a)) * 0.03125f);
+      // (span * a) is rounded once; the power-of-two scaling is exact, so a fused multiply-add of it
+      // with lo rounds like the separate operations
+      const uint16_t zh =
+          a == 0 ? f32_to_f16(lo) : f32_to_f16(lo + (span * static_cast<float>(a)) * (1.0f / kSearchDenom));
       const float sf = f16_to_f32(sh), zf = f16_to_f32(zh);
       for (int64_t c = 0; c < group; ++c) {
         const float t = (x(c) - zf) / sf;

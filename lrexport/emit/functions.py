@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from lrexport.emit.builder import Builder
-from lrexport.kv.quant import SEARCH_STEPS, searches
+from lrexport.kv.quant import SEARCH_DENOM, SEARCH_STEPS, searches
 
 DOMAIN = "lrexport"
 DENSE_OP = "DenseAttention"
@@ -149,20 +149,20 @@ def _unpack(b: Builder, packed: str, bits: int, B: str, P: str) -> str:
 
 def _searched_params(b: Builder, xg: str, lo: str, hi: str, qg: int, levels: int) -> tuple[str, str]:
     """float16 (scale, zero) ``[B, S, NG]`` of the least-error candidate range of each group, as
-    ``lrexport.kv.quant._searched``: 64 candidates on a new axis, float64 errors of exact squares
+    ``lrexport.kv.quant._searched``: 256 candidates on a new axis, float64 errors of exact squares
     summed by halves, the first minimum (ArgMin keeps the first)."""
     cand = [(a, c) for a in range(SEARCH_STEPS) for c in range(SEARCH_STEPS)]
     f16, f32, f64 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
     span = b.unsqueeze(b.op("Sub", hi, lo), [3])  # [B, S, NG, 1]
     lo4 = b.unsqueeze(lo, [3])
-    k32 = b.const(0.03125, np.float32)
-    num = b.op("Mul", b.op("Mul", span, b.const([32.0 - a - c for a, c in cand], np.float32)), k32)
+    inv = b.const(1.0 / SEARCH_DENOM, np.float32)
+    num = b.op("Mul", b.op("Mul", span, b.const([SEARCH_DENOM - a - c + 0.0 for a, c in cand], np.float32)), inv)
     scale = b.op("Cast", b.op("Max", b.op("Div", num, b.const(float(levels), np.float32)),
-                              b.const(1e-8, np.float32)), to=f16)  # [B, S, NG, 64]
-    shifted = b.op("Add", lo4, b.op("Mul", b.op("Mul", span, b.const([float(a) for a, _ in cand], np.float32)), k32))
+                              b.const(1e-8, np.float32)), to=f16)  # [B, S, NG, 256]
+    shifted = b.op("Add", lo4, b.op("Mul", b.op("Mul", span, b.const([float(a) for a, _ in cand], np.float32)), inv))
     zero = b.op("Cast", b.op("Where", b.const([a == 0 for a, _ in cand], np.bool_), lo4, shifted), to=f16)
-    sf, zf = (b.unsqueeze(b.op("Cast", t, to=f32), [4]) for t in (scale, zero))  # [B, S, NG, 64, 1]
-    t = b.op("Div", b.op("Sub", b.unsqueeze(xg, [3]), zf), sf)  # [B, S, NG, 64, qg]
+    sf, zf = (b.unsqueeze(b.op("Cast", t, to=f32), [4]) for t in (scale, zero))  # [B, S, NG, 256, 1]
+    t = b.op("Div", b.op("Sub", b.unsqueeze(xg, [3]), zf), sf)  # [B, S, NG, 256, qg]
     q = b.op("Clip", b.op("Round", t), b.const(0.0, np.float32), b.const(float(levels), np.float32))
     d = b.op("Sub", b.op("Cast", q, to=f64), b.op("Cast", t, to=f64))
     sq = b.op("Mul", d, d)  # exact in float64

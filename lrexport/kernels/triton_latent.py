@@ -34,7 +34,7 @@ import os
 import torch
 
 from lrexport.errors import ShapeError
-from lrexport.kv.quant import SEARCH_STEPS, searches
+from lrexport.kv.quant import SEARCH_DENOM, SEARCH_STEPS, searches
 
 try:  # triton is optional: CPU installs run the reference
     import triton
@@ -377,7 +377,7 @@ if triton is not None:
     @triton.jit
     def _store_quant(X, sx_row, C, sc_b, sc_p, Pp, sp_b, sp_p, PAST, S,
                      R: tl.constexpr, QG: tl.constexpr, BITS: tl.constexpr, SEARCH: tl.constexpr,
-                     STEPS: tl.constexpr, QG_LOG2: tl.constexpr, INTERP: tl.constexpr):
+                     STEPS: tl.constexpr, DENOM: tl.constexpr, QG_LOG2: tl.constexpr, INTERP: tl.constexpr):
         """Quantize one new token's latent row (R channels) into the packed cache at its position.
 
         Program (b, t, quant group); bit-exact with :func:`lrexport.kv.quant.quantize`, including
@@ -398,15 +398,16 @@ if triton is not None:
         zero = lo.to(tl.float16)
         if SEARCH:  # candidates as lrexport.kv.quant._searched, (0, 0) first
             span = hi - lo
+            INV_DENOM: tl.constexpr = 1.0 / DENOM
             best = 0.0
             for a in tl.static_range(STEPS):
                 for bb in tl.static_range(STEPS):
-                    sc = tl.maximum(tl.math.div_rn((span * (32.0 - a - bb)) * 0.03125, LEVELS + 0.0),
+                    sc = tl.maximum(tl.math.div_rn((span * (DENOM - a - bb + 0.0)) * INV_DENOM, LEVELS + 0.0),
                                     1e-8).to(tl.float16)
                     if a == 0:
                         ze = lo.to(tl.float16)
                     else:
-                        ze = (lo + (span * (a + 0.0)) * 0.03125).to(tl.float16)
+                        ze = (lo + (span * (a + 0.0)) * INV_DENOM).to(tl.float16)
                     tq = tl.math.div_rn(x - ze.to(tl.float32), sc.to(tl.float32))
                     cq = _round_half_even(tq, INTERP)
                     cq = tl.where(cq != cq, 0.0, cq)
@@ -546,7 +547,7 @@ def write_latents(cache: torch.Tensor, params: torch.Tensor | None, new_BSR: tor
     _store_quant[(B * S, R // quant_group)](
         x, x.stride(0), cache, cache.stride(0), cache.stride(1), params, params.stride(0), params.stride(1),
         past_len_B, S, R=R, QG=quant_group, BITS=bits, SEARCH=searches(bits, quant_group),
-        STEPS=SEARCH_STEPS, QG_LOG2=quant_group.bit_length() - 1, INTERP=_INTERPRET,
+        STEPS=SEARCH_STEPS, DENOM=SEARCH_DENOM, QG_LOG2=quant_group.bit_length() - 1, INTERP=_INTERPRET,
         num_warps=1)
 
 

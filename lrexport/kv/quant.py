@@ -80,7 +80,8 @@ def unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
 
 
 SEARCH_BITS = 2  # the width whose groups get their range searched
-SEARCH_STEPS = 8  # trims of k/32 of the range, k < 8, at each end: 64 candidates
+SEARCH_STEPS = 16  # trims of k/64 of the range, k < 16, at each end: 256 candidates
+SEARCH_DENOM = 64  # a power of two: the trims' scaling is exact
 SEARCH_MAX_GROUP = 256
 
 
@@ -109,7 +110,7 @@ def _div(x: torch.Tensor, d: int) -> torch.Tensor:
 def _searched(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int):
     """(codes, scale, zero) of the candidate range with the least squared error per group.
 
-    Candidates trim ``a/32`` of the range from the bottom and ``b/32`` from the top (a, b < 8),
+    Candidates trim ``a/64`` of the range from the bottom and ``b/64`` from the top (a, b < 16),
     ``a`` major; ``(0, 0)`` is the plain min/max. The error of a candidate is
     ``scale**2 * sum((q - t)**2)`` in float64, where ``t`` is the unrounded level and ``q`` the
     code: the squares are exact in float64 and the sum runs in :func:`_halving_sum`'s order, so
@@ -120,8 +121,8 @@ def _searched(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int)
     best = None
     for a in range(SEARCH_STEPS):
         for b in range(SEARCH_STEPS):
-            scale = _div(((span * float(32 - a - b)) * 0.03125), levels).clamp_min(1e-8).half()
-            zero = lo.half() if a == 0 else (lo + (span * float(a)) * 0.03125).half()
+            scale = _div(((span * float(SEARCH_DENOM - a - b)) * (1.0 / SEARCH_DENOM)), levels).clamp_min(1e-8).half()
+            zero = lo.half() if a == 0 else (lo + (span * float(a)) * (1.0 / SEARCH_DENOM)).half()
             sf, zf = scale.float()[..., None], zero.float()[..., None]
             t = (xg - zf) / sf
             q = torch.nan_to_num(torch.round(t), nan=0.0).clamp(0, levels)
@@ -141,7 +142,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, *, search: bool | None = No
     """``x [..., R]`` -> (packed codes uint8 ``[..., R*bits/8]``, params float16 ``[..., 2R/group]``).
 
     Per group: asymmetric, scale and zero point in float16. 2-bit groups (power-of-two sizes up
-    to 256) search their range over 64 trims of its ends (:func:`_searched`); the others use
+    to 256) search their range over 256 trims of its ends (:func:`_searched`); the others use
     their min and max. Dequantization is the same either way. ``search``: force the search on
     or off (experiments; the op's kernels follow :func:`searches`).
     """
