@@ -366,15 +366,17 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
 
 
 def export(*, model: str | Path | CompressedModel | None = None, out: str | Path, cuda_arch: int | None = None,
-           dtype: str | None = None, cuda_tuning: str | None = None):
+           dtype: str | None = None, cuda_tuning: str | None = None, fuse_norms: bool = True):
     """Export a compressed folder (or a plain model) as a deployable ONNX folder.
 
     ``dtype``: convert the weights first ("float16" for ONNX Runtime's CUDA execution provider;
     the CPU kernel of the custom op is float32). ``cuda_arch``, ``cuda_tuning``: see
-    :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models)."""
+    :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models); ``fuse_norms``: residual
+    Adds and RMSNorms as ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (False: standard ops)."""
     from lrexport.export import export_onnx
 
-    return export_onnx(open_model(model, dtype=dtype), out, cuda_arch=cuda_arch, cuda_tuning=cuda_tuning)
+    return export_onnx(open_model(model, dtype=dtype), out, cuda_arch=cuda_arch, cuda_tuning=cuda_tuning,
+                       fuse_norms=fuse_norms)
 
 
 def generate_text(*, model: str | Path | CompressedModel | Runner | None = None, prompts: list[str],

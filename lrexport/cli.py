@@ -144,7 +144,7 @@ def cmd_export(args) -> int:
     from lrexport import api
 
     res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch, dtype=args.dtype,
-                     cuda_tuning=args.cuda_tuning)
+                     cuda_tuning=args.cuda_tuning, fuse_norms=not args.no_fused_norms)
     for r in res.passes:
         print(r.summary())
     info = res.onnx_info
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cuda-tuning", default=None, metavar="SETTINGS",
                    help="decode kernel settings, e.g. 'waves=8,min_split=1024,num_warps=4,block_n=64,swap=1' "
                         "(default: the tuned ones, or LREXPORT_CUDA_TUNING)")
+    x.add_argument("--no-fused-norms", action="store_true",
+                   help="keep residual Adds and RMSNorms as standard ONNX ops instead of ONNX Runtime's "
+                        "SkipSimplifiedLayerNormalization (for runtimes without its com.microsoft ops)")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="print a compressed model's plan; plot its ranks")

@@ -45,13 +45,15 @@ class ExportResult:
 
 
 def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None,
-                cuda_tuning: str | None = None) -> ExportResult:
+                cuda_tuning: str | None = None, fuse_norms: bool = True) -> ExportResult:
     """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically).
 
     ``cuda_arch``: the compute capability (e.g. 90) to compile the GPU decode kernels of a float16
     model's latent-KV attention for; None: 90 when the model is float16 and Triton is installed;
     0: none. ``cuda_tuning``: their settings (:meth:`lrexport.kernels.aot.Tuning.parse`; default
-    the tuned ones, or ``LREXPORT_CUDA_TUNING``).
+    the tuned ones, or ``LREXPORT_CUDA_TUNING``). ``fuse_norms``: residual Adds and RMSNorms as ONNX
+    Runtime's ``SkipSimplifiedLayerNormalization`` (False: standard ops, for runtimes without
+    ONNX Runtime's contrib ops).
     """
     from lrexport.errors import ConfigError
     from lrexport.kernels import aot
@@ -64,7 +66,7 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     tg = cm.graph
     if "kivi" in tg.meta:
         raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
-    res = emit(tg)
+    res = emit(tg, fuse_norms=fuse_norms)
     gpu = _gpu_kernels(res.model, cuda_arch, tuning)
     if gpu:
         _warn_unaligned_ranks(cm)

@@ -188,3 +188,28 @@ def test_cuda_backend_needs_the_library(exported):
     case, torch_backend, folder, res = exported
     with pytest.raises(LrexportError, match="custom-op library"):
         load_onnx_backend(folder, use_library=False, providers=["CUDAExecutionProvider"])
+
+
+def test_fused_norms_and_standard_ops_agree(tmp_path):
+    """The default export fuses each residual Add + RMSNorm (2 per layer; the first norm has no
+    Add) into SkipSimplifiedLayerNormalization; ``fuse_norms=False`` keeps standard ops. Both give
+    the same logits under ONNX Runtime, and the same as the PyTorch graph."""
+    lm = tiny_loaded("llama", seed=5, **GQA)
+    tg = trace(lm.model)
+    LatentKVPass(exact_layers(lm, 2, rank=8), bits=None, quant_group=8)(tg)
+    plan = Plan(model=lm.spec.hf_config, source={"kind": "test"}, max_len=lm.model.max_len)
+    cm = CompressedModel(graph=tg, plan=plan, spec=lm.spec, factors={}, dense_state={})
+    torch_backend = TorchBackend(tg)
+    prompts = [list(range(4, 15)), list(range(30, 36))]
+    ref = _drive(torch_backend, prompts, 8, lambda t: None)
+    counts = {}
+    for fuse in (True, False):
+        folder = tmp_path / f"fused{int(fuse)}"
+        export_onnx(cm, folder, fuse_norms=fuse)
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        counts[fuse] = [n.op_type for n in model.graph.node].count("SkipSimplifiedLayerNormalization")
+        backend, _ = load_onnx_backend(folder)
+        for t, (a, b) in enumerate(zip(_drive(backend, prompts, 8, lambda t: None), ref)):
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err < REL, (fuse, t, err)
+    assert counts == {True: 2 * lm.spec.num_layers, False: 0}

@@ -34,6 +34,7 @@ from lrexport.emit.functions import (
     dense_attention_function,
     lowrank_attention_function,
 )
+from lrexport.emit.fusions import fuse_skip_rms_norm
 from lrexport.errors import PassError
 from lrexport.passes.base import PassResult
 from lrexport.trace.export import TracedGraph
@@ -184,8 +185,11 @@ def _inline(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> onnx.Mo
     return out
 
 
-def emit(tg: TracedGraph) -> EmitResult:
-    """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it)."""
+def emit(tg: TracedGraph, *, fuse_norms: bool = True) -> EmitResult:
+    """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it).
+
+    ``fuse_norms``: residual ``Add`` + RMSNorm as ONNX Runtime's ``SkipSimplifiedLayerNormalization``
+    (:mod:`lrexport.emit.fusions`); False keeps standard ops only (besides the lrexport domain)."""
     inputs, outputs = io_names(tg)
     _rename_inputs(tg, inputs)
     # torch.onnx notes at WARNING level every torchvision op it cannot register: not ours to hear
@@ -202,6 +206,10 @@ def emit(tg: TracedGraph) -> EmitResult:
         results.append(PassResult("dense_attention_inline", changed=len(dense)))
     sh, res = _lowrank_nodes(model, tg.spec.head_dim)
     results.append(res)
+    if fuse_norms:
+        n = fuse_skip_rms_norm(model)
+        results.append(PassResult("skip_rms_norm", changed=n,
+                                  unmatched=None if n else "no residual Add followed by an RMSNorm"))
     if sh is not None:
         model.functions.append(lowrank_attention_function(sh, OPSET))
     model.ir_version = IR_VERSION

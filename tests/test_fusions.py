@@ -1,0 +1,94 @@
+"""Residual Add + RMSNorm fused into ONNX Runtime's SkipSimplifiedLayerNormalization: the fused
+graph computes what the unfused one does (ONNX Runtime, fresh random inputs, float32 and float16),
+the residual sum still reaches its other consumers and graph outputs, and graphs that do not
+match are left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrexport.emit.fusions import SKIP_RMS_NORM, fuse_skip_rms_norm
+
+H = 48
+
+
+def _model(dtype: int, *, eps=1e-5, exponent=2.0, sum_is_output=False, weight_first=True) -> onnx.ModelProto:
+    """Two residual blocks as lrexport's RMSNorm traces: s1 = a + b, y1 = norm(s1); s2 = s1 + y1, y2 = norm(s2)."""
+    f16 = dtype != TensorProto.FLOAT
+    npt = np.float16 if f16 else np.float32
+    nodes, inits = [], [numpy_helper.from_array(np.array(exponent, np.float32), "two"),
+                        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                        numpy_helper.from_array(np.array(eps, np.float32), "eps")]
+
+    def norm(x: str, i: int) -> str:
+        w = f"w{i}"
+        inits.append(numpy_helper.from_array(np.random.default_rng(i).standard_normal(H).astype(npt), w))
+        x32 = x
+        if f16:
+            nodes.append(helper.make_node("Cast", [x], [f"x32_{i}"], to=TensorProto.FLOAT))
+            x32 = f"x32_{i}"
+        nodes.extend([helper.make_node("Pow", [x32, "two"], [f"p{i}"]),
+                      helper.make_node("ReduceMean", [f"p{i}", "axes"], [f"m{i}"], keepdims=1),
+                      helper.make_node("Add", [f"m{i}", "eps"], [f"e{i}"]),
+                      helper.make_node("Sqrt", [f"e{i}"], [f"r{i}"]),
+                      helper.make_node("Div", [x32, f"r{i}"], [f"d{i}"])])
+        d = f"d{i}"
+        if f16:
+            nodes.append(helper.make_node("Cast", [d], [f"d16_{i}"], to=dtype))
+            d = f"d16_{i}"
+        nodes.append(helper.make_node("Mul", [w, d] if weight_first else [d, w], [f"y{i}"]))
+        return f"y{i}"
+
+    nodes.append(helper.make_node("Add", ["a", "b"], ["s1"]))
+    y1 = norm("s1", 1)
+    nodes.append(helper.make_node("Add", ["s1", y1], ["s2"]))
+    y2 = norm("s2", 2)
+    outs = [helper.make_tensor_value_info(y2, dtype, ["B", "S", H])]
+    if sum_is_output:
+        outs.append(helper.make_tensor_value_info("s2", dtype, ["B", "S", H]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, dtype, ["B", "S", H]) for x in "ab"], outs,
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("dtype,tol", [(TensorProto.FLOAT, 1e-5), (TensorProto.FLOAT16, 4e-3)],
+                         ids=["float32", "float16"])
+@pytest.mark.parametrize("sum_is_output", [False, True], ids=["sum-internal", "sum-output"])
+@pytest.mark.parametrize("weight_first", [True, False], ids=["w*x", "x*w"])
+def test_fused_graph_matches_unfused(dtype, tol, sum_is_output, weight_first, rng):
+    plain = _model(dtype, sum_is_output=sum_is_output, weight_first=weight_first)
+    fused = _model(dtype, sum_is_output=sum_is_output, weight_first=weight_first)
+    assert fuse_skip_rms_norm(fused) == 2
+    onnx.checker.check_model(fused)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count(SKIP_RMS_NORM) == 2 and not {"Pow", "Sqrt", "ReduceMean", "Add"} & set(ops)
+    npt = np.float32 if dtype == TensorProto.FLOAT else np.float16
+    feeds = {x: rng.standard_normal((2, 3, H)).astype(npt) for x in "ab"}
+    want, got = _run(plain, feeds), _run(fused, feeds)
+    assert [o.name for o in fused.graph.output] == [o.name for o in plain.graph.output]
+    for w, g in zip(want, got):  # the norm's output, and the residual sum where it is an output
+        w64, g64 = w.astype(np.float64), g.astype(np.float64)
+        assert float(np.abs(g64 - w64).max() / np.abs(w64).max()) < tol
+
+
+@pytest.mark.parametrize("change", ["exponent", "reduce-axis", "extra-use"])
+def test_graphs_that_do_not_match_are_left_alone(change):
+    model = _model(TensorProto.FLOAT, exponent=3.0 if change == "exponent" else 2.0)
+    if change == "reduce-axis":
+        model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    if change == "extra-use":  # the mean of squares is used elsewhere: both norms' internals are
+        for i in (1, 2):       # needed, so nothing is removed
+            model.graph.node.append(helper.make_node("Identity", [f"m{i}"], [f"m{i}_out"]))
+            model.graph.output.append(helper.make_tensor_value_info(f"m{i}_out", TensorProto.FLOAT, ["B", "S", 1]))
+    before = [n.op_type for n in model.graph.node]
+    assert fuse_skip_rms_norm(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
