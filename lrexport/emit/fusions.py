@@ -33,7 +33,6 @@ class _Graph:
     """Producer / consumer maps and constant values of a graph's tensors."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for n in graph.node:
