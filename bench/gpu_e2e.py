@@ -20,7 +20,11 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
   ``LowRankKVAttention`` on lrexport's CUDA kernel;
 * ``lrexport_4bit``: the same with 4-bit latents;
 * ``lrexport_align1`` (not run by default): ranks not rounded (``--align 1``, the default of
-  ``compress``), to show what unaligned float16 GEMMs cost.
+  ``compress``), to show what unaligned float16 GEMMs cost;
+* a name with ``_unfused`` (e.g. ``lrexport_unfused``): exported without the residual Add + RMSNorm
+  fusion (``--no-fused-norms``);
+* ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
+  recompiled under other settings (``bench/retune.py``; ``+`` separates the settings).
 
 The random model's factors are drawn directly at the ranks the allocators choose for these
 budgets (decomposing random matrices would only cost time: speed depends on the shapes). The
@@ -94,6 +98,12 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
     folder = out / variant
     if (folder / "lrexport.json").is_file():
         return folder
+    if "@" in variant:  # another kernel setting of a built variant
+        from retune import retune
+
+        name, tuning = variant.split("@", 1)
+        retune(build_variant(name, cfg, dtype_name, out, gen_device, seed), folder, tuning.replace("+", ","))
+        return folder
     torch.manual_seed(seed)
     dtype = getattr(torch, dtype_name)
     spec = spec_from_hf_config(cfg)
@@ -136,7 +146,7 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
                                  _randn((r, k), dtype, gen_device))
         plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(0.2, align=align), ranks=alloc.ranks,
                                   params_kept=alloc.params_kept, params_total=alloc.total_dense)
-        bits = 4 if variant.endswith("4bit") else None
+        bits = 4 if "4bit" in variant else None
         kv = PaluKV(allocation=Uniform(0.5), group_size=1, bits=bits)
         D, G = spec.head_dim, spec.num_kv_heads
         r = D // 2  # M-LRD 50%: half of each KV head's dimensions (a multiple of 16 and of 32)
@@ -148,7 +158,7 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
         plan.kv = kv_plan(spec, kv, {i: [r, r] for i in range(spec.num_layers)}, dtype)
     built_s = time.perf_counter() - t0
     cm = compile_model(model, plan, factors, latent=latent)
-    res = export_onnx(cm, folder)
+    res = export_onnx(cm, folder, fuse_norms="_unfused" not in variant)
     meta = json.loads((folder / "lrexport.json").read_text())
     meta["bench"] = {"build_s": built_s, "export_s": res.seconds,
                      "onnx_bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*"))}

@@ -187,10 +187,43 @@ OCCUPANCY_CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=16, min_
                      for bn in (16, 32, 64) for w in (2, 4) for st in (2, 3, 4) for nreg in (None, 128)]
 
 
+# one key-rebuild / score product per tile (``pair``) or one per half; pipeline stages and a register cap that
+# let three blocks share a multiprocessor (168 registers x 128 threads x 3 fit the 64K registers); more splits
+PAIR_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=st, waves=wv, swap=True, pair=pr)
+                | ({} if nreg is None else {"maxnreg": nreg})
+                for pr in (False, True) for st, nreg in ((None, None), (2, None), (2, 168), (3, 168))
+                for wv in (8, 16)]
+
+
 def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
-    base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS}[name]
+    base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
+            "pair": PAIR_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
+
+
+def _kernel_cache() -> dict:
+    from lrexport.kernels import triton_latent as tlk
+
+    caches = tlk._latent_attn_fwd.device_caches
+    dev = torch.cuda.current_device()
+    return caches[dev][0] if dev in caches else {}
+
+
+def _resources(kernels: list) -> dict:
+    """Registers, spills, shared memory and blocks per multiprocessor of a newly compiled attention kernel."""
+    if not kernels:
+        return {}
+    k = kernels[-1]
+    k._init_handles()
+    warps = k.metadata.num_warps
+    regs_per_warp = -(-k.n_regs * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps)
+    props = torch.cuda.get_device_properties(0)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    by_smem = smem_sm // (k.metadata.shared + 1024) if k.metadata.shared else 32
+    return dict(n_regs=k.n_regs, n_spills=k.n_spills, shared=k.metadata.shared,
+                blocks_per_sm=min(by_regs, by_smem, 64 // warps))
 
 
 def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None):
@@ -204,12 +237,14 @@ def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None):
     configs = configs + ([dict(cfg, hoist=True) for cfg in configs if cfg["block_n"] == 64 and cfg["num_warps"] == 4]
                          if s > 1 else [])
     for cfg in configs:
+        before = set(_kernel_cache())
         try:
             t, _ = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg, call=False)
         except Exception as e:  # a config that does not fit (shared memory, registers)
             print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
-        timings.append(dict(cfg, time_us=t))
+        new = [k for key, k in _kernel_cache().items() if key not in before]
+        timings.append(dict(cfg, time_us=t, **_resources(new)))
         if best is None or t < best[0]:
             best = (t, cfg)
     return (None if best is None else best[1]), timings
@@ -248,7 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
-    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy"), default="full",
+    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair"), default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
                     help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")

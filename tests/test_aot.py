@@ -62,6 +62,14 @@ def test_abi_matches_the_kernel_signature():
     assert [s.strip().strip('"') for s in listed.split("{", 1)[1].split(",")] == ints
 
 
+def _regcount(cubin: bytes) -> int:
+    """Registers per thread of a cubin's kernel: its EIATTR_REGCOUNT (.nv.info: format 0x04, attribute 0x2f,
+    8 bytes: symbol index, count)."""
+    i = cubin.find(bytes([0x04, 0x2F, 0x08, 0x00]))
+    assert i >= 0, "no register count in the cubin"
+    return int.from_bytes(cubin[i + 8:i + 12], "little")
+
+
 @pytest.mark.parametrize("variant,bits", [("lrexport", 0), ("lrexport_4bit", 4)])
 def test_export_attaches_compiled_kernels(exported, variant, bits):
     folder = exported[variant]
@@ -73,12 +81,15 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
         assert meta["abi"] == str(aot.ABI) and meta["arch"] == "90" and meta["name"] == "_latent_attn_fwd"
         assert int(meta["shared"]) <= aot.SMEM_LIMIT[90] and meta["block_n"] == "64"
         assert attrs["cuda_cubin"][:4] == b"\x7fELF"  # a cubin is an ELF image
+        # packed latents: capped at 168 registers per thread (three 4-warp blocks per multiprocessor)
+        assert meta["maxnreg"] == ("168" if bits else "0")
+        assert _regcount(attrs["cuda_cubin"]) <= (168 if bits else 255)
         spec = aot.node_spec(model, n)
         assert (spec.bits, spec.head_dim, spec.rk, spec.rv) == (bits, 32, 16, 16)  # smoke: D=32, M-LRD 50%
     info = json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_kernels"]
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
-                               "swap": True}}
+                               "swap": True, "maxnreg": None}}
 
 
 def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
@@ -86,20 +97,23 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     reach the metadata the launcher reads; bad settings are refused by name."""
     retune = _bench("retune")
     dst = tmp_path / "tuned"
-    summary = retune.retune(exported["lrexport"], dst, "block_n=32,num_warps=8,waves=6,min_split=512,swap=0")
+    summary = retune.retune(exported["lrexport"], dst,
+                            "block_n=32,num_warps=8,waves=6,min_split=512,swap=0,maxnreg=96")
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
-                                 "swap": False}
+                                 "swap": False, "maxnreg": 96}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
     m1 = aot.parse_meta(a1["cuda_kernel"].decode())
-    assert (m1["warps"], m1["block_n"], m1["waves"], m1["min_split"]) == ("8", "32", "6", "512")
+    assert (m1["warps"], m1["block_n"], m1["waves"], m1["min_split"], m1["maxnreg"]) == ("8", "32", "6", "512", "96")
+    assert _regcount(a1["cuda_cubin"]) <= 96
     assert a1["cuda_cubin"] != a0["cuda_cubin"] and a1["cuda_cubin"][:4] == b"\x7fELF"
     assert (dst / "model.onnx.data").samefile(exported["lrexport"] / "model.onnx.data")  # linked, not copied
     assert not dst.with_name("tuned.tmp").exists()
     monkeypatch.setenv(aot.TUNING_ENV, "waves=2")
     assert aot.Tuning.from_env() == aot.Tuning(waves=2)
     for bad, msg in (("warps=4", "bad kernel tuning item 'warps=4'"), ("block_n=48", "kernel tuning out of range"),
+                     ("maxnreg=300", "kernel tuning out of range"),
                      ("num_stages=x", "bad kernel tuning item")):
         monkeypatch.setenv(aot.TUNING_ENV, bad)
         with pytest.raises(ValueError, match=f"{aot.TUNING_ENV}: {msg}"):

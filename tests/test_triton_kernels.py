@@ -206,9 +206,9 @@ def test_swapped_decode(gs, Hkv, Hq, bits, window):
 
 
 @pytest.mark.parametrize("rel_rope", [0, 1, 2], ids=["absolute", "relative", "relative-reload"])
-@pytest.mark.parametrize("S,past,swap,window", [(1, (250, 37), True, 0), (1, (250, 37), False, 40), (5, (60, 0), False, 0),
-                                                (4, (9, 31), False, 6)], ids=["decode-swap", "decode-window", "prefill",
-                                                                            "chunk-window"])
+@pytest.mark.parametrize("S,past,swap,window", [(1, (250, 37), True, 0), (1, (250, 37), False, 40),
+                                                (5, (60, 0), False, 0), (4, (9, 31), False, 6)],
+                         ids=["decode-swap", "decode-window", "prefill", "chunk-window"])
 def test_rope_modes(rel_rope, S, past, swap, window):
     """RoPE at each key's position, or by relative angle (keys by their offset in the tile, queries by
     qpos - tile start), reach the same scores: against the float64 reference, with splits."""
@@ -218,3 +218,22 @@ def test_rope_modes(rel_rope, S, past, swap, window):
         out = run_kernel(c, window=window, swap=swap, num_splits=splits if S == 1 else None, block_n=32,
                          rel_rope=rel_rope)[0]
         assert rel_err(out, ref[0]) < TOL
+
+
+@pytest.mark.parametrize("bits,qg", [(0, 8), (4, 16), (2, 8)], ids=["float", "4bit", "2bit"])
+@pytest.mark.parametrize("gs,Hkv,Hq,window", [(1, 2, 8, 0), (2, 2, 4, 0), (1, 3, 3, 20)], ids=["M-gqa", "J-gqa",
+                                                                                             "M-mha-window"])
+def test_paired_rebuild(bits, qg, gs, Hkv, Hq, window):
+    """Decode with the key rebuild and scores as one product each (k_up's columns i and D/2 + i side by side,
+    RoPE pairing them in registers) against the float64 reference, with splits and a key bias."""
+    c = make_case(Hq=Hq, Hkv=Hkv, gs=gs, rv=16, P=200, past=(150, 41), bits=bits, qg=qg, seed=7 + bits + gs + Hq)
+    ref = reference(c, window=window)
+    for splits in (1, 3):
+        out = run_kernel(c, window=window, hoist=True, swap=True, pair=True, num_splits=splits, block_n=32)[0]
+        assert rel_err(out, ref[0]) < TOL
+    assert tlk.kernel_config(S=1, D=32, nrep=1, rk=16, rv=16, bits=0, quant_group=0, itemsize=2, pair=True)["PAIR"]
+    # pairing needs the hoisted k_up slice and the swapped orientation; otherwise the halves stay separate
+    assert not tlk.kernel_config(S=1, D=32, nrep=1, rk=16, rv=16, bits=0, quant_group=0, itemsize=2, pair=True,
+                                 hoist=False)["PAIR"]
+    assert not tlk.kernel_config(S=4, D=32, nrep=1, rk=16, rv=16, bits=0, quant_group=0, itemsize=2,
+                                 pair=True)["PAIR"]

@@ -51,8 +51,9 @@ class Tuning:
     ``block_n`` cached positions per tile, ``num_warps``, ``num_stages`` (None: the tuned default
     of :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` and ``min_split``
     (programs per multiprocessor and the fewest positions per split: how far the cached positions
-    are split; read by the launcher at run time) and ``swap`` (the positions as the MMA rows). The
-    defaults are the PyTorch path's.
+    are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
+    ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
+    kind, 0: none). The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
@@ -61,10 +62,11 @@ class Tuning:
     waves: int = tl_k.DECODE_WAVES
     min_split: int = tl_k.DECODE_MIN_SPLIT
     swap: bool = True
+    maxnreg: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
-        """``"block_n=64,num_warps=8,num_stages=3,waves=8,min_split=512,swap=0"`` (any subset)."""
+        """``"block_n=64,num_warps=8,num_stages=3,waves=8,min_split=512,swap=0,maxnreg=168"`` (any subset)."""
         kw: dict = {}
         fields = {f.name for f in dataclasses.fields(cls)}
         for item in filter(None, (x.strip() for x in text.split(","))):
@@ -74,9 +76,10 @@ class Tuning:
             kw[key] = bool(int(val)) if key == "swap" else int(val)
         t = cls(**kw)
         if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
-                t.num_stages is not None and not 1 <= t.num_stages <= 5):
+                t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
+                t.maxnreg is not None and t.maxnreg != 0 and not 24 <= t.maxnreg <= 255):
             raise ValueError(f"kernel tuning out of range: {t} (block_n 16/32/64/128, num_warps 1/2/4/8, "
-                             "num_stages 1-5, waves >= 1, min_split >= 1)")
+                             "num_stages 1-5, waves >= 1, min_split >= 1, maxnreg 0 or 24-255)")
         return t
 
     @classmethod
@@ -201,10 +204,12 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
     limit = SMEM_LIMIT.get(arch, min(SMEM_LIMIT.values()))
     tried = []
     stages0 = tuning.num_stages or tl_k.DECODE_STAGES[bool(spec.bits)]
+    maxnreg = tl_k.decode_maxnreg(spec.bits, tuning.num_warps, tuning.maxnreg)
     for block_n, stages in tl_k.fallbacks(cfg["BLOCK_N"], stages0):
         src = ASTSource(fn, sig, constexprs={**const, "BLOCK_N": block_n}, attrs=attrs)
         k = tl_k.triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=tuning.num_warps, num_stages=stages or 1))
+                                options=dict(num_warps=tuning.num_warps, num_stages=stages or 1)
+                                | ({} if maxnreg is None else {"maxnreg": maxnreg}))
         md = k.metadata
         tried.append(f"{block_n}x{stages}: {md.shared} B")
         if md.shared > limit:
@@ -213,7 +218,8 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
             raise RuntimeError(f"the compiled decode kernel needs global scratch memory or clusters ({md}); the "
                                "launcher passes none")
         meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
-                f"rv_p={cfg['RV_P']} waves={tuning.waves} min_split={tuning.min_split} d16={','.join(d16)}")
+                f"rv_p={cfg['RV_P']} waves={tuning.waves} min_split={tuning.min_split} maxnreg={maxnreg or 0} "
+                f"d16={','.join(d16)}")
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
                        f"({'; '.join(tried)})")

@@ -154,7 +154,7 @@ if triton is not None:
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
-        REL_ROPE: tl.constexpr,
+        REL_ROPE: tl.constexpr, PAIR: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -205,7 +205,10 @@ if triton is not None:
                 kc_i = tl.load(COS + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
                 ks_i = tl.load(SIN + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
             inv_c0 = 1.0 / tl.load(COS + d).to(tl.float32)
-        if SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
+        if PAIR:  # channels i and HALF + i side by side: one rebuild and one score product per tile
+            qt = tl.trans(tl.reshape(tl.join(q1r, q2r), (M, D)))
+            acc_t = tl.zeros([RV_P, M], tl.float32)
+        elif SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
             q1t = tl.trans(q1r)
             q2t = tl.trans(q2r)
             acc_t = tl.zeros([RV_P, M], tl.float32)
@@ -216,7 +219,12 @@ if triton is not None:
         kch = tl.arange(0, RKB)
         kup_base = KUP + g * RK * (GS * D) + slot * D
 
-        if HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
+        if PAIR:  # the k_up slice with its columns i and HALF + i side by side (columns 2i, 2i + 1)
+            chp = tl.arange(0, RK_P)
+            u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
+            u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
+            uh = tl.reshape(tl.join(u1h, u2h), (RK_P, D))
+        elif HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
             chp = tl.arange(0, RK_P)
             u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
             u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
@@ -248,7 +256,11 @@ if triton is not None:
                                         RV, QG, NGV)
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
-            if HOIST:
+            if PAIR:
+                lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
+                                  FAST_K, sck, zek).to(cdt)
+                k1, k2 = tl.split(tl.reshape(_mma(lat, uh, IEEE), (BLOCK_N, HALF, 2)))
+            elif HOIST:
                 lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
                                   FAST_K, sck, zek).to(cdt)
                 k1 = _mma(lat, u1h, IEEE)
@@ -287,14 +299,20 @@ if triton is not None:
                 ks_o = ks_o.to(tl.float32)
                 kc = kc_o * cb[None, :] - ks_o * sb[None, :]
                 ks = ks_o * cb[None, :] + kc_o * sb[None, :]
-            kr1 = (k1 * kc - k2 * ks).to(cdt)
-            kr2 = (k2 * kc + k1 * ks).to(cdt)
+            if PAIR:
+                kr = tl.reshape(tl.join((k1 * kc - k2 * ks).to(cdt), (k2 * kc + k1 * ks).to(cdt)), (BLOCK_N, D))
+            else:
+                kr1 = (k1 * kc - k2 * ks).to(cdt)
+                kr2 = (k2 * kc + k1 * ks).to(cdt)
             row_cv = b * scv_b + pos64 * scv_p
             row_pv = b * spv_b + pos64 * spv_p
             v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, FAST_V,
                             scv, zev).to(cdt)
             if SWAP:  # scores [BLOCK_N, M]: the rebuilt keys feed the MMA from registers
-                s_t = _mma(kr1, q1t, IEEE) + _mma(kr2, q2t, IEEE)
+                if PAIR:
+                    s_t = _mma(kr, qt, IEEE)
+                else:
+                    s_t = _mma(kr1, q1t, IEEE) + _mma(kr2, q2t, IEEE)
                 ok = nmask[:, None] & (offs_n[:, None] <= qpos[None, :]) & rvalid[None, :]
                 if WINDOW > 0:
                     ok = ok & (offs_n[:, None] > qpos[None, :] - WINDOW)
@@ -459,13 +477,33 @@ def _align(valid: int) -> int:
 # offset rows 0..BLOCK_N-1, held in registers across the loop); 2 = the same, the offset rows reloaded each tile
 DECODE_REL_ROPE = 0
 
-# decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json)
-DECODE_STAGES = {False: 3, True: 2}
+# decode's key rebuild and scores: True = one product each per tile, with the k_up columns i and D/2 + i (and
+# the query's) side by side so that RoPE pairs them in registers; False = a product per half
+DECODE_PAIR = False
+
+# decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json,
+# gpu_kernels_pair.json)
+DECODE_STAGES = {False: 3, True: 3}
+
+# decode's register cap per thread by cache kind (None: the compiler's choice), for 4 warps: packed latents take
+# 176 registers uncapped, two blocks per multiprocessor; capped at 168 (no spills) three fit the 64K registers
+# (4-bit, Llama-3-8B shapes, batch 8 at 64K tokens on an H200: 694 -> 550 us; gpu_kernels_pair.json). Float
+# latents are held to two blocks by shared memory at 3 stages, and lose more to spills than they gain with fewer.
+DECODE_MAXNREG = {False: None, True: 168}
+
+
+def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None) -> int | None:
+    """The register cap of a decode kernel: ``maxnreg`` when given (0: none), else the tuned default for
+    the cache kind at 4 warps (other warp counts: none)."""
+    if maxnreg is not None:
+        return maxnreg or None
+    return DECODE_MAXNREG[bool(bits)] if num_warps == 4 else None
 
 
 def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
-                  cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE) -> dict:
+                  cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
+                  pair: bool = DECODE_PAIR) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -486,10 +524,11 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
     def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
         return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
 
+    swapped = swap and S == 1 and not cc
     return dict(D=D, RV_P=rv_p, RKB=rkb, AL_K=_align(rk), AL_V=_align(rv), NREP=nrep, BLOCK_T=block_t, M=m_rows,
                 BLOCK_N=block_n or (64 if S == 1 else 32), BITS=bits, QG=quant_group if bits else 1, HOIST=hoist,
                 RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
-                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swap and S == 1 and not cc, REL_ROPE=rel_rope)
+                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=pair and hoist and swapped)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -610,7 +649,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             waves: int = DECODE_WAVES, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
             vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
-            maxnreg: int | None = None) -> torch.Tensor:
+            pair: bool = DECODE_PAIR, maxnreg: int | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -621,8 +660,9 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
     multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows), ``swap`` (decode:
     the cached positions as the MMA rows, ``k @ q^T`` and ``v^T @ p^T``, so that the rebuilt keys
-    feed the score MMA from registers), ``rel_rope`` (see ``DECODE_REL_ROPE``), ``maxnreg`` (a register
-    cap per thread: more programs per multiprocessor). A setting whose
+    feed the score MMA from registers), ``rel_rope`` (see ``DECODE_REL_ROPE``), ``pair`` (see
+    ``DECODE_PAIR``), ``maxnreg`` (a register cap per thread: more programs per multiprocessor; decode
+    defaults to :data:`DECODE_MAXNREG`, 0 for none). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -648,7 +688,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         kv_max = int((past_len_B + S).max())
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
-                        cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope)
+                        cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
@@ -664,8 +704,11 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     grid = (B * num_kv_heads, n_tblocks, num_splits)
 
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
-    if num_stages is None and S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels.json)
-        num_stages = DECODE_STAGES[bool(bits)]
+    if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels.json)
+        num_stages = DECODE_STAGES[bool(bits)] if num_stages is None else num_stages
+        maxnreg = decode_maxnreg(bits, num_warps, maxnreg)
+    else:
+        maxnreg = maxnreg or None
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
         stage = ({} if st is None else {"num_stages": st}) | ({} if maxnreg is None else {"maxnreg": maxnreg})
         try:
