@@ -4,8 +4,8 @@
 
 Runs decode steps with the caches bound in place (lrexport's ONNX Runtime backend) under ONNX
 Runtime's profiler and prints, per operator type, the total kernel-launch time of the node
-events per step (ONNX Runtime's node time: on CUDA, the host side of the node including
-launches and any synchronizing copies), next to the wall time of a step.
+events per timed step (the 3 warm-up steps left out; ONNX Runtime's node time: on CUDA, the host
+side of the node including launches and any synchronizing copies), next to the wall time of a step.
 """
 
 from __future__ import annotations
@@ -57,13 +57,16 @@ def main(argv=None) -> int:
     events = json.loads(Path(prof).read_text())
     per_op = defaultdict(float)
     count = defaultdict(int)
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    t_timed = runs[3]["ts"] if len(runs) > 3 else 0  # the warm-up steps (first-call setup) are left out
+    runs = runs[3:]
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= t_timed:
             op = e.get("args", {}).get("op_name", "?")
             per_op[op] += e["dur"]
             count[op] += 1
-    n = args.steps + 3
+    n = args.steps
     wall = sorted(walls[3:])[len(walls[3:]) // 2]
     run_us = sorted(e["dur"] for e in runs)[len(runs) // 2] if runs else float("nan")
     print(f"{args.folder}: B={args.batch} context={args.context}: step wall {1e3 * wall:.3f} ms, "
