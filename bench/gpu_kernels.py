@@ -195,10 +195,14 @@ PAIR_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=st, waves=wv, swap=True
                 for wv in (8, 16)]
 
 
+# the library's defaults only (attend_'s own settings): no tuning
+DEFAULT_CONFIGS = [{}]
+
+
 def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-            "pair": PAIR_CONFIGS}[name]
+            "pair": PAIR_CONFIGS, "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -234,7 +238,8 @@ def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None):
     """
     best, timings = None, []
     configs = configs or CONFIGS
-    configs = configs + ([dict(cfg, hoist=True) for cfg in configs if cfg["block_n"] == 64 and cfg["num_warps"] == 4]
+    configs = configs + ([dict(cfg, hoist=True) for cfg in configs
+                          if cfg.get("block_n", 64) == 64 and cfg.get("num_warps", 4) == 4]
                          if s > 1 else [])
     for cfg in configs:
         before = set(_kernel_cache())
@@ -283,7 +288,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
-    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair"), default="full",
+    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "default"), default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
                     help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")
