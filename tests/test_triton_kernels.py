@@ -237,3 +237,20 @@ def test_paired_rebuild(bits, qg, gs, Hkv, Hq, window):
                                  hoist=False)["PAIR"]
     assert not tlk.kernel_config(S=4, D=32, nrep=1, rk=16, rv=16, bits=0, quant_group=0, itemsize=2,
                                  pair=True)["PAIR"]
+
+
+@pytest.mark.parametrize("bits,qg", [(2, 8), (4, 16), (8, 8)])
+@pytest.mark.parametrize("gs,hoist", [(1, True), (2, False)], ids=["M-hoisted", "J-streamed"])
+def test_float16_unpacking(bits, qg, gs, hoist):
+    """Float16 models dequantize packed codes in float16 (``0x6400 | code`` is 1024 + code, minus 1024, then
+    one fused multiply-add with the scale and zero point): against the float64 reference within float16
+    rounding, and against the float32 dequantization path of the same kernel."""
+    c = make_case(B=2, S=1, Hq=4, Hkv=2, gs=gs, rk=32, rv=32, P=160, past=(130, 57), bits=bits, qg=qg, seed=bits + gs)
+    ref = reference(c)[0]
+    half = run_kernel(c, dtype=torch.float16, hoist=hoist, num_splits=2, block_n=32)[0]
+    wide = run_kernel(c, dtype=torch.float16, hoist=hoist, num_splits=2, block_n=32, unpack16=False)[0]
+    # float16 inputs, products and outputs (2^-11 relative each): 1e-2 of the largest output
+    assert rel_err(half, ref) < 1e-2
+    # the two paths round each dequantized latent to float16 once; they differ at most where the float32
+    # path rounds twice, and then by one float16 step
+    assert rel_err(half, wide) < 2e-3

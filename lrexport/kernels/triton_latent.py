@@ -61,7 +61,8 @@ if triton is not None:
 
     @triton.jit
     def _load_block(C, Pp, row_c, row_p, nmask, base, BLOCK_N: tl.constexpr, W: tl.constexpr, VALID,
-                    AL: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, NGROUPS, FAST: tl.constexpr, sc, ze):
+                    AL: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, NGROUPS, FAST: tl.constexpr, sc, ze,
+                    H16: tl.constexpr = False):
         """Latent values [BLOCK_N, W] of channels ``base .. base+W`` (the first VALID of them).
 
         ``row_c`` / ``row_p``: [BLOCK_N, 1] offsets of the positions' cache / params rows. FAST (2, 4
@@ -69,7 +70,11 @@ if triton is not None:
         vectors and split into codes in registers, with the groups' scales / zero points ``sc`` /
         ``ze`` from :func:`_qparams` (loaded ahead by the caller). Otherwise each
         channel gathers its bits (3-bit codes straddle bytes). Float caches come back in their
-        own dtype, codes dequantized in float32. ``VALID`` is a multiple of ``AL`` (a power of
+        own dtype, codes dequantized in float32, or with ``H16`` (FAST, float16 models) in float16
+        without conversions: a code ``c`` or'ed into the mantissa of 1024.0 (``0x6400 | c``) is
+        ``1024 + c`` exactly, and ``- 1024`` leaves ``c``; then one fused multiply-add with the
+        float16 scale and zero point, rounded once, as the float32 path's final rounding to
+        float16. ``VALID`` is a multiple of ``AL`` (a power of
         two): the channel mask is written per ``AL`` channels so that the compiler sees it constant
         over them, and vectorizes (and pipelines) the loads although ``VALID`` is a run-time value.
         """
@@ -82,7 +87,8 @@ if triton is not None:
             wb = tl.arange(0, W // PER)
             GB: tl.constexpr = AL // PER  # bytes per mask granule
             byt = tl.load(C + row_c + base // PER + wb[None, :],
-                          mask=nmask[:, None] & ((wb // GB) * AL < VALID)[None, :], other=0).to(tl.int32)
+                          mask=nmask[:, None] & ((wb // GB) * AL < VALID)[None, :], other=0)
+            byt = byt.to(tl.int16) if H16 else byt.to(tl.int32)
             if BITS == 8:
                 code = byt
             elif BITS == 4:
@@ -91,7 +97,11 @@ if triton is not None:
                 code = tl.reshape(tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, byt >> 6)),
                                   (BLOCK_N, W))
             NGW: tl.constexpr = W // QG
-            x = tl.reshape(code.to(tl.float32), (BLOCK_N, NGW, QG)) * sc[:, :, None] + ze[:, :, None]
+            if H16:
+                val = (code | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+            else:
+                val = code.to(tl.float32)
+            x = tl.reshape(val, (BLOCK_N, NGW, QG)) * sc[:, :, None] + ze[:, :, None]
             return tl.reshape(x, (BLOCK_N, W))
         else:
             ch = base + w
@@ -110,17 +120,23 @@ if triton is not None:
             return code.to(tl.float32) * scale + zero
 
     @triton.jit
-    def _qparams(Pp, row_p, nmask, base, W: tl.constexpr, VALID, QG: tl.constexpr, NGROUPS):
+    def _qparams(Pp, row_p, nmask, base, W: tl.constexpr, VALID, QG: tl.constexpr, NGROUPS, H16: tl.constexpr = False):
         """Scales and zero points (float32), one per quantization group, of channels ``base .. base+W``.
 
-        [BLOCK_N, W // QG], for the vector unpacking path of :func:`_load_block`. These loads are
+        [BLOCK_N, W // QG], for the vector unpacking path of :func:`_load_block` (float16 with ``H16``). These loads are
         too narrow for the compiler's pipelining, so the kernel issues them a tile ahead.
         """
         i = tl.arange(0, W // QG)
         m2 = nmask[:, None] & (i * QG < VALID)[None, :]
         grp = base // QG + i
-        sc = tl.load(Pp + row_p + grp[None, :], mask=m2, other=0.0).to(tl.float32)
-        ze = tl.load(Pp + row_p + NGROUPS + grp[None, :], mask=m2, other=0.0).to(tl.float32)
+        sc = tl.load(Pp + row_p + grp[None, :], mask=m2, other=0.0)
+        ze = tl.load(Pp + row_p + NGROUPS + grp[None, :], mask=m2, other=0.0)
+        if H16:
+            sc = sc.to(tl.float16)
+            ze = ze.to(tl.float16)
+        else:
+            sc = sc.to(tl.float32)
+            ze = ze.to(tl.float32)
         return sc, ze
 
     @triton.jit
@@ -154,7 +170,7 @@ if triton is not None:
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
-        REL_ROPE: tl.constexpr, PAIR: tl.constexpr,
+        REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -166,6 +182,7 @@ if triton is not None:
         g = j // GS
         slot = j % GS
         cdt = KUP.dtype.element_ty
+        H16: tl.constexpr = UNPACK16 and cdt == tl.float16  # packed codes dequantized in float16
 
         past = tl.load(PAST + b).to(tl.int32)
         t0 = pid_t * BLOCK_T
@@ -238,10 +255,10 @@ if triton is not None:
         sck, zek, scv, zev = 0.0, 0.0, 0.0, 0.0  # unused by the other unpacking paths
         if PRE_K:
             sck, zek = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end, g * RK, RK_P, RK,
-                                QG, NGK)
+                                QG, NGK, H16)
         if PRE_V:
             scv, zev = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end, g * RV, RV_P, RV,
-                                QG, NGV)
+                                QG, NGV, H16)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -250,19 +267,19 @@ if triton is not None:
             nxt = offs_n + BLOCK_N
             if PRE_K:
                 sck_n, zek_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end, g * RK, RK_P,
-                                        RK, QG, NGK)
+                                        RK, QG, NGK, H16)
             if PRE_V:
                 scv_n, zev_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end, g * RV, RV_P,
-                                        RV, QG, NGV)
+                                        RV, QG, NGV, H16)
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
             if PAIR:
                 lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
-                                  FAST_K, sck, zek).to(cdt)
+                                  FAST_K, sck, zek, H16).to(cdt)
                 k1, k2 = tl.split(tl.reshape(_mma(lat, uh, IEEE), (BLOCK_N, HALF, 2)))
             elif HOIST:
                 lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
-                                  FAST_K, sck, zek).to(cdt)
+                                  FAST_K, sck, zek, H16).to(cdt)
                 k1 = _mma(lat, u1h, IEEE)
                 k2 = _mma(lat, u2h, IEEE)
             else:
@@ -273,9 +290,9 @@ if triton is not None:
                     ch = c * RKB + kch
                     sc_c, ze_c = 0.0, 0.0
                     if FAST_KC:
-                        sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, QG, NGK)
+                        sc_c, ze_c = _qparams(PK, row_pk, nmask, cb, RKB, RKB, QG, NGK, H16)
                     lat = _load_block(CK, PK, row_ck, row_pk, nmask, cb, BLOCK_N, RKB, RKB, RKB, BITS, QG, NGK,
-                                      FAST_KC, sc_c, ze_c).to(cdt)
+                                      FAST_KC, sc_c, ze_c, H16).to(cdt)
                     u1 = tl.load(kup_base + ch[:, None] * (GS * D) + d[None, :])
                     u2 = tl.load(kup_base + ch[:, None] * (GS * D) + HALF + d[None, :])
                     k1 += _mma(lat, u1, IEEE)
@@ -307,7 +324,7 @@ if triton is not None:
             row_cv = b * scv_b + pos64 * scv_p
             row_pv = b * spv_b + pos64 * spv_p
             v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, FAST_V,
-                            scv, zev).to(cdt)
+                            scv, zev, H16).to(cdt)
             if SWAP:  # scores [BLOCK_N, M]: the rebuilt keys feed the MMA from registers
                 if PAIR:
                     s_t = _mma(kr, qt, IEEE)
@@ -503,7 +520,7 @@ def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None) -> int
 def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
                   cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
-                  pair: bool = DECODE_PAIR) -> dict:
+                  pair: bool = DECODE_PAIR, unpack16: bool = True) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -528,7 +545,8 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
     return dict(D=D, RV_P=rv_p, RKB=rkb, AL_K=_align(rk), AL_V=_align(rv), NREP=nrep, BLOCK_T=block_t, M=m_rows,
                 BLOCK_N=block_n or (64 if S == 1 else 32), BITS=bits, QG=quant_group if bits else 1, HOIST=hoist,
                 RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
-                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=pair and hoist and swapped)
+                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=pair and hoist and swapped,
+                UNPACK16=unpack16)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -649,7 +667,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             waves: int = DECODE_WAVES, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
             vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
-            pair: bool = DECODE_PAIR, maxnreg: int | None = None) -> torch.Tensor:
+            pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -661,8 +679,9 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows), ``swap`` (decode:
     the cached positions as the MMA rows, ``k @ q^T`` and ``v^T @ p^T``, so that the rebuilt keys
     feed the score MMA from registers), ``rel_rope`` (see ``DECODE_REL_ROPE``), ``pair`` (see
-    ``DECODE_PAIR``), ``maxnreg`` (a register cap per thread: more programs per multiprocessor; decode
-    defaults to :data:`DECODE_MAXNREG`, 0 for none). A setting whose
+    ``DECODE_PAIR``), ``unpack16`` (float16 models: packed codes dequantized in float16, see
+    :func:`_load_block`; False: in float32), ``maxnreg`` (a register cap per thread: more programs
+    per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -688,7 +707,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         kv_max = int((past_len_B + S).max())
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
-                        cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair)
+                        cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair,
+                        unpack16=unpack16)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
