@@ -45,7 +45,7 @@ class ExportResult:
 
 
 def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None,
-                cuda_tuning: str | None = None, fuse_norms: bool = True) -> ExportResult:
+                cuda_tuning: str | None = None, fuse_norms: bool = True, fuse_matmuls: bool = True) -> ExportResult:
     """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically).
 
     ``cuda_arch``: the compute capability (e.g. 90) to compile the GPU decode kernels of a float16
@@ -53,7 +53,8 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     0: none. ``cuda_tuning``: their settings (:meth:`lrexport.kernels.aot.Tuning.parse`; default
     the tuned ones, or ``LREXPORT_CUDA_TUNING``). ``fuse_norms``: residual Adds and RMSNorms as ONNX
     Runtime's ``SkipSimplifiedLayerNormalization`` (False: standard ops, for runtimes without
-    ONNX Runtime's contrib ops).
+    ONNX Runtime's contrib ops). ``fuse_matmuls``: the MatMuls that read one input with constant
+    weights (e.g. q/k/v's first factors) as one MatMul and a Split.
     """
     from lrexport.errors import ConfigError
     from lrexport.kernels import aot
@@ -66,7 +67,7 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     tg = cm.graph
     if "kivi" in tg.meta:
         raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
-    res = emit(tg, fuse_norms=fuse_norms)
+    res = emit(tg, fuse_norms=fuse_norms, fuse_matmuls=fuse_matmuls)
     gpu = _gpu_kernels(res.model, cuda_arch, tuning)
     if gpu:
         _warn_unaligned_ranks(cm)

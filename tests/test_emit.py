@@ -192,8 +192,10 @@ def test_cuda_backend_needs_the_library(exported):
 
 def test_fused_norms_and_standard_ops_agree(tmp_path):
     """The default export fuses each residual Add + RMSNorm (2 per layer; the first norm has no
-    Add) into SkipSimplifiedLayerNormalization; ``fuse_norms=False`` keeps standard ops. Both give
-    the same logits under ONNX Runtime, and the same as the PyTorch graph."""
+    Add) into SkipSimplifiedLayerNormalization, and the projections that read one input into one
+    MatMul + Split (q with the key and value latents, gate with up: 2 per layer);
+    ``fuse_norms=False, fuse_matmuls=False`` keeps one node per op. Both give the same logits
+    under ONNX Runtime, and the same as the PyTorch graph."""
     lm = tiny_loaded("llama", seed=5, **GQA)
     tg = trace(lm.model)
     LatentKVPass(exact_layers(lm, 2, rank=8), bits=None, quant_group=8)(tg)
@@ -205,11 +207,14 @@ def test_fused_norms_and_standard_ops_agree(tmp_path):
     counts = {}
     for fuse in (True, False):
         folder = tmp_path / f"fused{int(fuse)}"
-        export_onnx(cm, folder, fuse_norms=fuse)
+        export_onnx(cm, folder, fuse_norms=fuse, fuse_matmuls=fuse)
         model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-        counts[fuse] = [n.op_type for n in model.graph.node].count("SkipSimplifiedLayerNormalization")
+        ops = [n.op_type for n in model.graph.node]
+        counts[fuse] = (ops.count("SkipSimplifiedLayerNormalization"), ops.count("Split"), ops.count("MatMul"))
         backend, _ = load_onnx_backend(folder)
         for t, (a, b) in enumerate(zip(_drive(backend, prompts, 8, lambda t: None), ref)):
             err = float((a - b).abs().max() / b.abs().max())
             assert err < REL, (fuse, t, err)
-    assert counts == {True: 2 * lm.spec.num_layers, False: 0}
+    L = lm.spec.num_layers
+    assert counts[True][:2] == (2 * L, 2 * L) and counts[False][:2] == (0, 0)
+    assert counts[False][2] - counts[True][2] == 3 * L  # per layer 5 MatMuls -> 2

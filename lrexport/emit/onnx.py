@@ -34,7 +34,7 @@ from lrexport.emit.functions import (
     dense_attention_function,
     lowrank_attention_function,
 )
-from lrexport.emit.fusions import fuse_skip_rms_norm
+from lrexport.emit.fusions import fuse_shared_input_matmuls, fuse_skip_rms_norm
 from lrexport.errors import PassError
 from lrexport.passes.base import PassResult
 from lrexport.trace.export import TracedGraph
@@ -185,11 +185,13 @@ def _inline(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> onnx.Mo
     return out
 
 
-def emit(tg: TracedGraph, *, fuse_norms: bool = True) -> EmitResult:
+def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool = True) -> EmitResult:
     """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it).
 
     ``fuse_norms``: residual ``Add`` + RMSNorm as ONNX Runtime's ``SkipSimplifiedLayerNormalization``
-    (:mod:`lrexport.emit.fusions`); False keeps standard ops only (besides the lrexport domain)."""
+    (:mod:`lrexport.emit.fusions`); False keeps standard ops only (besides the lrexport domain).
+    ``fuse_matmuls``: the ``MatMul`` nodes that read the same input with constant weights as one
+    ``MatMul`` and a ``Split`` (standard ops)."""
     inputs, outputs = io_names(tg)
     _rename_inputs(tg, inputs)
     # torch.onnx notes at WARNING level every torchvision op it cannot register: not ours to hear
@@ -210,6 +212,10 @@ def emit(tg: TracedGraph, *, fuse_norms: bool = True) -> EmitResult:
         n = fuse_skip_rms_norm(model)
         results.append(PassResult("skip_rms_norm", changed=n,
                                   unmatched=None if n else "no residual Add followed by an RMSNorm"))
+    if fuse_matmuls:
+        n = fuse_shared_input_matmuls(model)
+        results.append(PassResult("shared_input_matmuls", changed=n,
+                                  unmatched=None if n else "no two MatMuls read one input with constant weights"))
     if sh is not None:
         model.functions.append(lowrank_attention_function(sh, OPSET))
     model.ir_version = IR_VERSION
