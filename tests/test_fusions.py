@@ -159,3 +159,22 @@ def test_matmuls_of_other_dtypes_or_dynamic_weights_are_not_fused():
     before = [n.op_type for n in model.graph.node]
     assert fuse_shared_input_matmuls(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def test_fused_weights_keep_their_element_type():
+    """bfloat16 weights (no numpy type of their own) are concatenated bit for bit and stay bfloat16."""
+    rng = np.random.default_rng(3)
+    bits = [rng.integers(0, 2**16, size=(8, n), dtype=np.uint16) for n in (4, 6)]
+    inits = [helper.make_tensor(f"w{i}", TensorProto.BFLOAT16, list(b.shape), b.tobytes(), raw=True)
+             for i, b in enumerate(bits)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(2)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 8])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.BFLOAT16, [2, b.shape[1]])
+                           for i, b in enumerate(bits)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert fuse_shared_input_matmuls(model) == 1
+    onnx.checker.check_model(model)
+    (w,) = [t for t in model.graph.initializer if t.data_type != TensorProto.INT64]
+    assert w.data_type == TensorProto.BFLOAT16 and list(w.dims) == [8, 10]
+    got = np.frombuffer(w.raw_data, np.uint16).reshape(8, 10)
+    assert np.array_equal(got, np.concatenate(bits, axis=1))

@@ -219,7 +219,11 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
             w_name = fresh(f"{members[0].input[1]}_cat")
             sizes = fresh(f"{w_name}_split")
             y = fresh(f"{members[0].output[0]}_cat")
-            new_inits += [numpy_helper.from_array(np.concatenate(weights, axis=1), w_name),
+            # rows of bytes side by side: any element type (bfloat16 too) keeps its bits and its type
+            rows = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1) for a in weights], 1)
+            kind = g.inits[members[0].input[1]].data_type
+            new_inits += [helper.make_tensor(w_name, kind, [weights[0].shape[0], sum(a.shape[1] for a in weights)],
+                                             rows.tobytes(), raw=True),
                           numpy_helper.from_array(np.array([a.shape[1] for a in weights], np.int64), sizes)]
             first_of[id(members[0])] = [
                 helper.make_node("MatMul", [x, w_name], [y], name=fresh(f"matmul_cat_{n_fused}")),
