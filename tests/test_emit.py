@@ -192,10 +192,10 @@ def test_cuda_backend_needs_the_library(exported):
 
 def test_fused_norms_and_standard_ops_agree(tmp_path):
     """The default export fuses each residual Add + RMSNorm (2 per layer; the first norm has no
-    Add) into SkipSimplifiedLayerNormalization, and the projections that read one input into one
-    MatMul + Split (q with the key and value latents, gate with up: 2 per layer);
-    ``fuse_norms=False, fuse_matmuls=False`` keeps one node per op. Both give the same logits
-    under ONNX Runtime, and the same as the PyTorch graph."""
+    Add) into SkipSimplifiedLayerNormalization; ``fuse_matmuls=True`` also joins the projections that
+    read one input into one MatMul + Split (q with the key and value latents, gate with up: 2 per
+    layer); ``fuse_norms=False`` (and the default ``fuse_matmuls=False``) keeps one node per op. Both
+    give the same logits under ONNX Runtime, and the same as the PyTorch graph."""
     lm = tiny_loaded("llama", seed=5, **GQA)
     tg = trace(lm.model)
     LatentKVPass(exact_layers(lm, 2, rank=8), bits=None, quant_group=8)(tg)

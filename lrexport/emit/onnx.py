@@ -185,13 +185,13 @@ def _inline(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> onnx.Mo
     return out
 
 
-def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool = True) -> EmitResult:
+def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool = False) -> EmitResult:
     """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it).
 
     ``fuse_norms``: residual ``Add`` + RMSNorm as ONNX Runtime's ``SkipSimplifiedLayerNormalization``
     (:mod:`lrexport.emit.fusions`); False keeps standard ops only (besides the lrexport domain).
     ``fuse_matmuls``: the ``MatMul`` nodes that read the same input with constant weights as one
-    ``MatMul`` and a ``Split`` (standard ops)."""
+    ``MatMul`` and a ``Split`` (standard ops; off by default, see docs/design.md)."""
     inputs, outputs = io_names(tg)
     _rename_inputs(tg, inputs)
     # torch.onnx notes at WARNING level every torchvision op it cannot register: not ours to hear
