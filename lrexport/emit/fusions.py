@@ -180,18 +180,14 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
     A weight also read by another node stays as it is (that ``MatMul`` is left out of its group).
     """
     g = _Graph(model.graph)
-    uses: dict[str, int] = defaultdict(int)
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] += 1
-    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    groups: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)  # (input, weight dtype, weight rows)
     for n in model.graph.node:
         if n.op_type != "MatMul" or n.domain or len(n.input) != 2:
             continue
         w = g.inits.get(n.input[1])
-        if w is None or len(w.dims) != 2 or uses[n.input[1]] != 1 or n.input[1] in g.outputs:
+        if w is None or len(w.dims) != 2 or len(g.consumers[w.name]) != 1 or w.name in g.outputs:
             continue
-        groups[n.input[0]].append(n)
+        groups[(n.input[0], w.data_type, w.dims[0])].append(n)
     taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
 
     def fresh(base: str) -> str:
@@ -207,31 +203,25 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
     dropped_inits: set[str] = set()
     new_inits: list[onnx.TensorProto] = []
     n_fused = 0
-    for x, mms in groups.items():
-        by_kind: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
-        for n in mms:
-            w = g.inits[n.input[1]]
-            by_kind[(w.data_type, w.dims[0])].append(n)
-        for members in by_kind.values():
-            if len(members) < 2:
-                continue
-            weights = [numpy_helper.to_array(g.inits[n.input[1]]) for n in members]
-            w_name = fresh(f"{members[0].input[1]}_cat")
-            sizes = fresh(f"{w_name}_split")
-            y = fresh(f"{members[0].output[0]}_cat")
-            # rows of bytes side by side: any element type (bfloat16 too) keeps its bits and its type
-            rows = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1) for a in weights], 1)
-            kind = g.inits[members[0].input[1]].data_type
-            new_inits += [helper.make_tensor(w_name, kind, [weights[0].shape[0], sum(a.shape[1] for a in weights)],
-                                             rows.tobytes(), raw=True),
-                          numpy_helper.from_array(np.array([a.shape[1] for a in weights], np.int64), sizes)]
-            first_of[id(members[0])] = [
-                helper.make_node("MatMul", [x, w_name], [y], name=fresh(f"matmul_cat_{n_fused}")),
-                helper.make_node("Split", [y, sizes], [n.output[0] for n in members], axis=-1,
-                                 name=fresh(f"split_cat_{n_fused}"))]
-            drop.update(id(n) for n in members)
-            dropped_inits.update(n.input[1] for n in members)
-            n_fused += 1
+    for (x, kind, rows_k), members in groups.items():
+        if len(members) < 2:
+            continue
+        weights = [numpy_helper.to_array(g.inits[n.input[1]]) for n in members]
+        w_name = fresh(f"{members[0].input[1]}_cat")
+        sizes = fresh(f"{w_name}_split")
+        y = fresh(f"{members[0].output[0]}_cat")
+        # rows of bytes side by side: any element type (bfloat16 too) keeps its bits and its type
+        rows = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(rows_k, -1) for a in weights], 1)
+        new_inits += [helper.make_tensor(w_name, kind, [rows_k, sum(a.shape[1] for a in weights)], rows.tobytes(),
+                                         raw=True),
+                      numpy_helper.from_array(np.array([a.shape[1] for a in weights], np.int64), sizes)]
+        first_of[id(members[0])] = [
+            helper.make_node("MatMul", [x, w_name], [y], name=fresh(f"matmul_cat_{n_fused}")),
+            helper.make_node("Split", [y, sizes], [n.output[0] for n in members], axis=-1,
+                             name=fresh(f"split_cat_{n_fused}"))]
+        drop.update(id(n) for n in members)
+        dropped_inits.update(n.input[1] for n in members)
+        n_fused += 1
     if not n_fused:
         return 0
     kept = []

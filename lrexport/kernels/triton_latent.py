@@ -222,12 +222,12 @@ if triton is not None:
                 kc_i = tl.load(COS + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
                 ks_i = tl.load(SIN + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
             inv_c0 = 1.0 / tl.load(COS + d).to(tl.float32)
-        if PAIR:  # channels i and HALF + i side by side: one rebuild and one score product per tile
-            qt = tl.trans(tl.reshape(tl.join(q1r, q2r), (M, D)))
-            acc_t = tl.zeros([RV_P, M], tl.float32)
-        elif SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
-            q1t = tl.trans(q1r)
-            q2t = tl.trans(q2r)
+        if SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
+            if PAIR:  # channels i and HALF + i side by side: one rebuild and one score product per tile
+                qt = tl.trans(tl.reshape(tl.join(q1r, q2r), (M, D)))
+            else:
+                q1t = tl.trans(q1r)
+                q2t = tl.trans(q2r)
             acc_t = tl.zeros([RV_P, M], tl.float32)
         else:
             acc = tl.zeros([M, RV_P], tl.float32)
@@ -236,15 +236,12 @@ if triton is not None:
         kch = tl.arange(0, RKB)
         kup_base = KUP + g * RK * (GS * D) + slot * D
 
-        if PAIR:  # the k_up slice with its columns i and HALF + i side by side (columns 2i, 2i + 1)
+        if HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
             chp = tl.arange(0, RK_P)
             u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
             u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
-            uh = tl.reshape(tl.join(u1h, u2h), (RK_P, D))
-        elif HOIST:  # the whole k_up slice stays on chip across the loop (rk <= RK_P, zero-padded)
-            chp = tl.arange(0, RK_P)
-            u1h = tl.load(kup_base + chp[:, None] * (GS * D) + d[None, :], mask=chp[:, None] < RK, other=0.0)
-            u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
+            if PAIR:  # columns i and HALF + i side by side (columns 2i, 2i + 1)
+                uh = tl.reshape(tl.join(u1h, u2h), (RK_P, D))
 
         # quantized vector paths: the next tile's scales / zero points are loaded a tile ahead
         PRE_K: tl.constexpr = HOIST and FAST_K
@@ -273,15 +270,14 @@ if triton is not None:
                                         RV, QG, NGV, H16)
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
-            if PAIR:
+            if HOIST:
                 lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
                                   FAST_K, sck, zek, H16).to(cdt)
-                k1, k2 = tl.split(tl.reshape(_mma(lat, uh, IEEE), (BLOCK_N, HALF, 2)))
-            elif HOIST:
-                lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
-                                  FAST_K, sck, zek, H16).to(cdt)
-                k1 = _mma(lat, u1h, IEEE)
-                k2 = _mma(lat, u2h, IEEE)
+                if PAIR:
+                    k1, k2 = tl.split(tl.reshape(_mma(lat, uh, IEEE), (BLOCK_N, HALF, 2)))
+                else:
+                    k1 = _mma(lat, u1h, IEEE)
+                    k2 = _mma(lat, u2h, IEEE)
             else:
                 k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
