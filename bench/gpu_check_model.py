@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             ids_by[device] = [list(t) for t in res.tokens]
             logits, _ = run.backend.step(torch.tensor([ids[0]]), torch.zeros(1, dtype=torch.int64),
                                          run.backend.new_caches(1, len(ids[0]) + 1), None)
-            logits_by[device] = logits.double()
+            logits_by[device] = logits.double().cpu()
         diff = float((logits_by["cuda"] - logits_by["cpu"]).abs().max() / logits_by["cpu"].abs().max())
         same = [a[:args.tokens] == b[:args.tokens] for a, b in zip(ids_by["cpu"], ids_by["cuda"])]
         print(f"== {backend}: {folder}")

@@ -30,7 +30,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
 The random model's factors are drawn directly at the ranks the allocators choose for these
 budgets (decomposing random matrices would only cost time: speed depends on the shapes). The
 caches are filled as if ``context`` tokens had been prefilled; each step decodes one token per
-sequence. Reported per (variant, context, batch): median step time over ``--steps`` decode
+sequence: it runs the model, takes the argmax of the logits where they are (GPU memory with
+CUDA, for every variant) and brings the next ids to the host. Reported per (variant, context, batch): median step time over ``--steps`` decode
 steps (after warm-up), decode tokens/s (all sequences), cache bytes, and GPU memory in use
 by the process (weights + caches + ONNX Runtime's workspace). Each variant runs in its own
 process so that the memory figures do not mix.
@@ -191,8 +192,8 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
             for _ in range(steps + 3):
                 t0 = time.perf_counter()
                 logits, caches = backend.step(ids, pos, caches, None)
+                ids, pos = logits[:, -1:].argmax(-1).cpu(), pos + 1  # greedy, as lrexport's generation loop
                 times.append(time.perf_counter() - t0)
-                ids, pos = logits[:, -1:].argmax(-1), pos + 1
             rows.append(_gqa().decode_row(C, B, times[3:], kv_bytes, bool(torch.isfinite(logits).all()),
                                           free0 if device == "cuda" else None))
             if profile:

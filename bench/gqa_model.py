@@ -292,7 +292,8 @@ class BoundCaches:
                 self.io.bind_output(present, *where)
 
     def step(self, input_ids: np.ndarray, seqlens_k: np.ndarray, total_sequence_length: int) -> np.ndarray:
-        """Run one step of ``input_ids`` ``[B, S]``; returns the logits ``[B, S, vocab]`` as a numpy array.
+        """Run one step of ``input_ids`` ``[B, S]``; returns the logits ``[B, S, vocab]``: a numpy array on
+        the CPU, a PyTorch tensor in GPU memory with CUDA (the caller picks tokens there).
 
         ``seqlens_k[b]`` is row ``b``'s length after the step minus one; ``total_sequence_length``
         the largest length after the step. The new keys and values are written into the caches.
@@ -314,13 +315,20 @@ class BoundCaches:
         self.io.bind_cpu_input("input_ids", ids)
         self.io.bind_cpu_input("seqlens_k", lens)
         self.io.bind_cpu_input("total_sequence_length", total)
+        shape = [batch, S, self.gqa.meta["vocab_size"]]
+        if self.gqa.device != "cpu":  # as lrexport's CUDA backend: a fresh PyTorch tensor in GPU memory
+            import torch
+
+            logits = torch.empty(shape, dtype=getattr(torch, np.dtype(self.gqa.np_dtype).name), device="cuda")
+            self.io.bind_output("logits", "cuda", 0, self.gqa.np_dtype, shape, logits.data_ptr())
+            torch.cuda.current_stream().synchronize()
+            self.gqa.session.run_with_iobinding(self.io)
+            return logits
         if S not in self._logits:
-            shape = [batch, S, self.gqa.meta["vocab_size"]]
-            self._logits[S] = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.gqa.np_dtype, self.gqa.device, 0)
+            self._logits[S] = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.gqa.np_dtype, "cpu", 0)
         self.io.bind_ortvalue_output("logits", self._logits[S])
         self.gqa.session.run_with_iobinding(self.io)
-        logits = self._logits[S].numpy()  # a copy from GPU memory, a view of the bound buffer on the CPU
-        return logits.copy() if self.gqa.device == "cpu" else logits
+        return self._logits[S].numpy().copy()  # a view of the bound buffer otherwise
 
 
 def profile_steps(row: dict, step, steps: int = 5) -> None:
@@ -362,8 +370,8 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
     For each batch and context, caches of ``context + steps + 4`` positions are allocated once
     and taken as already holding ``context`` tokens per row; ``steps + 3`` steps then decode
     one token per row (the argmax of the last logits), and ``step_ms`` is the median of the
-    last ``steps``. A step binds the token ids and lengths, runs, and copies the logits to the
-    host. ``gpu_mem_bytes`` is the GPU memory taken since before the session was created
+    last ``steps``. A step binds the token ids and lengths, runs, and picks the next ids (argmax
+    of the logits, on the GPU with CUDA, then copied to the host). ``gpu_mem_bytes`` is the GPU memory taken since before the session was created
     (CUDA only); ``kv_bytes`` the size of all cache buffers. ``profile``: also the GPU work of a
     step (:func:`profile_steps`).
     """
@@ -387,9 +395,12 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
                 total = C + t + 1
                 t0 = time.perf_counter()
                 logits = bound.step(ids, np.full(B, total - 1, dtype=np.int32), total)
-                times.append(time.perf_counter() - t0)
                 ids = logits[:, -1:].argmax(-1)
-            rows.append(decode_row(C, B, times[3:], kv_bytes, bool(np.isfinite(logits).all()),
+                if device == "cuda":  # the next ids to the host, as lrexport's generation loop does
+                    ids = ids.cpu().numpy()
+                times.append(time.perf_counter() - t0)
+            finite = bool(torch.isfinite(logits).all()) if device == "cuda" else bool(np.isfinite(logits).all())
+            rows.append(decode_row(C, B, times[3:], kv_bytes, finite,
                                    free0 if device == "cuda" else None))
             if profile:
                 lens = np.full(B, C + steps + 2, dtype=np.int32)

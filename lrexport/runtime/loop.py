@@ -33,7 +33,10 @@ class Backend(Protocol):
     def new_caches(self, batch: int, capacity: int) -> Any: ...
 
     def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: Any,
-             ranks: list[int] | None) -> tuple[torch.Tensor, Any]: ...
+             ranks: list[int] | None) -> tuple[torch.Tensor, Any]:
+        """(logits ``[B, S, V]`` on the host or on the backend's GPU, caches); ``input_ids`` and
+        ``past_len`` on the host."""
+        ...
 
 
 @dataclass
@@ -108,8 +111,10 @@ def generate(
     suppress = torch.tensor(sorted(stops), dtype=torch.int64)
     for step in range(1, max_new_tokens + 1):
         if step <= min_new_tokens and len(suppress):
-            last = last.index_fill(-1, suppress, float("-inf"))
-        nxt = sample(last, sampling, gen)
+            last = last.index_fill(-1, suppress.to(last.device), float("-inf"))
+        if not sampling.greedy:  # the seeded generator is on the host; greedy picks on the logits' device
+            last = last.cpu()
+        nxt = sample(last, sampling, gen).cpu()
         emitted: list[int | None] = []
         for b in range(B):
             if done[b]:

@@ -6,8 +6,12 @@ Runs an exported ``model.onnx`` (see :mod:`lrexport.export`) through an
 ``past_*`` input (IO binding), so the kernel writes the new tokens into the cache in place
 and nothing is copied between steps. With ``CUDAExecutionProvider`` first among the
 providers, the caches are PyTorch tensors in GPU memory, bound to the session by pointer;
-they stay there between steps. Only the token ids, lengths and ranks go up, and only the
-logits come back.
+they stay there between steps. Only the token ids, lengths and ranks go up. The logits stay
+on the GPU too: each step binds a fresh PyTorch tensor in GPU memory as the ``logits`` output
+(from PyTorch's caching allocator, so no device allocation per step), and the caller samples
+there; only the next token ids come back to the host. (Bound to host memory instead, the
+logits would cost a fresh host array and a copy from the device on every step: 4 MiB at
+batch 8 with a 128K vocabulary.)
 """
 
 from __future__ import annotations
@@ -69,11 +73,24 @@ class OrtBackend:
         self.dense_params, self.total_params = dense_params, total_params
         self.in_place = use_library if in_place is None else in_place
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._logits_info = self._output_info("logits") if self.device == "cuda" else None
         self.present = ["present_" + n.removeprefix("past_") for n in self.cache_names]
         # the IO binding of the last caches: steps over the same buffers rebind only the small inputs
         self._binding = None
         self._binding_key: tuple | None = None
         self._binding_refs: list = []
+
+    def _output_info(self, name: str) -> tuple[int, torch.dtype, np.dtype]:
+        """(vocabulary size, torch dtype, numpy dtype) of the model's ``logits`` output."""
+        out = {o.name: o for o in self.session.get_outputs()}.get(name)
+        if out is None:
+            raise LrexportError(f"the model has no {name!r} output")
+        kinds = {"tensor(float)": (torch.float32, np.float32), "tensor(float16)": (torch.float16, np.float16)}
+        vocab = out.shape[-1] if out.shape else None
+        if out.type not in kinds or not isinstance(vocab, int):
+            raise LrexportError(f"the CUDA backend needs float32 or float16 logits with a fixed vocabulary size; "
+                                f"the model's {name!r} is {out.type} {out.shape}")
+        return (vocab, *kinds[out.type])
 
     def new_caches(self, batch: int, capacity: int) -> list[Any]:
         """Zeroed caches: numpy arrays on the CPU, ``torch`` tensors in GPU memory with CUDA."""
@@ -86,8 +103,10 @@ class OrtBackend:
 
     def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: list[np.ndarray],
              ranks: list[int] | None) -> tuple[torch.Tensor, list[np.ndarray]]:
-        feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids.numpy(), dtype=np.int64),
-                                 "past_len": np.ascontiguousarray(past_len.numpy(), dtype=np.int64)}
+        """One step; returns the logits ``[B, S, vocab]`` (a tensor on the GPU with CUDA, else on the CPU)
+        and the caches (the same buffers when they are updated in place)."""
+        feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids.cpu().numpy(), dtype=np.int64),
+                                 "past_len": np.ascontiguousarray(past_len.cpu().numpy(), dtype=np.int64)}
         if self.rank_max:
             r = ranks if ranks is not None else self.rank_max
             if len(r) != len(self.rank_max) or any(not 1 <= x <= m for x, m in zip(r, self.rank_max)):
@@ -99,9 +118,19 @@ class OrtBackend:
             named = dict(zip(self.output_names, outs))
             return torch.from_numpy(named["logits"]), [named[p] for p in self.present]
         binding = self._cache_binding(caches)
-        binding.bind_output("logits", "cpu")  # rebound (same place): a fresh array, not last step's
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
+        if self.device == "cuda":
+            vocab, tdt, ndt = self._logits_info
+            B, S = feeds["input_ids"].shape
+            logits = torch.empty(B, S, vocab, dtype=tdt, device=f"cuda:{self.device_id}")
+            binding.bind_output("logits", "cuda", self.device_id, ndt, [B, S, vocab], logits.data_ptr())
+            # ONNX Runtime writes on its own stream: PyTorch's work on memory the allocator may hand out
+            # again (last step's logits) must be done first. Run returns with ONNX Runtime's stream synced.
+            torch.cuda.current_stream(self.device_id).synchronize()
+            self.session.run_with_iobinding(binding)
+            return logits, caches
+        binding.bind_output("logits", "cpu")  # rebound (same place): a fresh array, not last step's
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return torch.from_numpy(logits), caches
@@ -118,7 +147,8 @@ class OrtBackend:
         if self._binding is not None and key == self._binding_key:
             return self._binding
         binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        if self.device == "cpu":
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
         refs = []
         for name, present, buf in zip(self.cache_names, self.present, caches):
             if isinstance(buf, torch.Tensor):  # GPU memory, bound by pointer: the kernel writes in place
@@ -142,4 +172,4 @@ class OrtBackend:
         """Logits of a batch from an empty cache (the eval ``LogitsFn``)."""
         B, S = input_ids.shape
         logits, _ = self.step(input_ids, torch.zeros(B, dtype=torch.int64), self.new_caches(B, S), None)
-        return logits
+        return logits.cpu()
