@@ -22,7 +22,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
 * ``lrexport_align1`` (not run by default): ranks not rounded (``--align 1``, the default of
   ``compress``), to show what unaligned float16 GEMMs cost;
 * a name with ``_unfused`` (e.g. ``lrexport_unfused``): exported without the residual Add + RMSNorm
-  fusion (``--no-fused-norms``); with ``_fusedmm``: with the shared-input MatMul fusion
+  fusion (``--no-fused-norms``); with ``_separate``: without the shared-input MatMul fusion
+  (``--no-fuse-matmuls``; the default fuses float16 models), with ``_fusedmm``: with it
   (``--fuse-matmuls``);
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
   recompiled under other settings (``bench/retune.py``; ``+`` separates the settings).
@@ -160,7 +161,8 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
         plan.kv = kv_plan(spec, kv, {i: [r, r] for i in range(spec.num_layers)}, dtype)
     built_s = time.perf_counter() - t0
     cm = compile_model(model, plan, factors, latent=latent)
-    res = export_onnx(cm, folder, fuse_norms="_unfused" not in variant, fuse_matmuls="_fusedmm" in variant)
+    res = export_onnx(cm, folder, fuse_norms="_unfused" not in variant, fuse_matmuls=(True if "_fusedmm" in variant
+                                                                  else False if "_separate" in variant else None))
     meta = json.loads((folder / "lrexport.json").read_text())
     meta["bench"] = {"build_s": built_s, "export_s": res.seconds,
                      "onnx_bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*"))}

@@ -367,14 +367,14 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
 
 def export(*, model: str | Path | CompressedModel | None = None, out: str | Path, cuda_arch: int | None = None,
            dtype: str | None = None, cuda_tuning: str | None = None, fuse_norms: bool = True,
-           fuse_matmuls: bool = False):
+           fuse_matmuls: bool | None = None):
     """Export a compressed folder (or a plain model) as a deployable ONNX folder.
 
     ``dtype``: convert the weights first ("float16" for ONNX Runtime's CUDA execution provider;
     the CPU kernel of the custom op is float32). ``cuda_arch``, ``cuda_tuning``: see
     :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models); ``fuse_norms``: residual
     Adds and RMSNorms as ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (False: standard ops);
-    ``fuse_matmuls``: MatMuls sharing their input as one MatMul and a Split (off by default)."""
+    ``fuse_matmuls``: MatMuls sharing their input as one MatMul and a Split (None: for float16 models)."""
     from lrexport.export import export_onnx
 
     return export_onnx(open_model(model, dtype=dtype), out, cuda_arch=cuda_arch, cuda_tuning=cuda_tuning,

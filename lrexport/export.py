@@ -45,7 +45,8 @@ class ExportResult:
 
 
 def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None,
-                cuda_tuning: str | None = None, fuse_norms: bool = True, fuse_matmuls: bool = False) -> ExportResult:
+                cuda_tuning: str | None = None, fuse_norms: bool = True,
+                fuse_matmuls: bool | None = None) -> ExportResult:
     """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically).
 
     ``cuda_arch``: the compute capability (e.g. 90) to compile the GPU decode kernels of a float16
@@ -54,7 +55,9 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     the tuned ones, or ``LREXPORT_CUDA_TUNING``). ``fuse_norms``: residual Adds and RMSNorms as ONNX
     Runtime's ``SkipSimplifiedLayerNormalization`` (False: standard ops, for runtimes without
     ONNX Runtime's contrib ops). ``fuse_matmuls``: the MatMuls that read one input with constant
-    weights (e.g. q/k/v's first factors) as one MatMul and a Split (off by default: see docs/design.md).
+    weights (e.g. q/k/v's first factors) as one MatMul and a Split; None: for float16 models (the
+    GPU's: fewer, larger GEMMs), not for float32 ones (slower on ONNX Runtime's CPU provider; see
+    docs/design.md).
     """
     from lrexport.errors import ConfigError
     from lrexport.kernels import aot

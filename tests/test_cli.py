@@ -101,14 +101,19 @@ def test_compress_weights_and_kv_together_round_trip(folder, tmp_path, capsys, m
     assert res.tokens == res2.tokens
     assert main(["compress", "--model", str(folder), "--out", str(tmp_path / "none")]) == 2
     assert "nothing to do" in capsys.readouterr().err
-    # export: one MatMul per projection by default; --fuse-matmuls joins q's first factor with the key /
-    # value latents and gate's with up's (2 Splits per layer); both folders generate
-    for flags in ([], ["--fuse-matmuls"]):
-        dst = tmp_path / ("onnx_fused" if flags else "onnx")
+    # export: --fuse-matmuls joins q's first factor with the key / value latents and gate's with up's (2 Splits
+    # per layer), --no-fuse-matmuls keeps one MatMul per projection; the default fuses float16 models only. All
+    # folders generate.
+    f16 = None
+    for flags, fused in ((["--no-fuse-matmuls"], False), (["--fuse-matmuls"], True), ([], None)):
+        dst = tmp_path / ("onnx" + "".join(flags))
         assert main(["export", str(out), "--out", str(dst), *flags]) == 0
-        assert ("shared_input_matmuls" in capsys.readouterr().out) == bool(flags)
-        ops = [n.op_type for n in onnx.load(str(dst / "model.onnx"), load_external_data=False).graph.node]
-        assert ops.count("Split") == (2 * cm.spec.num_layers if flags else 0)
+        graph = onnx.load(str(dst / "model.onnx"), load_external_data=False).graph
+        if f16 is None:
+            f16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+        fused = f16 if fused is None else fused
+        assert ("shared_input_matmuls" in capsys.readouterr().out) == fused
+        assert [n.op_type for n in graph.node].count("Split") == (2 * cm.spec.num_layers if fused else 0)
         _, gen = api.generate_text(model=str(dst), prompts=["The game"], max_new_tokens=6)
         assert 1 <= len(gen.tokens[0]) <= 6  # the stop token may end it early
 

@@ -254,3 +254,33 @@ def test_float16_unpacking(bits, qg, gs, hoist):
     # the two paths round each dequantized latent to float16 once; they differ at most where the float32
     # path rounds twice, and then by one float16 step
     assert rel_err(half, wide) < 2e-3
+
+
+@pytest.mark.parametrize("bits,qg", [(0, 8), (4, 16)])
+@pytest.mark.parametrize("gs,hoist", [(1, True), (2, False)], ids=["M-hoisted", "J-streamed"])
+@pytest.mark.parametrize("rope16,lazy_sum", [(2, False), (0, True), (2, True)])  # (2, True): the decode default
+def test_float16_rope_and_lazy_sums(bits, qg, gs, hoist, rope16, lazy_sum):
+    """Decode with the keys' RoPE in float16 (two values per instruction on the GPU; plain float16 operations
+    in the interpreter) and with the softmax sums kept per position until after the loop: against the float64
+    reference within float16 rounding, and against the kernel without them (float32 RoPE, sums reduced per
+    tile)."""
+    c = make_case(B=2, S=1, Hq=8, Hkv=2, gs=gs, D=64, rk=32, rv=32, P=230, past=(200, 77), bits=bits, qg=qg,
+                  seed=11 + bits + gs + rope16)
+    # the reference sees the float16 inputs the kernel sees (so that the new tokens get the same codes)
+    c = {k: v.half().double() if isinstance(v, torch.Tensor) and v.dtype == torch.float64 else v for k, v in c.items()}
+    ref = reference(c)[0]
+    base = run_kernel(c, dtype=torch.float16, hoist=hoist, num_splits=3, block_n=32, rope16=0, lazy_sum=False)[0]
+    out = run_kernel(c, dtype=torch.float16, hoist=hoist, num_splits=3, block_n=32, rope16=rope16,
+                     lazy_sum=lazy_sum)[0]
+    # float16 inputs, keys and outputs (2^-11 relative each): 1e-2 of the largest output, as the default path
+    assert rel_err(base, ref) < 1e-2
+    assert rel_err(out, ref) < 1e-2
+    # float16 RoPE rounds each product and sum of the key (a few float16 steps of the scores); the lazy sums
+    # only reorder float32 additions
+    assert rel_err(out, base) < (4e-3 if rope16 else 1e-4)
+    cfg = tlk.kernel_config(S=1, D=64, nrep=4, rk=32, rv=32, bits=bits, quant_group=qg, itemsize=2,
+                            rope16=rope16, lazy_sum=lazy_sum)
+    assert cfg["LAZY_SUM"] == lazy_sum and bool(cfg["ROPE16"]) == bool(rope16)
+    # prefill keeps the float32 RoPE and per-tile sums
+    assert tlk.kernel_config(S=5, D=64, nrep=4, rk=32, rv=32, bits=bits, quant_group=qg, itemsize=2,
+                             rope16=rope16, lazy_sum=lazy_sum)["ROPE16"] == 0

@@ -185,13 +185,14 @@ def _inline(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> onnx.Mo
     return out
 
 
-def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool = False) -> EmitResult:
+def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool | None = None) -> EmitResult:
     """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it).
 
     ``fuse_norms``: residual ``Add`` + RMSNorm as ONNX Runtime's ``SkipSimplifiedLayerNormalization``
     (:mod:`lrexport.emit.fusions`); False keeps standard ops only (besides the lrexport domain).
     ``fuse_matmuls``: the ``MatMul`` nodes that read the same input with constant weights as one
-    ``MatMul`` and a ``Split`` (standard ops; off by default, see docs/design.md)."""
+    ``MatMul`` and a ``Split`` (standard ops); None: when the weights are float16 (a GPU model: fewer,
+    larger GEMMs), not for float32 ones (slower on ONNX Runtime's CPU provider, see docs/design.md)."""
     inputs, outputs = io_names(tg)
     _rename_inputs(tg, inputs)
     # torch.onnx notes at WARNING level every torchvision op it cannot register: not ours to hear
@@ -212,6 +213,8 @@ def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool = False
         n = fuse_skip_rms_norm(model)
         results.append(PassResult("skip_rms_norm", changed=n,
                                   unmatched=None if n else "no residual Add followed by an RMSNorm"))
+    if fuse_matmuls is None:
+        fuse_matmuls = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     if fuse_matmuls:
         n = fuse_shared_input_matmuls(model)
         results.append(PassResult("shared_input_matmuls", changed=n,

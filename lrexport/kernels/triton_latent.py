@@ -156,6 +156,26 @@ if triton is not None:
             return _mma(p.to(v.dtype), v, IEEE)
 
     @triton.jit
+    def _rope16(a, b, c, s, ASM: tl.constexpr):
+        """RoPE of the key halves ``a``, ``b`` by the table rows ``c`` (cos), ``s`` (sin), all float16:
+        ``(a c - b s, b c + a s)``, each product and sum in float16 as Hugging Face's float16 RoPE. ASM: two
+        values per instruction (``f16x2``; the GPU only: the interpreter has no inline assembly)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, u;
+                mul.rn.f16x2 t, $3, $5;
+                neg.f16x2 t, t;
+                fma.rn.f16x2 $0, $2, $4, t;
+                mul.rn.f16x2 u, $2, $5;
+                fma.rn.f16x2 $1, $3, $4, u;
+                }""",
+                constraints="=r,=r,r,r,r,r", args=[a, b, c, s], dtype=(tl.float16, tl.float16), is_pure=True,
+                pack=2)
+        else:
+            return a * c - b * s, b * c + a * s
+
+    @triton.jit
     def _latent_attn_fwd(
         Q, sq_b, sq_s,
         CK, sck_b, sck_p, PK, spk_b, spk_p,
@@ -170,7 +190,8 @@ if triton is not None:
         SPLIT: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, WINDOW: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
-        REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr,
+        REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr, ROPE16: tl.constexpr = 0,
+        LAZY_SUM: tl.constexpr = False,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -213,6 +234,10 @@ if triton is not None:
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
+        R16: tl.constexpr = ROPE16 > 0 and cdt == tl.float16 and REL_ROPE == 0 and not PAIR
+        LAZY: tl.constexpr = LAZY_SUM and SWAP
+        if LAZY:  # the softmax sums per (position, row), reduced over positions once after the loop
+            l_t = tl.zeros([BLOCK_N, M], tl.float32)
         if REL_ROPE:
             # keys' RoPE by angle addition: the key at n0 + i from the tile's row n0 and the offset rows i (a
             # table the loop reuses), divided by row 0 (the table's own scale, e.g. YaRN's attention factor)
@@ -314,6 +339,9 @@ if triton is not None:
                 ks = ks_o * cb[None, :] + kc_o * sb[None, :]
             if PAIR:
                 kr = tl.reshape(tl.join((k1 * kc - k2 * ks).to(cdt), (k2 * kc + k1 * ks).to(cdt)), (BLOCK_N, D))
+            elif R16:  # in float16: the keys rounded once, no table conversions
+                kr1, kr2 = _rope16(k1.to(tl.float16), k2.to(tl.float16), kc.to(tl.float16), ks.to(tl.float16),
+                                   ROPE16 == 2)
             else:
                 kr1 = (k1 * kc - k2 * ks).to(cdt)
                 kr2 = (k2 * kc + k1 * ks).to(cdt)
@@ -334,7 +362,10 @@ if triton is not None:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.math.exp2(m_i - m_safe)
                 p_t = tl.math.exp2(s_t - m_safe[None, :])
-                l_i = l_i * alpha + tl.sum(p_t, 0)
+                if LAZY:
+                    l_t = l_t * alpha[None, :] + p_t
+                else:
+                    l_i = l_i * alpha + tl.sum(p_t, 0)
                 acc_t = acc_t * alpha[None, :] + _mma(tl.trans(v), p_t.to(cdt), IEEE)
             else:
                 if CC:  # few query rows: multiply-and-reduce on the CUDA cores, no padded MMA rows
@@ -362,6 +393,8 @@ if triton is not None:
 
         if SWAP:
             acc = tl.trans(acc_t)
+        if LAZY:
+            l_i = tl.sum(l_t, 0)
         if not SPLIT:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV + cv_idx[None, :]
@@ -494,6 +527,15 @@ DECODE_REL_ROPE = 0
 # the query's) side by side so that RoPE pairs them in registers; False = a product per half
 DECODE_PAIR = False
 
+# decode's RoPE of the rebuilt keys in float16 models: 2 = in float16, two values per instruction (f16x2 inline
+# assembly; the interpreter runs the same arithmetic as plain float16 operations), as Hugging Face's float16 RoPE
+# rounds; 0 = in float32 (table rows converted). Decode's softmax sums: True = kept per (position, row) and reduced
+# over positions once after the loop, which saves a reduction across warps per tile. Both measured on an H200
+# (bench/results/gpu_kernels_rope16_*.md; 64K tokens, 50% M-LRD, batch 8): float latents 469 -> 410 us
+# (Llama-3-8B shapes) and 1619 -> 1400 us (Llama-2-7B); 4-bit 528 -> 474 and 2484 -> 2344 us.
+DECODE_ROPE16 = 2
+DECODE_LAZY_SUM = True
+
 # decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json,
 # gpu_kernels_pair.json)
 DECODE_STAGES = {False: 3, True: 3}
@@ -516,7 +558,8 @@ def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None) -> int
 def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
                   cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
-                  pair: bool = DECODE_PAIR, unpack16: bool = True) -> dict:
+                  pair: bool = DECODE_PAIR, unpack16: bool = True, rope16: int = DECODE_ROPE16,
+                  lazy_sum: bool = DECODE_LAZY_SUM) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -542,7 +585,8 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                 BLOCK_N=block_n or (64 if S == 1 else 32), BITS=bits, QG=quant_group if bits else 1, HOIST=hoist,
                 RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
                 FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=pair and hoist and swapped,
-                UNPACK16=unpack16)
+                UNPACK16=unpack16, ROPE16=(min(rope16, 1) if _INTERPRET else rope16) if S == 1 else 0,
+                LAZY_SUM=lazy_sum and swapped)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -663,7 +707,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             waves: int = DECODE_WAVES, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
             vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
-            pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None) -> torch.Tensor:
+            pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
+            rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -677,7 +722,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     feed the score MMA from registers), ``rel_rope`` (see ``DECODE_REL_ROPE``), ``pair`` (see
     ``DECODE_PAIR``), ``unpack16`` (float16 models: packed codes dequantized in float16, see
     :func:`_load_block`; False: in float32), ``maxnreg`` (a register cap per thread: more programs
-    per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none). A setting whose
+    per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none), ``rope16`` and
+    ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -704,7 +750,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
                         cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair,
-                        unpack16=unpack16)
+                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
