@@ -200,10 +200,6 @@ PAIR_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=st, waves=wv, swap=True
 ROPE16_CONFIGS = [dict(rope16=r, lazy_sum=lz) for r in (0, 2) for lz in (False, True)]
 
 
-# 4-bit latents read as 32-bit words, two codes per instruction (``unpack4=2``) or as bytes (0), at 3 and 2 stages
-UNPACK4_CONFIGS = [dict(unpack4=u) | ({} if st is None else {"num_stages": st}) for u in (0, 2) for st in (None, 2)]
-
-
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -211,8 +207,7 @@ DEFAULT_CONFIGS = [{}]
 def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-            "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "unpack4": UNPACK4_CONFIGS,
-            "default": DEFAULT_CONFIGS}[name]
+            "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -298,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
-    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "unpack4", "default"), default="full",
+    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "default"), default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
                     help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")

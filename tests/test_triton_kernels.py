@@ -284,28 +284,3 @@ def test_float16_rope_and_lazy_sums(bits, qg, gs, hoist, rope16, lazy_sum):
     # prefill keeps the float32 RoPE and per-tile sums
     assert tlk.kernel_config(S=5, D=64, nrep=4, rk=32, rv=32, bits=bits, quant_group=qg, itemsize=2,
                              rope16=rope16, lazy_sum=lazy_sum)["ROPE16"] == 0
-
-
-@pytest.mark.parametrize("qg", [8, 16, 32])
-@pytest.mark.parametrize("gs,hoist", [(1, True), (2, False)], ids=["M-hoisted", "J-streamed"])
-def test_word_unpacking_of_4bit_latents(qg, gs, hoist):
-    """4-bit latents read as 32-bit words of eight codes (two codes per instruction on the GPU; the same word
-    arithmetic as plain operations in the interpreter): the same values as the byte path (one float16
-    rounding of code * scale + zero point in both), so the outputs agree to float32 reordering, and the
-    float64 reference within float16 rounding. Ranks with a padded tail (rk=48 -> 64) mask whole words."""
-    for rk, rv in ((32, 32), (48, 48)):
-        if (2 // gs) * rk % qg:  # the cache row (G * rk channels) holds whole quantization groups
-            continue
-        c = make_case(B=2, S=1, Hq=8, Hkv=2, gs=gs, D=64, rk=rk, rv=rv, P=230, past=(200, 77), bits=4, qg=qg,
-                      seed=qg + gs + rk)
-        c = {k: v.half().double() if isinstance(v, torch.Tensor) and v.dtype == torch.float64 else v
-             for k, v in c.items()}
-        ref = reference(c)[0]
-        base = run_kernel(c, dtype=torch.float16, hoist=hoist, num_splits=3, block_n=32, unpack4=0)[0]
-        words = run_kernel(c, dtype=torch.float16, hoist=hoist, num_splits=3, block_n=32, unpack4=2)[0]
-        assert rel_err(words, base) < 1e-5
-        assert rel_err(words, ref) < 1e-2
-    assert tlk.kernel_config(S=1, D=64, nrep=4, rk=32, rv=32, bits=4, quant_group=qg, itemsize=2,
-                             unpack4=2)["UNPACK4"] > 0
-    assert tlk.kernel_config(S=1, D=64, nrep=4, rk=32, rv=32, bits=2, quant_group=qg, itemsize=2,
-                             unpack4=2)["UNPACK4"] == 0

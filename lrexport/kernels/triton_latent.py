@@ -60,58 +60,9 @@ def available(device: torch.device | str | None = None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _unpack4(w, sc, ze, ASM: tl.constexpr):
-        """The eight 4-bit codes of the 32-bit words ``w`` (channel ``2k`` in the low nibble of byte ``k``,
-        ``2k + 1`` in the high one) dequantized in float16: ``code * sc + ze``, one rounding. ``0x6400 | c``
-        is 1024 + c exactly. ASM: two codes per instruction (``lop3`` masks two nibbles into two float16
-        mantissas at once, ``f16x2`` subtract and fused multiply-add); otherwise the same arithmetic as
-        scalar Triton operations (the interpreter's path)."""
-        if ASM:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, t2, t3, m, s2, z2, k;
-                mov.b32 s2, {$9, $9};
-                mov.b32 z2, {$10, $10};
-                mov.b32 k, 0x64006400;
-                lop3.b32 t0, $8, 0x000F000F, k, 0xEA;
-                shr.u32 m, $8, 4;
-                lop3.b32 t1, m, 0x000F000F, k, 0xEA;
-                shr.u32 m, $8, 8;
-                lop3.b32 t2, m, 0x000F000F, k, 0xEA;
-                shr.u32 m, $8, 12;
-                lop3.b32 t3, m, 0x000F000F, k, 0xEA;
-                sub.f16x2 t0, t0, k;
-                sub.f16x2 t1, t1, k;
-                sub.f16x2 t2, t2, k;
-                sub.f16x2 t3, t3, k;
-                fma.rn.f16x2 t0, t0, s2, z2;
-                fma.rn.f16x2 t1, t1, s2, z2;
-                fma.rn.f16x2 t2, t2, s2, z2;
-                fma.rn.f16x2 t3, t3, s2, z2;
-                mov.b32 {$0, $4}, t0;
-                mov.b32 {$1, $5}, t1;
-                mov.b32 {$2, $6}, t2;
-                mov.b32 {$3, $7}, t3;
-                }""",
-                constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", args=[w, sc, ze],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16), is_pure=True, pack=1)
-        else:
-            o0 = ((w & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o1 = (((w >> 4) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o2 = (((w >> 8) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o3 = (((w >> 12) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o4 = (((w >> 16) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o5 = (((w >> 20) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o6 = (((w >> 24) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            o7 = (((w >> 28) & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            return (o0 * sc + ze, o1 * sc + ze, o2 * sc + ze, o3 * sc + ze, o4 * sc + ze, o5 * sc + ze,
-                    o6 * sc + ze, o7 * sc + ze)
-
-    @triton.jit
     def _load_block(C, Pp, row_c, row_p, nmask, base, BLOCK_N: tl.constexpr, W: tl.constexpr, VALID,
                     AL: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, NGROUPS, FAST: tl.constexpr, sc, ze,
-                    H16: tl.constexpr = False, U4: tl.constexpr = 0):
+                    H16: tl.constexpr = False):
         """Latent values [BLOCK_N, W] of channels ``base .. base+W`` (the first VALID of them).
 
         ``row_c`` / ``row_p``: [BLOCK_N, 1] offsets of the positions' cache / params rows. FAST (2, 4
@@ -131,20 +82,6 @@ if triton is not None:
         m2 = nmask[:, None] & ((w // AL) * AL < VALID)[None, :]
         if BITS == 0:  # as stored: a load that feeds an MMA directly is pipelined through shared memory
             return tl.load(C + row_c + base + w[None, :], mask=m2, other=0.0)
-        elif FAST and BITS == 4 and H16 and U4 > 0 and AL >= 8:
-            # 32-bit words of eight codes (rows and ``base`` are whole words: the code bytes of a row are
-            # G * rk / 2 with rk a multiple of 16), unpacked two codes per instruction (U4 == 2)
-            WW: tl.constexpr = W // 8
-            ww = tl.arange(0, WW)
-            wrd = tl.load(C.to(tl.pointer_type(tl.int32)) + (row_c + base // 2) // 4 + ww[None, :],
-                          mask=nmask[:, None] & ((ww // (AL // 8)) * AL < VALID)[None, :], other=0)
-            NGW4: tl.constexpr = W // QG
-            scw = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NGW4, QG // 8)), (BLOCK_N, WW))
-            zew = tl.reshape(tl.broadcast_to(ze[:, :, None], (BLOCK_N, NGW4, QG // 8)), (BLOCK_N, WW))
-            o0, o1, o2, o3, o4, o5, o6, o7 = _unpack4(wrd, scw, zew, U4 == 2)
-            # channels 8m + i in order: join interleaves, so ((0, 4), (2, 6)) then ((1, 5), (3, 7))
-            x = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-            return tl.reshape(x, (BLOCK_N, W))
         elif FAST:
             PER: tl.constexpr = 8 // BITS
             wb = tl.arange(0, W // PER)
@@ -254,7 +191,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
         REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr, ROPE16: tl.constexpr = 0,
-        LAZY_SUM: tl.constexpr = False, UNPACK4: tl.constexpr = 0,
+        LAZY_SUM: tl.constexpr = False,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -360,7 +297,7 @@ if triton is not None:
             row_pk = b * spk_b + pos64 * spk_p
             if HOIST:
                 lat = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK, BLOCK_N, RK_P, RK, AL_K, BITS, QG, NGK,
-                                  FAST_K, sck, zek, H16, UNPACK4).to(cdt)
+                                  FAST_K, sck, zek, H16).to(cdt)
                 if PAIR:
                     k1, k2 = tl.split(tl.reshape(_mma(lat, uh, IEEE), (BLOCK_N, HALF, 2)))
                 else:
@@ -411,7 +348,7 @@ if triton is not None:
             row_cv = b * scv_b + pos64 * scv_p
             row_pv = b * spv_b + pos64 * spv_p
             v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, FAST_V,
-                            scv, zev, H16, UNPACK4).to(cdt)
+                            scv, zev, H16).to(cdt)
             if SWAP:  # scores [BLOCK_N, M]: the rebuilt keys feed the MMA from registers
                 if PAIR:
                     s_t = _mma(kr, qt, IEEE)
@@ -599,11 +536,6 @@ DECODE_PAIR = False
 DECODE_ROPE16 = 2
 DECODE_LAZY_SUM = True
 
-# decode's unpacking of 4-bit latents in float16 models: 2 = 32-bit words of eight codes, two codes per
-# instruction (inline assembly; the interpreter runs the same word path as plain operations); 0 = bytes split
-# into codes with Triton operations
-DECODE_UNPACK4 = 0
-
 # decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json,
 # gpu_kernels_pair.json)
 DECODE_STAGES = {False: 3, True: 3}
@@ -627,7 +559,7 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
                   cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
                   pair: bool = DECODE_PAIR, unpack16: bool = True, rope16: int = DECODE_ROPE16,
-                  lazy_sum: bool = DECODE_LAZY_SUM, unpack4: int = DECODE_UNPACK4) -> dict:
+                  lazy_sum: bool = DECODE_LAZY_SUM) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -654,8 +586,7 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                 RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
                 FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=pair and hoist and swapped,
                 UNPACK16=unpack16, ROPE16=(min(rope16, 1) if _INTERPRET else rope16) if S == 1 else 0,
-                LAZY_SUM=lazy_sum and swapped,
-                UNPACK4=(min(unpack4, 1) if _INTERPRET else unpack4) if S == 1 and bits == 4 else 0)
+                LAZY_SUM=lazy_sum and swapped)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -777,8 +708,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
-            rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
-            unpack4: int = DECODE_UNPACK4) -> torch.Tensor:
+            rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -793,8 +723,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     ``DECODE_PAIR``), ``unpack16`` (float16 models: packed codes dequantized in float16, see
     :func:`_load_block`; False: in float32), ``maxnreg`` (a register cap per thread: more programs
     per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none), ``rope16`` and
-    ``lazy_sum``, ``unpack4`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`,
-    :data:`DECODE_UNPACK4`). A setting whose
+    ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -821,7 +750,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
                         cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair,
-                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum, unpack4=unpack4)
+                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
