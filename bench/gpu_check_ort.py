@@ -19,7 +19,9 @@ present_*). Every step is compared with
   other way -- and anything else fails);
 * ``latent_attention_reference`` in float64 on the same inputs.
 
-It also checks the copy path (plain ``run``: present is a new buffer), an S=0 call, a larger
+It also runs whole exported float16 models through the runtime's ONNX Runtime backend (logits of a
+prefill and decode steps, CUDA against CPU; tokens from ``generate``), checks the copy path (plain
+``run``: present is a new buffer), an S=0 call, a larger
 model (several query tiles, splits along the keys, more than 48 KiB of shared memory) with
 timings, and that bad inputs give ONNX Runtime errors that name them while the session stays
 usable. It prints a table and exits 1 on any failure (2 when it cannot run: no
@@ -605,6 +607,8 @@ def run_all(ck: Checker, quick: bool):
     for dt, bits in ((np.float16, 4), (np.float32, 0)) if not quick else ((np.float16, 4),):
         ck.chain("large", Shape(bits=bits, **big), dt, steps=steps, past_len=past, seed=11, timing=not ck.emulated)
     triton_grid(ck, quick)
+    if not ck.emulated:
+        generation(ck)
     ck.errors()
 
 
@@ -640,6 +644,51 @@ def triton_grid(ck: Checker, quick: bool):
     for bits in (0, 4):
         ck.chain("triton large", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1), past_len=(0, 200), seed=15,
                  timing=not ck.emulated, triton=True)
+
+
+def generation(ck: Checker, new_tokens: int = 16):
+    """A whole exported float16 model (2 layers, random weights, KV 50% M-LRD) through the runtime's ONNX
+    Runtime backend, CUDA against CPU: the logits of a prefill and of ``new_tokens`` decode steps fed the same
+    tokens (caches and logits in GPU memory on CUDA), and the tokens ``generate`` picks, greedy and sampled, on
+    each device. (Float latents only: the CPU kernel has no float16 form for packed latents.)"""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_e2e import build_variant, smoke_config
+
+    from lrexport.export import load_onnx_backend
+    from lrexport.runtime.loop import generate
+    from lrexport.runtime.sampling import Sampling
+
+    prompts = [[11, 22, 33, 44, 55], [7, 8, 9, 10, 12]]
+    providers = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in ("lrexport",):
+            folder = build_variant(variant, smoke_config(2, 64), "float16", Path(tmp), "cpu")
+            backends = {dev: load_onnx_backend(folder, providers=prov)[0] for dev, prov in providers.items()}
+            # teacher-forced: the same tokens on both devices (the CPU's greedy picks)
+            caches = {dev: be.new_caches(2, 5 + new_tokens + 1) for dev, be in backends.items()}
+            ids, pos, worst = torch.tensor(prompts), torch.zeros(2, dtype=torch.int64), 0.0
+            for step in range(new_tokens + 1):
+                out = {}
+                for dev, be in backends.items():
+                    logits, caches[dev] = be.step(ids, pos, caches[dev], None)
+                    out[dev] = logits[:, -1].double().cpu()
+                worst = max(worst, rel_err(out["cuda"].numpy(), out["cpu"].numpy()))
+                pos = pos + ids.shape[1]
+                ids = out["cpu"].argmax(-1)[:, None]
+            toks = {dev: [generate(be, prompts, max_new_tokens=new_tokens, sampling=smp).tokens
+                          for smp in (Sampling(), Sampling(temperature=0.8, top_k=50, seed=3))]
+                    for dev, be in backends.items()}
+            same = sum(a == b for ga, gb in zip(toks["cuda"], toks["cpu"]) for ra, rb in zip(ga, gb)
+                       for a, b in zip(ra, rb))
+            total = sum(len(r) for g in toks["cpu"] for r in g)
+            ck.add(Row(f"generate {variant}", "float16", 4 if "4bit" in variant else 0, 1, f"{new_tokens} steps",
+                       out_vs_cpu=worst, ok=worst < 2e-2,
+                       note=f"ONNX Runtime backend, logits on the GPU; generate(): {same}/{total} tokens equal to "
+                            "the CPU's (greedy and sampled)"))
 
 
 def environment(ort, emulated: bool) -> dict:
