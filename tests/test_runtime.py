@@ -149,3 +149,36 @@ def test_cuda_device_runs_the_graph_on_the_gpu_or_says_why(lm):
 def test_bad_device_is_a_clear_error(lm):
     with pytest.raises(ConfigError, match="cpu or cuda"):
         TorchBackend(trace(lm.model), device="tpu")
+
+
+def test_cuda_logits_binding_reads_the_models_logits_output(tmp_path):
+    """The CUDA backend binds a GPU tensor as ``logits`` each step: it takes the vocabulary size and dtype from
+    the model's output, and names a model whose logits it cannot bind (a symbolic vocabulary, an integer
+    type). The lookup is the same on any provider, so it is checked here on the CPU."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lrexport.errors import LrexportError
+    from lrexport.runtime.ort_backend import OrtBackend
+
+    def model(vocab, dt):
+        ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+        out = helper.make_tensor_value_info("logits", dt, ["batch", "seq", vocab])
+        if isinstance(vocab, int):
+            inits, ins = [helper.make_tensor("emb", dt, [7, vocab], np.arange(7 * vocab).tolist())], [ids]
+        else:  # a table fed at run time: the vocabulary is not known until then
+            inits, ins = [], [ids, helper.make_tensor_value_info("emb", dt, [7, vocab])]
+        g = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["logits"])], "m", ins, [out], inits)
+        path = tmp_path / f"m_{vocab}_{dt}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+        return OrtBackend(path, cache=[], max_len=8, use_library=False)
+
+    assert model(5, TensorProto.FLOAT)._output_info("logits") == (5, torch.float32, np.float32)
+    assert model(9, TensorProto.FLOAT16)._output_info("logits") == (9, torch.float16, np.float16)
+    with pytest.raises(LrexportError, match="fixed vocabulary size"):
+        model("vocab", TensorProto.FLOAT)._output_info("logits")
+    with pytest.raises(LrexportError, match="float32 or float16 logits"):
+        model(5, TensorProto.INT64)._output_info("logits")
+    with pytest.raises(LrexportError, match="no 'scores' output"):
+        model(5, TensorProto.FLOAT)._output_info("scores")
