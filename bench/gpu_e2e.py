@@ -32,9 +32,10 @@ The random model's factors are drawn directly at the ranks the allocators choose
 budgets (decomposing random matrices would only cost time: speed depends on the shapes). The
 caches are filled as if ``context`` tokens had been prefilled; each step decodes one token per
 sequence: it runs the model, takes the argmax of the logits where they are (GPU memory with
-CUDA, for every variant) and brings the next ids to the host. Reported per (variant, context, batch): median step time over ``--steps`` decode
-steps (after warm-up), decode tokens/s (all sequences), cache bytes, and GPU memory in use
-by the process (weights + caches + ONNX Runtime's workspace). Each variant runs in its own
+CUDA, for every variant) and brings the next ids to the host. Reported per (variant, context,
+batch): median step time over ``--steps`` decode steps (after warm-up), decode tokens/s (all
+sequences), cache bytes, and GPU memory in use by the process (weights + caches + ONNX
+Runtime's workspace). Each variant runs in its own
 process so that the memory figures do not mix.
 """
 

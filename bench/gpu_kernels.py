@@ -293,7 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
-    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "default"), default="full",
+    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "default"),
+                    default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
                     help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")

@@ -319,9 +319,9 @@ class BoundCaches:
         if self.gqa.device != "cpu":  # as lrexport's CUDA backend: a fresh PyTorch tensor in GPU memory
             import torch
 
-            logits = torch.empty(shape, dtype=getattr(torch, np.dtype(self.gqa.np_dtype).name), device="cuda")
-            self.io.bind_output("logits", "cuda", 0, self.gqa.np_dtype, shape, logits.data_ptr())
-            torch.cuda.current_stream().synchronize()
+            from lrexport.runtime.ort_backend import bind_gpu_output
+
+            logits = bind_gpu_output(self.io, "logits", shape, getattr(torch, np.dtype(self.gqa.np_dtype).name), 0)
             self.gqa.session.run_with_iobinding(self.io)
             return logits
         if S not in self._logits:
@@ -371,9 +371,9 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
     and taken as already holding ``context`` tokens per row; ``steps + 3`` steps then decode
     one token per row (the argmax of the last logits), and ``step_ms`` is the median of the
     last ``steps``. A step binds the token ids and lengths, runs, and picks the next ids (argmax
-    of the logits, on the GPU with CUDA, then copied to the host). ``gpu_mem_bytes`` is the GPU memory taken since before the session was created
-    (CUDA only); ``kv_bytes`` the size of all cache buffers. ``profile``: also the GPU work of a
-    step (:func:`profile_steps`).
+    of the logits, on the GPU with CUDA, then copied to the host). ``gpu_mem_bytes`` is the GPU
+    memory taken since before the session was created (CUDA only); ``kv_bytes`` the size of all
+    cache buffers. ``profile``: also the GPU work of a step (:func:`profile_steps`).
     """
     import torch
 

@@ -235,8 +235,8 @@ if triton is not None:
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
         R16: tl.constexpr = ROPE16 > 0 and cdt == tl.float16 and REL_ROPE == 0 and not PAIR
-        LAZY: tl.constexpr = LAZY_SUM and SWAP
-        if LAZY:  # the softmax sums per (position, row), reduced over positions once after the loop
+        if LAZY_SUM:  # the softmax sums per (position, row), reduced over positions once after the loop (swapped
+            # orientation only: kernel_config sets it so)
             l_t = tl.zeros([BLOCK_N, M], tl.float32)
         if REL_ROPE:
             # keys' RoPE by angle addition: the key at n0 + i from the tile's row n0 and the offset rows i (a
@@ -362,7 +362,7 @@ if triton is not None:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.math.exp2(m_i - m_safe)
                 p_t = tl.math.exp2(s_t - m_safe[None, :])
-                if LAZY:
+                if LAZY_SUM:
                     l_t = l_t * alpha[None, :] + p_t
                 else:
                     l_i = l_i * alpha + tl.sum(p_t, 0)
@@ -393,7 +393,7 @@ if triton is not None:
 
         if SWAP:
             acc = tl.trans(acc_t)
-        if LAZY:
+        if LAZY_SUM:
             l_i = tl.sum(l_t, 0)
         if not SPLIT:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -30,6 +30,18 @@ log = logging.getLogger(__name__)
 _NP = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "bfloat16": None}
 
 
+def bind_gpu_output(binding: Any, name: str, shape: list[int], dtype: torch.dtype, device_id: int) -> torch.Tensor:
+    """Bind a fresh PyTorch tensor in GPU memory as output ``name`` of an IO binding and return it.
+
+    The tensor comes from PyTorch's caching allocator (no device allocation per step). ONNX Runtime
+    writes on its own stream, so PyTorch's pending work, which may still read memory the allocator
+    hands out again, is waited for first; a run returns with ONNX Runtime's stream synced."""
+    out = torch.empty(shape, dtype=dtype, device=f"cuda:{device_id}")
+    binding.bind_output(name, "cuda", device_id, np.dtype(str(dtype).removeprefix("torch.")), shape, out.data_ptr())
+    torch.cuda.current_stream(device_id).synchronize()
+    return out
+
+
 class OrtBackend:
     """A loop backend over an ONNX Runtime session (CPU by default).
 
@@ -80,17 +92,17 @@ class OrtBackend:
         self._binding_key: tuple | None = None
         self._binding_refs: list = []
 
-    def _output_info(self, name: str) -> tuple[int, torch.dtype, np.dtype]:
-        """(vocabulary size, torch dtype, numpy dtype) of the model's ``logits`` output."""
+    def _output_info(self, name: str) -> tuple[int, torch.dtype]:
+        """(last dimension, torch dtype) of the model's output ``name`` (the logits: vocabulary size)."""
         out = {o.name: o for o in self.session.get_outputs()}.get(name)
         if out is None:
             raise LrexportError(f"the model has no {name!r} output")
-        kinds = {"tensor(float)": (torch.float32, np.float32), "tensor(float16)": (torch.float16, np.float16)}
+        kinds = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
         vocab = out.shape[-1] if out.shape else None
         if out.type not in kinds or not isinstance(vocab, int):
             raise LrexportError(f"the CUDA backend needs float32 or float16 logits with a fixed vocabulary size; "
                                 f"the model's {name!r} is {out.type} {out.shape}")
-        return (vocab, *kinds[out.type])
+        return vocab, kinds[out.type]
 
     def new_caches(self, batch: int, capacity: int) -> list[Any]:
         """Zeroed caches: numpy arrays on the CPU, ``torch`` tensors in GPU memory with CUDA."""
@@ -121,13 +133,8 @@ class OrtBackend:
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         if self.device == "cuda":
-            vocab, tdt, ndt = self._logits_info
-            B, S = feeds["input_ids"].shape
-            logits = torch.empty(B, S, vocab, dtype=tdt, device=f"cuda:{self.device_id}")
-            binding.bind_output("logits", "cuda", self.device_id, ndt, [B, S, vocab], logits.data_ptr())
-            # ONNX Runtime writes on its own stream: PyTorch's work on memory the allocator may hand out
-            # again (last step's logits) must be done first. Run returns with ONNX Runtime's stream synced.
-            torch.cuda.current_stream(self.device_id).synchronize()
+            vocab, dtype = self._logits_info
+            logits = bind_gpu_output(binding, "logits", [*feeds["input_ids"].shape, vocab], dtype, self.device_id)
             self.session.run_with_iobinding(binding)
             return logits, caches
         binding.bind_output("logits", "cpu")  # rebound (same place): a fresh array, not last step's
