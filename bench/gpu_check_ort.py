@@ -61,6 +61,8 @@ NAMES = ["query", "latent_k", "latent_v", "past_k", "past_k_params", "past_v", "
          "k_up", "k_bias", "v_up", "cos", "sin"]
 OUTPUTS = ["output", "present_k", "present_k_params", "present_v", "present_v_params"]
 CACHES = ("past_k", "past_k_params", "past_v", "past_v_params")
+OP = "LowRankKVAttention"
+OP_DEVICE_LEN = "LowRankKVAttentionDeviceLen"  # past_len in device memory (exports for CUDA graphs)
 FLOAT_INPUTS = ("query", "latent_k", "latent_v", "k_up", "k_bias", "v_up", "cos", "sin")
 
 TOL = {np.float32: 1e-4, np.float16: 3e-3}  # output: max |got - want| / max |want|
@@ -88,7 +90,7 @@ class Row:
 ELEM_TYPE = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2, np.dtype(np.int64): 7, np.dtype(np.float16): 10}
 
 
-def make_model(feeds: dict, attrs: dict) -> bytes:
+def make_model(feeds: dict, attrs: dict, op: str = OP) -> bytes:
     """One LowRankKVAttention node (as in tests/test_custom_op_cpu.py), serialized; symbolic
     dimensions so that one session serves prefill and decode; the output has the query's dtype.
     With the onnx package it is built by onnx.helper, else by the small encoder below (the GPU
@@ -104,8 +106,8 @@ def make_model(feeds: dict, attrs: dict) -> bytes:
     try:
         from onnx import helper
     except ImportError:
-        return _encode_model(ins, outs, attrs, gin, gout)
-    node = helper.make_node("LowRankKVAttention", ins, outs, domain="lrexport", **attrs)
+        return _encode_model(ins, outs, attrs, gin, gout, op)
+    node = helper.make_node(op, ins, outs, domain="lrexport", **attrs)
     graph = helper.make_graph([node], "lowrank_kv_attention",
                               [helper.make_tensor_value_info(n, t, d) for n, t, d in gin],
                               [helper.make_tensor_value_info(n, t, d) for n, t, d in gout])
@@ -135,7 +137,7 @@ def _field(num: int, value) -> bytes:
     return _varint(num << 3 | 2) + _varint(len(data)) + data
 
 
-def _encode_model(ins, outs, attrs, gin, gout) -> bytes:
+def _encode_model(ins, outs, attrs, gin, gout, op) -> bytes:
     """The ModelProto onnx.helper would make (onnx.proto field numbers)."""
     def value_info(name, elem, dims):
         tensor = _field(1, elem)  # TypeProto.Tensor.elem_type
@@ -150,7 +152,7 @@ def _encode_model(ins, outs, attrs, gin, gout) -> bytes:
                                   else _field(3, int(v)) + _field(20, 2))
 
     node = (b"".join(_field(1, n) for n in ins) + b"".join(_field(2, o) for o in outs)
-            + _field(4, "LowRankKVAttention") + b"".join(_field(5, attribute(k, v)) for k, v in sorted(attrs.items()))
+            + _field(4, op) + b"".join(_field(5, attribute(k, v)) for k, v in sorted(attrs.items()))
             + _field(7, "lrexport"))
     graph = (_field(1, node) + _field(2, "lowrank_kv_attention") + b"".join(_field(11, value_info(*v)) for v in gin)
              + b"".join(_field(12, value_info(*v)) for v in gout))
@@ -221,9 +223,9 @@ def attributes(sh: Shape) -> dict:
                 quant_group=sh.qg, scale=float(sh.D ** -0.5))
 
 
-def triton_attributes(sh: Shape, arch: int) -> dict:
+def triton_attributes(sh: Shape, arch: int, row_splits: bool = False) -> dict:
     """The node attributes of the ahead-of-time Triton decode kernel for ``sh`` (float16), as the
-    exporter attaches them (lrexport.kernels.aot)."""
+    exporter attaches them (lrexport.kernels.aot); ``row_splits``: as for LowRankKVAttentionDeviceLen."""
     from lrexport.kernels import aot
 
     kw = sh.G * sh.rk * sh.bits // 8 if sh.bits else sh.G * sh.rk
@@ -231,7 +233,7 @@ def triton_attributes(sh: Shape, arch: int) -> dict:
     spec = aot.DecodeSpec(num_heads=sh.Hq, num_kv_heads=sh.Hkv, group_size=sh.s, head_dim=sh.D, rk=sh.rk, rv=sh.rv,
                           bits=sh.bits, quant_group=sh.qg if sh.bits else 0, window=sh.window, has_k_bias=sh.k_bias,
                           k_width=kw, v_width=vw, kp_width=2 * sh.G * sh.rk // sh.qg if sh.bits else 0,
-                          vp_width=2 * sh.G * sh.rv // sh.qg if sh.bits else 0)
+                          vp_width=2 * sh.G * sh.rv // sh.qg if sh.bits else 0, row_splits=row_splits)
     c = aot.compile_decode(spec, arch)
     return {"cuda_kernel": c.meta, "cuda_cubin": c.cubin}
 
@@ -360,13 +362,14 @@ class Checker:
     def ortvalue(self, a):
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
 
-    def run_gpu_inplace(self, sess, feeds: dict, caches: dict):
-        """IO binding: caches bound as past and present (the same OrtValue), past_len on the host."""
+    def run_gpu_inplace(self, sess, feeds: dict, caches: dict, device_lengths: bool = False):
+        """IO binding: caches bound as past and present (the same OrtValue), past_len on the host
+        (``device_lengths``: in device memory, as LowRankKVAttentionDeviceLen takes it)."""
         io = sess.io_binding()
         for n in NAMES:
             if n in caches:
                 io.bind_ortvalue_input(n, caches[n])
-            elif n == "past_len":
+            elif n == "past_len" and not device_lengths:
                 io.bind_cpu_input(n, np.ascontiguousarray(feeds[n]))
             elif feeds.get(n) is not None:
                 io.bind_ortvalue_input(n, self.ortvalue(feeds[n]))
@@ -388,9 +391,11 @@ class Checker:
 
     # -- a prefill and decode steps with in-place caches
     def chain(self, name: str, sh: Shape, dt, steps=(9, 1, 1, 1), past_len=(0, 5), seed=0, timing=False,
-              triton=False):
+              triton=False, device_lengths=False):
         """``triton``: the node carries the ahead-of-time Triton decode kernel (float16), which
-        the decode steps must run (on a GPU; the emulation reports the attached cubin instead)."""
+        the decode steps must run (on a GPU; the emulation reports the attached cubin instead).
+        ``device_lengths``: the node is LowRankKVAttentionDeviceLen, past_len bound in device memory
+        (the CPU reference is LowRankKVAttention)."""
         rng = np.random.default_rng(seed)
         attrs = attributes(sh)
         const = constants(rng, sh, dt)
@@ -398,9 +403,10 @@ class Checker:
         feeds0 = dict(const, **state, **new_tokens(rng, sh, 1, dt), past_len=np.asarray(past_len, np.int64))
         gpu_attrs = dict(attrs)
         if triton:
-            gpu_attrs.update(triton_attributes(sh, self.arch))
+            gpu_attrs.update(triton_attributes(sh, self.arch, row_splits=device_lengths))
             cubin_id = f"{len(gpu_attrs['cuda_cubin'])} cubin bytes (fnv1a {fnv1a(gpu_attrs['cuda_cubin'])})"
-        gpu_sess = self.session(make_model(feeds0, gpu_attrs), gpu=True, debug=True)
+        gpu_sess = self.session(make_model(feeds0, gpu_attrs, OP_DEVICE_LEN if device_lengths else OP), gpu=True,
+                                debug=True)
         cpu_sess = self.session(make_model(as_f32(feeds0), attrs), gpu=False)
         caches = {n: self.ortvalue(v) for n, v in state.items() if v is not None}
         pl = np.asarray(past_len, np.int64)
@@ -412,7 +418,7 @@ class Checker:
                 feeds.update(past_k_params=None, past_v_params=None)
             log: list[str] = []
             with captured_stderr(log):
-                out = self.run_gpu_inplace(gpu_sess, feeds, caches)
+                out = self.run_gpu_inplace(gpu_sess, feeds, caches, device_lengths)
             after = {n: v.numpy() for n, v in caches.items()}
             cpu_out = cpu_sess.run(None, {k: v for k, v in as_f32(feeds).items() if v is not None})
             cpu_state = dict(zip([n for n in CACHES if feeds.get(n) is not None], cpu_out[1:]))
@@ -553,6 +559,51 @@ class Checker:
         self.expect_error("float16 query, float k_up", lambda: self.session(make_model(mixed, attrs), gpu=True).run(
             None, {k: v for k, v in mixed.items() if v is not None}), r".")  # no kernel: any ORT error, no crash
 
+    # -- LowRankKVAttentionDeviceLen: lengths out of range are the kernels' to guard (no host reads)
+    def device_length_guard(self, dt, bits: int, seed: int = 21):
+        """Decode with one row's past_len out of range (beyond the cache, or negative): the call
+        succeeds, that row's output is NaN and its caches are left alone; the other row matches the
+        CPU kernel (output and cache write) as in a valid call."""
+        sh = Shape(s=2, rk=16, rv=16, bits=bits, **({"qg": 8} if bits else {}))
+        rng = np.random.default_rng(seed)
+        attrs = attributes(sh)
+        const, state = constants(rng, sh, dt), initial_caches(rng, sh, dt)
+        feeds = dict(const, **state, **new_tokens(rng, sh, 1, dt), past_len=np.asarray([3, 9], np.int64))
+        if bits == 0:
+            feeds.update(past_k_params=None, past_v_params=None)
+        sess = self.session(make_model(feeds, attrs, OP_DEVICE_LEN), gpu=True)
+        cpu = self.session(make_model(as_f32(feeds), attrs), gpu=False)
+        for bad_row, bad in ((1, sh.P), (0, -1), (1, 1 << 40)):
+            lens = np.asarray([3, 9], np.int64)
+            lens[bad_row] = bad
+            good_row = 1 - bad_row
+            caches = {n: self.ortvalue(v) for n, v in state.items() if v is not None}
+            run = dict(feeds, past_len=lens)
+            row = Row(f"device past_len={bad}", np.dtype(dt).name, bits, sh.s, "decode")
+            try:
+                out = self.run_gpu_inplace(sess, run, caches, device_lengths=True)
+            except Exception as e:  # noqa: BLE001  (onnxruntime's exception types)
+                row.ok, row.note = False, f"the call failed: {str(e)[:200]}"
+                self.add(row)
+                continue
+            after = {n: v.numpy() for n, v in caches.items()}
+            ok_lens = np.asarray([3, 9], np.int64)
+            want = cpu.run(None, {k: v for k, v in as_f32(dict(feeds, past_len=ok_lens)).items() if v is not None})
+            names = [n for n in CACHES if feeds.get(n) is not None]
+            row.out_vs_cpu = rel_err(out[good_row], want[0][good_row])
+            nan_row = bool(np.isnan(out[bad_row].astype(np.float32)).all())
+            untouched = all(np.array_equal(after[n][bad_row], state[n][bad_row]) for n in names)
+            ok_c, near, ctext = compare_caches({n: after[n][good_row:good_row + 1] for n in names},
+                                               {n: w[good_row:good_row + 1] for n, w in zip(names, want[1:])}, sh)
+            row.caches = f"row {bad_row}: {'NaN output' if nan_row else 'NOT NaN'}, " \
+                         f"{'cache untouched' if untouched else 'CACHE WRITTEN'}; row {good_row}: {ctext}"
+            row.ok = nan_row and untouched and ok_c and row.out_vs_cpu < (TOL_NEAR if near else TOL[dt])
+            self.add(row)
+        big = dict(feeds, **new_tokens(rng, sh, sh.P + 1, dt), past_len=np.asarray([0, 0], np.int64))
+        self.expect_error("device lengths: S > P",
+                          lambda: sess.run(None, {k: v for k, v in big.items() if v is not None}),
+                          rf"S={sh.P + 1} new tokens do not fit in the cache of P={sh.P}")
+
     def s_zero(self):
         sh = Shape(s=2, rk=24, rv=16, bits=4)
         rng = np.random.default_rng(3)
@@ -597,6 +648,12 @@ def run_all(ck: Checker, quick: bool):
         ck.copy_path("copy path", Shape(s=2, bits=0, **GROUP_SHAPES[2]), dt, 5, (0, 9), seed=8)
         ck.copy_path("copy path", Shape(s=1, bits=8, **GROUP_SHAPES[1]), dt, 1, (30, 11), seed=9)
     ck.s_zero()
+    # LowRankKVAttentionDeviceLen (exports for CUDA graphs): past_len in device memory, splits planned from the
+    # cache's capacity; the same results, and lengths out of range guarded on the device
+    for dt, bits in ((np.float32, 0), (np.float16, 4)):
+        ck.chain("device lengths", Shape(s=2, bits=bits, **GROUP_SHAPES[2]), dt, steps=(9, 1, 1, 1),
+                 past_len=(0, 5), seed=40 + bits, device_lengths=True)
+        ck.device_length_guard(dt, bits)
     # larger: query tiles > 1, splits along the keys (decode), shared memory above 48 KiB, timings
     if ck.emulated:  # a size the CPU emulation runs in seconds, still above 48 KiB and with splits
         big, steps, past = dict(B=2, Hq=8, Hkv=2, D=128, s=2, rk=64, rv=128, P=320, Prope=320, qg=32), \
@@ -632,6 +689,8 @@ def triton_grid(ck: Checker, quick: bool):
             sh = Shape(s=s, bits=bits, v_up=s != 2, k_bias=s != 2, **TRITON_SHAPES[s])
             ck.chain("triton", sh, np.float16, steps=(9, 1, 1, 1), past_len=(0, 5), seed=300 + 10 * bits + s,
                      triton=True)
+    ck.chain("triton, device lengths", Shape(s=2, bits=4, **TRITON_SHAPES[2]), np.float16, steps=(9, 1, 1, 1),
+             past_len=(0, 5), seed=304, triton=True, device_lengths=True)
     if quick:
         return
     ck.chain("triton batch 17", Shape(B=17, s=4, bits=2, **TRITON_SHAPES[4]), np.float16, steps=(3, 1, 1),
@@ -644,50 +703,66 @@ def triton_grid(ck: Checker, quick: bool):
     for bits in (0, 4):
         ck.chain("triton large", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1), past_len=(0, 200), seed=15,
                  timing=not ck.emulated, triton=True)
+        # the device-lengths op: splits from the capacity, each row splitting its own length in the kernel
+        ck.chain("triton large, device lengths", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1),
+                 past_len=(0, 200), seed=16, triton=True, device_lengths=True)
 
 
 def generation(ck: Checker, new_tokens: int = 16):
     """A whole exported float16 model (2 layers, random weights, KV 50% M-LRD) through the runtime's ONNX
     Runtime backend, CUDA against CPU: the logits of a prefill and of ``new_tokens`` decode steps fed the same
     tokens (caches and logits in GPU memory on CUDA), and the tokens ``generate`` picks, greedy and sampled, on
-    each device. (Float latents only: the CPU kernel has no float16 form for packed latents.)"""
+    each device. The same with the model exported for CUDA graphs (``--cuda-graph``), its decode steps replayed
+    as CUDA graphs on the GPU. (Float latents only: the CPU kernel has no float16 form for packed latents.)"""
     import tempfile
-
-    import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_e2e import build_variant, smoke_config
 
     from lrexport.export import load_onnx_backend
-    from lrexport.runtime.loop import generate
-    from lrexport.runtime.sampling import Sampling
 
     prompts = [[11, 22, 33, 44, 55], [7, 8, 9, 10, 12]]
     providers = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_variant("lrexport", smoke_config(2, 64), "float16", Path(tmp), "cpu")
-        backends = {dev: load_onnx_backend(folder, providers=prov)[0] for dev, prov in providers.items()}
-        # teacher-forced: the same tokens on both devices (the CPU's greedy picks)
-        caches = {dev: be.new_caches(2, 5 + new_tokens + 1) for dev, be in backends.items()}
-        ids, pos, worst = torch.tensor(prompts), torch.zeros(2, dtype=torch.int64), 0.0
-        for _ in range(new_tokens + 1):
-            out = {}
-            for dev, be in backends.items():
-                logits, caches[dev] = be.step(ids, pos, caches[dev], None)
-                out[dev] = logits[:, -1].double().cpu()
-            worst = max(worst, rel_err(out["cuda"].numpy(), out["cpu"].numpy()))
-            pos = pos + ids.shape[1]
-            ids = out["cpu"].argmax(-1)[:, None]
-        toks = {dev: [generate(be, prompts, max_new_tokens=new_tokens, sampling=smp).tokens
-                      for smp in (Sampling(), Sampling(temperature=0.8, top_k=50, seed=3))]
-                for dev, be in backends.items()}
-        same = sum(a == b for ga, gb in zip(toks["cuda"], toks["cpu"]) for ra, rb in zip(ga, gb)
-                   for a, b in zip(ra, rb))
-        total = sum(len(r) for g in toks["cpu"] for r in g)
-        ck.add(Row("generate lrexport", "float16", 0, 1, f"{new_tokens} steps",
-                   out_vs_cpu=worst, ok=worst < 2e-2,
-                   note=f"ONNX Runtime backend, logits on the GPU; generate(): {same}/{total} tokens equal to "
-                        "the CPU's (greedy and sampled)"))
+        for variant in ("lrexport", "lrexport_graph"):
+            folder = build_variant(variant, smoke_config(2, 64), "float16", Path(tmp), "cpu")
+            backends = {dev: load_onnx_backend(folder, providers=prov)[0] for dev, prov in providers.items()}
+            graph = backends["cuda"].cuda_graph
+            if graph != (variant == "lrexport_graph"):
+                ck.add(Row(f"generate {variant}", "float16", 0, 1, "-", ok=False,
+                           note=f"the CUDA backend's cuda_graph is {graph}"))
+                continue
+            _generation_pair(ck, variant, backends, prompts, new_tokens)
+
+
+def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, new_tokens: int):
+    import torch
+
+    from lrexport.runtime.loop import generate
+    from lrexport.runtime.sampling import Sampling
+
+    # teacher-forced: the same tokens on both devices (the CPU's greedy picks)
+    caches = {dev: be.new_caches(2, 5 + new_tokens + 1) for dev, be in backends.items()}
+    ids, pos, worst = torch.tensor(prompts), torch.zeros(2, dtype=torch.int64), 0.0
+    for _ in range(new_tokens + 1):
+        out = {}
+        for dev, be in backends.items():
+            logits, caches[dev] = be.step(ids, pos, caches[dev], None)
+            out[dev] = logits[:, -1].double().cpu()
+        worst = max(worst, rel_err(out["cuda"].numpy(), out["cpu"].numpy()))
+        pos = pos + ids.shape[1]
+        ids = out["cpu"].argmax(-1)[:, None]
+    toks = {dev: [generate(be, prompts, max_new_tokens=new_tokens, sampling=smp).tokens
+                  for smp in (Sampling(), Sampling(temperature=0.8, top_k=50, seed=3))]
+            for dev, be in backends.items()}
+    same = sum(a == b for ga, gb in zip(toks["cuda"], toks["cpu"]) for ra, rb in zip(ga, gb)
+               for a, b in zip(ra, rb))
+    total = sum(len(r) for g in toks["cpu"] for r in g)
+    graphs = " (decode steps as CUDA graphs)" if backends["cuda"].cuda_graph else ""
+    ck.add(Row(f"generate {variant}", "float16", 0, 1, f"{new_tokens} steps",
+               out_vs_cpu=worst, ok=worst < 2e-2 and same == total,
+               note=f"ONNX Runtime backend, logits on the GPU{graphs}; generate(): {same}/{total} tokens equal "
+                    "to the CPU's (greedy and sampled)"))
 
 
 def environment(ort, emulated: bool) -> dict:

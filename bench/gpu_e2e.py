@@ -24,7 +24,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
 * a name with ``_unfused`` (e.g. ``lrexport_unfused``): exported without the residual Add + RMSNorm
   fusion (``--no-fused-norms``); with ``_separate``: without the shared-input MatMul fusion
   (``--no-fuse-matmuls``; the default fuses float16 models), with ``_fusedmm``: with it
-  (``--fuse-matmuls``);
+  (``--fuse-matmuls``); with ``_graph``: exported with ``--cuda-graph`` and run with CUDA graphs
+  (each decode step one graph replay; ``OrtBackend(cuda_graph=True)``);
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
   recompiled under other settings (``bench/retune.py``; ``+`` separates the settings).
 
@@ -163,7 +164,8 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
     built_s = time.perf_counter() - t0
     cm = compile_model(model, plan, factors, latent=latent)
     res = export_onnx(cm, folder, fuse_norms="_unfused" not in variant, fuse_matmuls=(True if "_fusedmm" in variant
-                                                                  else False if "_separate" in variant else None))
+                                                                  else False if "_separate" in variant else None),
+                      cuda_graph="_graph" in variant)
     meta = json.loads((folder / "lrexport.json").read_text())
     meta["bench"] = {"build_s": built_s, "export_s": res.seconds,
                      "onnx_bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*"))}
@@ -187,8 +189,10 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
     rows = []
     for B in batches:
         for C in contexts:
-            caches = backend.new_caches(B, C + steps + 4)
-            kv_bytes = sum(c.nbytes for c in caches)  # numpy arrays or torch tensors
+            cap = C + steps + 4
+            caches = backend.new_caches(B, cap)
+            # numpy arrays or torch tensors; for cap positions (a CUDA-graph backend rounds its caches up to 256)
+            kv_bytes = sum(c.nbytes // c.shape[1] * cap for c in caches)
             ids = torch.randint(10, 1000, (B, 1))
             pos = torch.full((B,), C, dtype=torch.int64)
             times = []
@@ -202,6 +206,8 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
             if profile:
                 _gqa().profile_steps(rows[-1], functools.partial(backend.step, ids, pos, caches, None))
             del caches
+            if getattr(backend, "cuda_graph", False):
+                backend.release_caches()
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -367,18 +367,20 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
 
 def export(*, model: str | Path | CompressedModel | None = None, out: str | Path, cuda_arch: int | None = None,
            dtype: str | None = None, cuda_tuning: str | None = None, fuse_norms: bool = True,
-           fuse_matmuls: bool | None = None):
+           fuse_matmuls: bool | None = None, cuda_graph: bool = False):
     """Export a compressed folder (or a plain model) as a deployable ONNX folder.
 
     ``dtype``: convert the weights first ("float16" for ONNX Runtime's CUDA execution provider;
     the CPU kernel of the custom op is float32). ``cuda_arch``, ``cuda_tuning``: see
     :func:`lrexport.export.export_onnx` (GPU decode kernels of float16 models); ``fuse_norms``: residual
     Adds and RMSNorms as ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (False: standard ops);
-    ``fuse_matmuls``: MatMuls sharing their input as one MatMul and a Split (None: for float16 models)."""
+    ``fuse_matmuls``: MatMuls sharing their input as one MatMul and a Split (None: for float16 models);
+    ``cuda_graph``: ``past_len`` read in GPU memory by the attention, so that decode steps can run as
+    CUDA graphs (``load_onnx_backend(..., cuda_graph=True)``)."""
     from lrexport.export import export_onnx
 
     return export_onnx(open_model(model, dtype=dtype), out, cuda_arch=cuda_arch, cuda_tuning=cuda_tuning,
-                       fuse_norms=fuse_norms, fuse_matmuls=fuse_matmuls)
+                       fuse_norms=fuse_norms, fuse_matmuls=fuse_matmuls, cuda_graph=cuda_graph)
 
 
 def generate_text(*, model: str | Path | CompressedModel | Runner | None = None, prompts: list[str],

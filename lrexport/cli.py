@@ -145,7 +145,7 @@ def cmd_export(args) -> int:
 
     res = api.export(model=args.model, out=args.out, cuda_arch=args.cuda_arch, dtype=args.dtype,
                      cuda_tuning=args.cuda_tuning, fuse_norms=not args.no_fused_norms,
-                     fuse_matmuls=args.fuse_matmuls)
+                     fuse_matmuls=args.fuse_matmuls, cuda_graph=args.cuda_graph)
     for r in res.passes:
         print(r.summary())
     info = res.onnx_info
@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same input (q/k/v's first factors, gate/up's): fewer, larger GEMMs on a GPU "
                         "(default: on for float16 models, off for float32 ones, which run 2-3%% slower fused on "
                         "ONNX Runtime's CPU provider; docs/design.md)")
+    x.add_argument("--cuda-graph", action="store_true",
+                   help="the latent-KV attention reads past_len in GPU memory (LowRankKVAttentionDeviceLen), so "
+                        "that ONNX Runtime's CUDA provider can capture each decode step as a CUDA graph and replay "
+                        "it: one launch per step instead of one per node (docs/gpu.md)")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="print a compressed model's plan; plot its ranks")

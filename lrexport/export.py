@@ -46,7 +46,7 @@ class ExportResult:
 
 def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None = None,
                 cuda_tuning: str | None = None, fuse_norms: bool = True,
-                fuse_matmuls: bool | None = None) -> ExportResult:
+                fuse_matmuls: bool | None = None, cuda_graph: bool = False) -> ExportResult:
     """Emit ``cm``'s graph as ONNX and write the deployable folder ``out`` (atomically).
 
     ``cuda_arch``: the compute capability (e.g. 90) to compile the GPU decode kernels of a float16
@@ -57,7 +57,10 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     ONNX Runtime's contrib ops). ``fuse_matmuls``: the MatMuls that read one input with constant
     weights (e.g. q/k/v's first factors) as one MatMul and a Split; None: for float16 models (the
     GPU's: fewer, larger GEMMs), not for float32 ones (slower on ONNX Runtime's CPU provider; see
-    docs/design.md).
+    docs/design.md). ``cuda_graph``: the attention reads ``past_len`` in device memory
+    (``LowRankKVAttentionDeviceLen``), so that ONNX Runtime's CUDA provider can capture each decode
+    step as a CUDA graph and replay it (:class:`~lrexport.runtime.ort_backend.OrtBackend`'s
+    ``cuda_graph``); the folder records it (``onnx.cuda_graph`` in lrexport.json).
     """
     from lrexport.errors import ConfigError
     from lrexport.kernels import aot
@@ -70,7 +73,7 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     tg = cm.graph
     if "kivi" in tg.meta:
         raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
-    res = emit(tg, fuse_norms=fuse_norms, fuse_matmuls=fuse_matmuls)
+    res = emit(tg, fuse_norms=fuse_norms, fuse_matmuls=fuse_matmuls, device_lengths=cuda_graph)
     gpu = _gpu_kernels(res.model, cuda_arch, tuning)
     if gpu:
         _warn_unaligned_ranks(cm)
@@ -79,7 +82,7 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
         "cache": [{"name": n, "width": w, "dtype": d} for n, w, d in zip(tg.cache.names, tg.cache.widths,
                                                                         tg.cache.dtypes)],
         "rank_inputs": list(tg.rank_names), "rank_max": list(tg.rank_max), "max_len": tg.max_len,
-        "eos_token_ids": list(cm.spec.eos_token_ids),
+        "eos_token_ids": list(cm.spec.eos_token_ids), "cuda_graph": bool(cuda_graph),
         **param_accounting(cm.spec, cm.plan, tg.rank_names),
     }
     if gpu:
@@ -112,10 +115,10 @@ def _warn_unaligned_ranks(cm: CompressedModel) -> None:
 
 
 def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None, tuning=None) -> dict | None:
-    from lrexport.emit.functions import LOWRANK_OP
+    from lrexport.emit.functions import LOWRANK_OPS
     from lrexport.kernels import aot, triton_latent
 
-    if cuda_arch == 0 or not any(n.op_type == LOWRANK_OP for n in model.graph.node):
+    if cuda_arch == 0 or not any(n.op_type in LOWRANK_OPS for n in model.graph.node):
         return None
     if cuda_arch is None:
         if triton_latent.triton is None:
@@ -137,7 +140,10 @@ def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None, tuning=None) -> 
 
 
 def load_onnx_backend(folder: str | Path, *, use_library: bool = True, **kw):
-    """An :class:`~lrexport.runtime.ort_backend.OrtBackend` over an exported folder."""
+    """An :class:`~lrexport.runtime.ort_backend.OrtBackend` over an exported folder.
+
+    ``cuda_graph`` (in ``kw``): None (default) uses CUDA graphs on CUDA when the folder was exported
+    with ``--cuda-graph``."""
     from lrexport.errors import PlanError
     from lrexport.runtime.ort_backend import OrtBackend
 
@@ -150,6 +156,13 @@ def load_onnx_backend(folder: str | Path, *, use_library: bool = True, **kw):
     if not info:
         raise PlanError(f"{folder}: lrexport.json has no 'onnx' section; export the model with `lrexport export`")
     cache = [(c["name"], c["width"], c["dtype"]) for c in info["cache"]]
+    providers = kw.get("providers") or ["CPUExecutionProvider"]
+    on_cuda = (providers[0] if isinstance(providers[0], str) else providers[0][0]) == "CUDAExecutionProvider"
+    if kw.get("cuda_graph") is None:  # by default: on CUDA, for the models exported for it
+        kw["cuda_graph"] = on_cuda and bool(info.get("cuda_graph"))
+    if kw["cuda_graph"] and not info.get("cuda_graph"):
+        raise PlanError(f"{folder}: CUDA graphs need a model whose attention reads past_len on the GPU; export it "
+                        "with `lrexport export --cuda-graph`")
     return OrtBackend(folder / info["file"], cache=cache, max_len=info["max_len"], rank_max=info["rank_max"],
                       rank_cost=info["rank_cost"], dense_params=info["dense_params"],
                       total_params=info["total_params"], use_library=use_library, **kw), meta

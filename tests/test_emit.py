@@ -35,7 +35,7 @@ CASES = {  # name: (group_size, bits, low-rank weights with a rank input)
 }
 
 
-def _build(case: str, tmp_path_factory):
+def _build(case: str, tmp_path_factory, cuda_graph: bool = False):
     s, bits, ranks = CASES[case]
     lm = tiny_loaded("llama", seed=31, **GQA)
     tg = trace(lm.model)
@@ -53,7 +53,7 @@ def _build(case: str, tmp_path_factory):
     cm = CompressedModel(graph=tg, plan=plan, spec=lm.spec, factors={}, dense_state={})
     torch_backend = TorchBackend(tg)
     folder = tmp_path_factory.mktemp(case) / "onnx"
-    res = export_onnx(cm, folder)
+    res = export_onnx(cm, folder, cuda_graph=cuda_graph)
     return torch_backend, folder, res
 
 
@@ -183,11 +183,47 @@ def test_cuda_device_keeps_caches_on_gpu_or_says_why(exported):
 
 
 def test_cuda_backend_needs_the_library(exported):
-    from lrexport.errors import LrexportError
+    from lrexport.errors import LrexportError, PlanError
 
     case, torch_backend, folder, res = exported
     with pytest.raises(LrexportError, match="custom-op library"):
         load_onnx_backend(folder, use_library=False, providers=["CUDAExecutionProvider"])
+    with pytest.raises(PlanError, match="--cuda-graph"):  # its attention reads past_len on the host
+        load_onnx_backend(folder, providers=["CUDAExecutionProvider"], cuda_graph=True)
+
+
+@pytest.mark.parametrize("case", ["M-float-ranks", "G-4bit"])
+def test_device_lengths_export(case, tmp_path_factory):
+    """``cuda_graph=True`` (``lrexport export --cuda-graph``): every attention node is
+    LowRankKVAttentionDeviceLen, whose fallback body the model carries under that name, and the folder says
+    so. On the CPU (the library's kernel, and the fallback body) it computes what the PyTorch graph does,
+    prefill and 32 decode steps with ranks that change mid-generation. CUDA graphs themselves need the CUDA
+    provider: asking for them on the CPU is an error that names it."""
+    from lrexport.errors import LrexportError
+
+    torch_backend, folder, res = _build(case, tmp_path_factory, cuda_graph=True)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert "LowRankKVAttention" not in ops and ops.count("LowRankKVAttentionDeviceLen") == layers
+    assert "LowRankKVAttentionDeviceLen" in {f.name for f in model.functions}
+    assert json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_graph"] is True
+    rank_max = torch_backend.rank_max
+
+    def schedule(t):
+        return None if not rank_max else [r if t < 12 else max(1, r // 2) for r in rank_max]
+
+    prompts = [list(range(3, 12)), list(range(20, 25))]
+    ref = _drive(torch_backend, prompts, STEPS, schedule)
+    for use_library in (True, False):
+        backend, _ = load_onnx_backend(folder, use_library=use_library)
+        assert not backend.cuda_graph  # the default on the CPU
+        got = _drive(backend, prompts, STEPS, schedule)
+        for t, (a, b) in enumerate(zip(got, ref)):
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err < REL, (case, use_library, t, err)
+    with pytest.raises(LrexportError, match="CUDAExecutionProvider"):
+        load_onnx_backend(folder, cuda_graph=True)
 
 
 def test_fused_norms_and_standard_ops_agree(tmp_path):

@@ -153,6 +153,19 @@ def test_split_decode_long_cache():
                 assert rel_err(got, ref[0]) < TOL
 
 
+def test_row_splits_from_capacity():
+    """Splits planned from the cache's capacity and each row dividing its own length among them in the kernel (the
+    ahead-of-time kernels of LowRankKVAttentionDeviceLen, which never read the lengths on the host): rows far
+    shorter than the capacity, and one with nothing cached, against the float64 reference."""
+    c = make_case(B=3, P=700, past=(650, 90, 0), gs=2, Hq=6, Hkv=2, rk=32, seed=9)
+    ref = reference(c)
+    for splits in (1, 4, 7):
+        for hoist, swap in ((False, False), (True, True)):
+            got = run_kernel(c, num_splits=splits, kv_max=700, row_splits=True, block_n=32, hoist=hoist,
+                             swap=swap)[0]
+            assert rel_err(got, ref[0]) < TOL
+
+
 def test_no_bias_and_empty_rows():
     """A row with nothing cached yet (past 0) and no key bias."""
     c = make_case(S=1, past=(0, 4), bias=False)

@@ -77,7 +77,7 @@ OrtStatus* LowRankKVAttentionKernel::Compute(OrtKernelContext* ctx) const {
   const Attributes& a = attrs;
   // ---- 1. checks, outputs ---------------------------------------------------------------
   Call call;
-  LRX_RETURN_IF_ERROR(prepare_call(ctx, a, /*allow_f16=*/false, &call));
+  LRX_RETURN_IF_ERROR(prepare_call(ctx, a, /*allow_f16=*/false, /*lengths_on_host=*/true, &call));
   const Shapes& z = call.z;
   const In* in = call.in;
   const In& q = in[kQuery];
@@ -343,11 +343,12 @@ LowRankKVAttentionOp* cpu_ops(size_t* count) noexcept {
   constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   constexpr auto U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
   constexpr const char* cpu = "CPUExecutionProvider";
+  constexpr const char* dl = kOpNameDeviceLen;  // on the CPU, past_len is in host memory either way
   static LowRankKVAttentionOp ops[] = {
-      {cpu, make_cpu_kernel, F32, F32, F32},
-      {cpu, make_cpu_kernel, F32, U8, U8},
-      {cpu, make_cpu_kernel, F32, F32, U8},
-      {cpu, make_cpu_kernel, F32, U8, F32},
+      {cpu, make_cpu_kernel, F32, F32, F32},     {cpu, make_cpu_kernel, F32, U8, U8},
+      {cpu, make_cpu_kernel, F32, F32, U8},      {cpu, make_cpu_kernel, F32, U8, F32},
+      {cpu, make_cpu_kernel, F32, F32, F32, dl}, {cpu, make_cpu_kernel, F32, U8, U8, dl},
+      {cpu, make_cpu_kernel, F32, F32, U8, dl},  {cpu, make_cpu_kernel, F32, U8, F32, dl},
   };
   *count = sizeof(ops) / sizeof(ops[0]);
   return ops;

@@ -11,6 +11,10 @@ namespace lrexport {
 
 constexpr const char* kDomain = "lrexport";
 constexpr const char* kOpName = "LowRankKVAttention";
+// The same op with past_len read in device memory by the CUDA kernel (no host reads, no host
+// checks of its values, splits planned from the cache capacity), so that ONNX Runtime can capture
+// a decode step as a CUDA graph. On the CPU both names run the same kernel. See docs/custom_op.md.
+constexpr const char* kOpNameDeviceLen = "LowRankKVAttentionDeviceLen";
 
 // Input and output slots.
 enum Input : size_t {
@@ -54,6 +58,7 @@ struct Attributes {
 // (cuda/lowrank_kv_attention_cuda.cc).
 struct KernelBase {
   Attributes attrs;
+  bool device_lengths = false;  // the op is LowRankKVAttentionDeviceLen and past_len is in device memory
   bool debug = false;  // LREXPORT_OPS_DEBUG=1: one stderr line per call (aliasing, sizes)
   virtual ~KernelBase() = default;
   // May throw: the one caller (op_common.cc) turns exceptions into error statuses.
@@ -76,16 +81,19 @@ struct LowRankKVAttentionOp : OrtCustomOp {
   ONNXTensorElementDataType k_cache_type;
   ONNXTensorElementDataType v_cache_type;
   const char* provider;                   // "CPUExecutionProvider" or "CUDAExecutionProvider"
+  const char* name;                       // kOpName or kOpNameDeviceLen
   KernelBase* (*make_kernel)() noexcept;  // a new kernel of this provider (nullptr: out of memory)
   LowRankKVAttentionOp(const char* provider, KernelBase* (*make_kernel)() noexcept, ONNXTensorElementDataType act,
-                       ONNXTensorElementDataType k, ONNXTensorElementDataType v) noexcept;
+                       ONNXTensorElementDataType k, ONNXTensorElementDataType v,
+                       const char* op_name = kOpName) noexcept;
 };
 
-// The CPU ops to add to the domain (static storage, valid for the life of the process).
+// The CPU ops to add to the domain, under both names (static storage, valid for the life of the
+// process).
 LowRankKVAttentionOp* cpu_ops(size_t* count) noexcept;
 
 #if defined(LREXPORT_WITH_CUDA)
-// The CUDA ops (cuda/lowrank_kv_attention_cuda.cc), added beside the CPU ones.
+// The CUDA ops (cuda/lowrank_kv_attention_cuda.cc) under both names, added beside the CPU ones.
 LowRankKVAttentionOp* cuda_ops(size_t* count) noexcept;
 #endif
 

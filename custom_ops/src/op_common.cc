@@ -151,7 +151,8 @@ OrtStatus* expect(const In& t, size_t idx, ONNXTensorElementDataType type, const
 
 }  // namespace
 
-OrtStatus* prepare_call(OrtKernelContext* ctx, const Attributes& a, bool allow_f16, Call* c) {
+OrtStatus* prepare_call(OrtKernelContext* ctx, const Attributes& a, bool allow_f16, bool lengths_on_host,
+                        Call* c) {
   size_t nin = 0, nout = 0;
   LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetInputCount(ctx, &nin));
   LRX_RETURN_IF_ERROR(g_ort->KernelContext_GetOutputCount(ctx, &nout));
@@ -255,7 +256,10 @@ OrtStatus* prepare_call(OrtKernelContext* ctx, const Attributes& a, bool allow_f
 
   const int64_t* pl = plen.as<int64_t>();
   c->past_len = pl;
-  for (int64_t b = 0; b < z.B; ++b) {
+  if (!lengths_on_host && z.S > std::min(z.P, z.Prope))
+    return fail(cat("S=", z.S, " new tokens do not fit in the cache of P=", z.P, " positions (past_k dim 1) and the ",
+                    "RoPE table of ", z.Prope, " positions (cos/sin dim 0)"));
+  for (int64_t b = 0; lengths_on_host && b < z.B; ++b) {
     if (pl[b] < 0) return fail(cat("input 'past_len' (7): past_len[", b, "]=", pl[b], " must be >= 0"));
     if (z.S == 0) continue;
     if (pl[b] > z.P - z.S)
@@ -437,6 +441,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     std::unique_ptr<KernelBase> k(self(op)->make_kernel());
     if (!k) return make_error(ORT_FAIL, err_prefix() + "cannot create the kernel (out of memory)");
     LRX_RETURN_IF_ERROR(read_attributes(info, &k->attrs));
+    k->device_lengths = std::strcmp(self(op)->name, kOpNameDeviceLen) == 0;
     LRX_RETURN_IF_ERROR(k->Init(info));
     const char* dbg = std::getenv("LREXPORT_OPS_DEBUG");
     k->debug = dbg && *dbg && std::strcmp(dbg, "0") != 0;
@@ -462,10 +467,13 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) noexcept {
 
 void ORT_API_CALL destroy(void* kernel) noexcept { delete static_cast<KernelBase*>(kernel); }
 
-// past_len is read on the host (checks, launch sizes): a CPU input of the CUDA op, so ONNX Runtime
-// hands it over in host memory (a graph input fed from the host needs no copy at all).
+// LowRankKVAttention's past_len is read on the host (checks, launch sizes): a CPU input of the CUDA
+// op, so ONNX Runtime hands it over in host memory (a graph input fed from the host needs no copy at
+// all). LowRankKVAttentionDeviceLen takes it where the provider keeps its tensors.
 OrtMemType ORT_API_CALL input_memory_type(const OrtCustomOp* op, size_t i) noexcept {
-  if (i == kPastLen && std::strcmp(self(op)->provider, "CPUExecutionProvider") != 0) return OrtMemTypeCPUInput;
+  if (i == kPastLen && std::strcmp(self(op)->provider, "CPUExecutionProvider") != 0 &&
+      std::strcmp(self(op)->name, kOpNameDeviceLen) != 0)
+    return OrtMemTypeCPUInput;
   return OrtMemTypeDefault;
 }
 
@@ -501,15 +509,15 @@ void ORT_API_CALL release_may_inplace(int* input_index, int* output_index) noexc
 
 LowRankKVAttentionOp::LowRankKVAttentionOp(const char* ep, KernelBase* (*make)() noexcept,
                                            ONNXTensorElementDataType act, ONNXTensorElementDataType k,
-                                           ONNXTensorElementDataType v) noexcept
-    : OrtCustomOp{}, act_type(act), k_cache_type(k), v_cache_type(v), provider(ep), make_kernel(make) {
+                                           ONNXTensorElementDataType v, const char* op_name) noexcept
+    : OrtCustomOp{}, act_type(act), k_cache_type(k), v_cache_type(v), provider(ep), name(op_name), make_kernel(make) {
   version = ORT_API_VERSION;  // the headers' version: the fields below all exist in it
   CreateKernel = nullptr;
   KernelCompute = nullptr;
   CreateKernelV2 = create_kernel;
   KernelComputeV2 = compute;
   KernelDestroy = destroy;
-  GetName = [](const OrtCustomOp*) noexcept -> const char* { return kOpName; };
+  GetName = [](const OrtCustomOp* op) noexcept -> const char* { return self(op)->name; };
   // CPU and CUDA kernels are separate ops of the same name, added side by side: see register.cc.
   GetExecutionProviderType = [](const OrtCustomOp* op) noexcept -> const char* { return self(op)->provider; };
   GetInputType = input_type;

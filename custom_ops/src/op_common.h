@@ -5,7 +5,8 @@
 // A kernel calls prepare_call(); when it returns nullptr every input has been checked, every output
 // allocated, and nothing has been written yet. Pointers in Call are wherever ONNX Runtime put the
 // tensors: host memory for the CPU kernel, device memory for the CUDA kernel (except past_len, which
-// the CUDA op takes as a CPU input so that the checks and the launch can read it on the host).
+// LowRankKVAttention's CUDA op takes as a CPU input so that the checks and the launch can read it on
+// the host; LowRankKVAttentionDeviceLen's takes it in device memory).
 #pragma once
 
 #include <cstddef>
@@ -56,7 +57,7 @@ struct Call {
   In in[kNumInputs];
   Shapes z{};
   int bits = 0;
-  const int64_t* past_len = nullptr;  // host memory, B values
+  const int64_t* past_len = nullptr;  // B values: host memory, or device memory (lengths_on_host false)
   int64_t out_w = 0;                  // output width: Hq*D with v_up, else Hq*rv
   void* out = nullptr;
   void* present_k = nullptr;
@@ -70,8 +71,10 @@ struct Call {
 // Checks every input of the call against `a` and each other, allocates the outputs and checks that
 // an output shares memory with no input but its own past (exactly). `allow_f16`: float16
 // activations are accepted (query's element type decides; the float inputs and float caches must
-// then all be float16); otherwise they must be float. Writes nothing but *c.
-OrtStatus* prepare_call(OrtKernelContext* ctx, const Attributes& a, bool allow_f16, Call* c);
+// then all be float16); otherwise they must be float. `lengths_on_host`: past_len's values are
+// checked against the cache and the RoPE table (false: past_len is in device memory and only its
+// shape is checked; the kernels guard the values). Writes nothing but *c.
+OrtStatus* prepare_call(OrtKernelContext* ctx, const Attributes& a, bool allow_f16, bool lengths_on_host, Call* c);
 
 // The attributes of a node (errors when the session is created).
 OrtStatus* read_attributes(const OrtKernelInfo* info, Attributes* a);

@@ -21,6 +21,9 @@ from lrexport.kv.quant import SEARCH_DENOM, SEARCH_STEPS, searches
 DOMAIN = "lrexport"
 DENSE_OP = "DenseAttention"
 LOWRANK_OP = "LowRankKVAttention"
+# the same op with past_len read in device memory by the CUDA kernel (exports for CUDA graphs)
+LOWRANK_OP_DEVICE_LEN = "LowRankKVAttentionDeviceLen"
+LOWRANK_OPS = (LOWRANK_OP, LOWRANK_OP_DEVICE_LEN)
 LOWRANK_INPUTS = ["query", "latent_k", "latent_v", "past_k", "past_k_params", "past_v", "past_v_params", "past_len",
                   "k_up", "k_bias", "v_up", "cos", "sin"]
 LOWRANK_OUTPUTS = ["output", "present_k", "present_k_params", "present_v", "present_v_params"]

@@ -29,6 +29,7 @@ from lrexport.emit.functions import (
     DOMAIN,
     LOWRANK_INPUTS,
     LOWRANK_OP,
+    LOWRANK_OP_DEVICE_LEN,
     LOWRANK_OUTPUTS,
     AttnShape,
     dense_attention_function,
@@ -185,14 +186,18 @@ def _inline(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> onnx.Mo
     return out
 
 
-def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool | None = None) -> EmitResult:
+def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool | None = None,
+         device_lengths: bool = False) -> EmitResult:
     """Translate ``tg`` to an ONNX ModelProto in memory (:mod:`lrexport.export` writes it).
 
     ``fuse_norms``: residual ``Add`` + RMSNorm as ONNX Runtime's ``SkipSimplifiedLayerNormalization``
     (:mod:`lrexport.emit.fusions`); False keeps standard ops only (besides the lrexport domain).
     ``fuse_matmuls``: the ``MatMul`` nodes that read the same input with constant weights as one
     ``MatMul`` and a ``Split`` (standard ops); None: when the weights are float16 (a GPU model: fewer,
-    larger GEMMs), not for float32 ones (slower on ONNX Runtime's CPU provider, see docs/design.md)."""
+    larger GEMMs), not for float32 ones (slower on ONNX Runtime's CPU provider, see docs/design.md).
+    ``device_lengths``: the latent-KV attention as ``LowRankKVAttentionDeviceLen``, whose CUDA kernel
+    reads ``past_len`` in device memory, so that ONNX Runtime can capture decode steps as CUDA graphs
+    (the same semantics; see docs/custom_op.md)."""
     inputs, outputs = io_names(tg)
     _rename_inputs(tg, inputs)
     # torch.onnx notes at WARNING level every torchvision op it cannot register: not ours to hear
@@ -220,7 +225,18 @@ def emit(tg: TracedGraph, *, fuse_norms: bool = True, fuse_matmuls: bool | None 
         results.append(PassResult("shared_input_matmuls", changed=n,
                                   unmatched=None if n else "no two MatMuls read one input with constant weights"))
     if sh is not None:
-        model.functions.append(lowrank_attention_function(sh, OPSET))
+        fn = lowrank_attention_function(sh, OPSET)
+        if device_lengths:
+            n = 0
+            for node in model.graph.node:
+                if node.domain == DOMAIN and node.op_type == LOWRANK_OP:
+                    node.op_type = LOWRANK_OP_DEVICE_LEN
+                    n += 1
+            fn.name = LOWRANK_OP_DEVICE_LEN  # the fallback body, under the nodes' name
+            results.append(PassResult("device_lengths", changed=n))
+        model.functions.append(fn)
+    elif device_lengths:
+        raise PassError("device_lengths: the model has no latent-KV attention (it needs a Palu KV pass)")
     model.ir_version = IR_VERSION
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))

@@ -110,6 +110,7 @@ class DecodeSpec:
     v_width: int
     kp_width: int  # params per row (bits > 0)
     vp_width: int
+    row_splits: bool = False  # LowRankKVAttentionDeviceLen: each row splits its own length (ROW_SPLITS)
 
 
 @dataclass
@@ -191,7 +192,8 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2,
                              block_n=tuning.block_n, swap=tuning.swap)
     const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
-             "WINDOW": spec.window, "HAS_BIAS": spec.has_k_bias, "IEEE": False, "S": 1}
+             "WINDOW": spec.window, "HAS_BIAS": spec.has_k_bias, "IEEE": False, "S": 1,
+             "ROW_SPLITS": spec.row_splits}
     types = _arg_types(spec.bits)
     ints = _int_args(spec)
     args = [n for n in fn.arg_names if n not in const]
@@ -219,7 +221,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
                                "launcher passes none")
         meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
                 f"rv_p={cfg['RV_P']} waves={tuning.waves} min_split={tuning.min_split} maxnreg={maxnreg or 0} "
-                f"d16={','.join(d16)}")
+                f"row_splits={int(spec.row_splits)} d16={','.join(d16)}")
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
                        f"({'; '.join(tried)})")
@@ -238,7 +240,9 @@ def _static_last_dim(model: onnx.ModelProto, name: str) -> int | None:
 
 
 def node_spec(model: onnx.ModelProto, node: onnx.NodeProto) -> DecodeSpec | str:
-    """The decode kernel's spec of a ``LowRankKVAttention`` node, or why it has none."""
+    """The decode kernel's spec of a ``LowRankKVAttention`` (or ``LowRankKVAttentionDeviceLen``) node, or why it
+    has none."""
+    from lrexport.emit.functions import LOWRANK_OP_DEVICE_LEN
     a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     inits = {t.name: t for t in model.graph.initializer}
     inp = list(node.input) + [""] * (13 - len(node.input))
@@ -259,7 +263,7 @@ def node_spec(model: onnx.ModelProto, node: onnx.NodeProto) -> DecodeSpec | str:
     return DecodeSpec(num_heads=int(a["num_heads"]), num_kv_heads=Hkv, group_size=gs, head_dim=D, rk=rk, rv=rv,
                       bits=bits, quant_group=qg if bits else 0, window=int(a.get("window", 0)),
                       has_k_bias=bool(inp[9]), k_width=widths[0], v_width=widths[2], kp_width=widths[1] or 0,
-                      vp_width=widths[3] or 0)
+                      vp_width=widths[3] or 0, row_splits=node.op_type == LOWRANK_OP_DEVICE_LEN)
 
 
 def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH, tuning: Tuning | None = None) -> dict:
@@ -269,10 +273,10 @@ def attach_cuda_kernels(model: onnx.ModelProto, arch: int = DEFAULT_ARCH, tuning
     ``{"arch", "tuning", "nodes", "kernels", "skipped": {node: why}}``.
     """
     tuning = tuning or Tuning.from_env()
-    from lrexport.emit.functions import LOWRANK_OP
+    from lrexport.emit.functions import LOWRANK_OPS
     from lrexport.util import progress
 
-    nodes = [n for n in model.graph.node if n.op_type == LOWRANK_OP]
+    nodes = [n for n in model.graph.node if n.op_type in LOWRANK_OPS]
     specs, skipped = {}, {}
     for n in nodes:
         s = node_spec(model, n)

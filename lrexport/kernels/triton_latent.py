@@ -191,7 +191,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
         REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr, ROPE16: tl.constexpr = 0,
-        LAZY_SUM: tl.constexpr = False,
+        LAZY_SUM: tl.constexpr = False, ROW_SPLITS: tl.constexpr = False,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -206,6 +206,9 @@ if triton is not None:
         H16: tl.constexpr = UNPACK16 and cdt == tl.float16  # packed codes dequantized in float16
 
         past = tl.load(PAST + b).to(tl.int32)
+        if ROW_SPLITS:  # each row divides its own length among the nsplit splits (the launch planned nsplit from
+            # the cache's capacity, without reading the lengths on the host); the same rule as split_plan
+            split_len = tl.cdiv(tl.cdiv(past + S, nsplit), BLOCK_N) * BLOCK_N
         t0 = pid_t * BLOCK_T
         r = tl.arange(0, M)
         t = t0 + r // NREP
@@ -708,10 +711,14 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
-            rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM) -> torch.Tensor:
+            rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
+            row_splits: bool = False) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
+    ``row_splits``: the number of splits is planned from ``kv_max`` (e.g. the cache's capacity) and
+    each row divides its own length among them in the kernel (as the ahead-of-time kernels of
+    ``LowRankKVAttentionDeviceLen`` do).
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
     ``num_splits`` (or ``waves`` programs per multiprocessor and splits of at least ``min_split``
     positions), ``hoist`` (keep ``k_up`` on
@@ -783,7 +790,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 acc, mx, sm,
                 S, split_len, num_splits, scale * LOG2E, RK=rk, RV=rv,
                 **{**cfg, "BLOCK_N": bn}, HQ=num_heads, HKV=num_kv_heads, GS=group_size, SPLIT=num_splits > 1,
-                WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32,
+                WINDOW=window, HAS_BIAS=k_bias is not None, IEEE=cdt == torch.float32, ROW_SPLITS=row_splits,
                 num_warps=num_warps, **stage)
             break
         except triton.runtime.errors.OutOfResources:

@@ -12,6 +12,16 @@ on the GPU too: each step binds a fresh PyTorch tensor in GPU memory as the ``lo
 there; only the next token ids come back to the host. (Bound to host memory instead, the
 logits would cost a fresh host array and a copy from the device on every step: 4 MiB at
 batch 8 with a 128K vocabulary.)
+
+With ``cuda_graph=True`` (a model exported with ``--cuda-graph``, whose attention reads
+``past_len`` in GPU memory), ONNX Runtime captures a decode step as a CUDA graph and then
+replays it: one launch per step instead of one per node, and no per-node host work. A replay
+reads and writes the addresses of its capture, so the backend owns everything a decode step
+binds: the caches (one set per batch size and capacity, reused by later calls: see
+:meth:`OrtBackend.new_caches`), and GPU buffers for the token ids, the lengths and the logits,
+which each step updates in place. One graph is captured per set of caches and per rank setting
+of the progressive schedule (``ranks`` shapes the graph). Prefill steps (more than one token)
+run without a graph.
 """
 
 from __future__ import annotations
@@ -46,18 +56,22 @@ class OrtBackend:
     """A loop backend over an ONNX Runtime session (CPU by default).
 
     ``use_library``: register lrexport's custom-op library (else the model's fallback
-    bodies run). ``cache`` lists the cache tensors as ``(name, width, dtype)``.
+    bodies run). ``cache`` lists the cache tensors as ``(name, width, dtype)``. ``cuda_graph``:
+    decode steps as CUDA graphs (CUDA only; the model must be exported with ``--cuda-graph``;
+    see the module's notes). ``graph_cache_sets``: how many sets of caches (batch size, capacity)
+    a CUDA-graph backend keeps for reuse.
     """
 
     def __init__(self, model_path: str | Path, *, cache: list[tuple[str, int, str]], max_len: int,
                  rank_max: list[int] | None = None, rank_cost: list[int] | None = None, dense_params: int = 0,
                  total_params: int = 0, use_library: bool = True, providers: list[str] | None = None,
-                 threads: int | None = None, in_place: bool | None = None):
+                 threads: int | None = None, in_place: bool | None = None, cuda_graph: bool = False,
+                 graph_cache_sets: int = 2):
         import onnxruntime as ort
 
         from lrexport import ortops
 
-        providers = providers or ["CPUExecutionProvider"]
+        providers = list(providers or ["CPUExecutionProvider"])
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         self.device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
         self.device_id = 0
@@ -66,6 +80,14 @@ class OrtBackend:
         if self.device == "cuda" and (in_place is False or not use_library):
             raise LrexportError("the CUDA backend keeps the caches on the GPU and needs the custom-op library with "
                                 "in-place caches (use_library=True, in_place=True)")
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph:
+            if self.device != "cuda":
+                raise LrexportError("cuda_graph=True needs CUDAExecutionProvider first among the providers")
+            if graph_cache_sets < 1:
+                raise LrexportError(f"graph_cache_sets must be >= 1, got {graph_cache_sets}")
+            opts0 = {} if isinstance(providers[0], str) else dict(providers[0][1])
+            providers[0] = ("CUDAExecutionProvider", {**opts0, "enable_cuda_graph": "1"})
         if use_library:
             opts = ortops.session_options(providers=providers)
         else:
@@ -91,6 +113,12 @@ class OrtBackend:
         self._binding = None
         self._binding_key: tuple | None = None
         self._binding_refs: list = []
+        # CUDA graphs: cache sets by (batch, capacity), oldest first; per set, its fixed step buffers
+        # (token ids, lengths, logits) and its graph ids by rank setting
+        self._graph_sets: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._graph_bufs: dict[tuple, dict[str, Any]] = {}
+        self._graph_cache_sets = graph_cache_sets
+        self._next_graph_id = 0
 
     def _output_info(self, name: str) -> tuple[int, torch.dtype]:
         """(last dimension, torch dtype) of the model's output ``name`` (the logits: vocabulary size)."""
@@ -105,7 +133,15 @@ class OrtBackend:
         return vocab, kinds[out.type]
 
     def new_caches(self, batch: int, capacity: int) -> list[Any]:
-        """Zeroed caches: numpy arrays on the CPU, ``torch`` tensors in GPU memory with CUDA."""
+        """Zeroed caches: numpy arrays on the CPU, ``torch`` tensors in GPU memory with CUDA.
+
+        With CUDA graphs: the backend's own caches for ``batch`` rows and at least ``capacity``
+        positions: the smallest set it keeps that fits, else a new one of ``capacity`` rounded up to a
+        multiple of 256 (at most ``max_len``). A graph replays over the caches it was captured with,
+        so the sets are reused; positions at and after a row's ``past_len`` are never read, so they
+        are not cleared."""
+        if self.cuda_graph:
+            return self._graph_caches(batch, capacity)
         if self.device == "cpu":
             return [np.zeros((batch, capacity, w), dtype=_NP[d]) for w, d in zip(self.cache_widths, self.cache_dtypes)]
         caches = [torch.zeros(batch, capacity, w, dtype=getattr(torch, d), device=f"cuda:{self.device_id}")
@@ -116,7 +152,8 @@ class OrtBackend:
     def step(self, input_ids: torch.Tensor, past_len: torch.Tensor, caches: list[np.ndarray],
              ranks: list[int] | None) -> tuple[torch.Tensor, list[np.ndarray]]:
         """One step; returns the logits ``[B, S, vocab]`` (a tensor on the GPU with CUDA, else on the CPU)
-        and the caches (the same buffers when they are updated in place)."""
+        and the caches (the same buffers when they are updated in place). With CUDA graphs, a decode
+        step's logits are the backend's buffer, valid until the next step."""
         feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids.cpu().numpy(), dtype=np.int64),
                                  "past_len": np.ascontiguousarray(past_len.cpu().numpy(), dtype=np.int64)}
         if self.rank_max:
@@ -130,6 +167,8 @@ class OrtBackend:
             named = dict(zip(self.output_names, outs))
             return torch.from_numpy(named["logits"]), [named[p] for p in self.present]
         binding = self._cache_binding(caches)
+        if self.cuda_graph:
+            return self._graph_step(binding, caches, input_ids, past_len, feeds), caches
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         if self.device == "cuda":
@@ -149,8 +188,7 @@ class OrtBackend:
         host sets the pace of a small batch)."""
         import onnxruntime as ort
 
-        key = tuple((buf.data_ptr() if isinstance(buf, torch.Tensor) else id(buf), tuple(buf.shape), str(buf.dtype))
-                    for buf in caches)
+        key = self._caches_key(caches)
         if self._binding is not None and key == self._binding_key:
             return self._binding
         binding = self.session.io_binding()
@@ -174,6 +212,82 @@ class OrtBackend:
         # the buffers stay referenced while they are bound, so their memory (and ids) cannot be reused
         self._binding, self._binding_key, self._binding_refs = binding, key, refs
         return binding
+
+    def _graph_caches(self, batch: int, capacity: int) -> list[torch.Tensor]:
+        if capacity > self.max_len:
+            raise ShapeError(f"a cache of {capacity} positions is longer than the model's maximum length "
+                             f"{self.max_len}")
+        fits = sorted(k for k in self._graph_sets if k[0] == batch and k[1] >= capacity)
+        if fits:
+            return self._graph_sets[fits[0]]
+        key = (batch, min(self.max_len, -(-capacity // 256) * 256))
+        while len(self._graph_sets) >= self._graph_cache_sets:  # the oldest set and its graphs go
+            old_key = next(iter(self._graph_sets))
+            old = self._graph_sets.pop(old_key)
+            self._graph_bufs.pop(self._caches_key(old), None)
+            if self._binding_key == self._caches_key(old):
+                self._binding, self._binding_key, self._binding_refs = None, None, []
+        caches = [torch.zeros(batch, key[1], w, dtype=getattr(torch, d), device=f"cuda:{self.device_id}")
+                  for w, d in zip(self.cache_widths, self.cache_dtypes)]
+        torch.cuda.synchronize(self.device_id)
+        self._graph_sets[key] = caches
+        return caches
+
+    def release_caches(self) -> None:
+        """CUDA graphs: drop the cache sets the backend keeps (and their step buffers and graphs), so
+        that their GPU memory can go once the caller holds no reference either."""
+        self._graph_sets.clear()
+        self._graph_bufs.clear()
+        self._binding, self._binding_key, self._binding_refs = None, None, []
+
+    def _graph_step(self, binding: Any, caches: list[torch.Tensor], input_ids: torch.Tensor, past_len: torch.Tensor,
+                    feeds: dict[str, Any]) -> torch.Tensor:
+        """One step of a CUDA-graph backend: decode steps replay the graph of their caches and ranks
+        (captured on first use, after ONNX Runtime's warm-up runs); prefill runs without one."""
+        import onnxruntime as ort
+
+        B, S = feeds["input_ids"].shape
+        vocab, dtype = self._logits_info
+        ro = ort.RunOptions()
+        if "ranks" in feeds:  # read on the host by the graph's shape computations: one graph per setting
+            binding.bind_cpu_input("ranks", feeds["ranks"])
+        if S != 1:
+            ro.add_run_config_entry("gpu_graph_id", "-1")
+            binding.bind_cpu_input("input_ids", feeds["input_ids"])
+            binding.bind_cpu_input("past_len", feeds["past_len"])
+            logits = bind_gpu_output(binding, "logits", [B, S, vocab], dtype, self.device_id)
+            self.session.run_with_iobinding(binding, ro)
+            return logits
+        key = self._caches_key(caches)
+        bufs = self._graph_bufs.get(key)
+        if bufs is None:
+            dev = f"cuda:{self.device_id}"
+            bufs = self._graph_bufs[key] = {
+                "input_ids": torch.zeros(B, 1, dtype=torch.int64, device=dev),
+                "past_len": torch.zeros(B, dtype=torch.int64, device=dev),
+                "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graphs": {}}
+        rkey = tuple(int(x) for x in feeds.get("ranks", ()))
+        gid = bufs["graphs"].get(rkey)
+        if gid is None:
+            gid = bufs["graphs"][rkey] = self._next_graph_id
+            self._next_graph_id += 1
+        bufs["input_ids"].copy_(input_ids.reshape(B, 1))  # from the host: returns once the values are there
+        bufs["past_len"].copy_(past_len.reshape(B))
+        for name in ("input_ids", "past_len"):
+            t = bufs[name]
+            binding.bind_input(name, "cuda", self.device_id, np.int64, list(t.shape), t.data_ptr())
+        out = bufs["logits"]
+        binding.bind_output("logits", "cuda", self.device_id, np.dtype(str(dtype).removeprefix("torch.")),
+                            list(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's reads of the last logits
+        ro.add_run_config_entry("gpu_graph_id", str(gid))
+        self.session.run_with_iobinding(binding, ro)
+        return out
+
+    @staticmethod
+    def _caches_key(caches: list) -> tuple:
+        return tuple((buf.data_ptr() if isinstance(buf, torch.Tensor) else id(buf), tuple(buf.shape), str(buf.dtype))
+                     for buf in caches)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of a batch from an empty cache (the eval ``LogitsFn``)."""

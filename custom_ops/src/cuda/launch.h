@@ -11,7 +11,9 @@ namespace lrexport {
 namespace cuda {
 
 // One checked call (see op_common.h): shapes, attributes and the tensors' addresses. Every
-// pointer is device memory except past_len (host memory, B values).
+// pointer is device memory except past_len: host memory (B values, checked), or device memory when
+// device_lengths (LowRankKVAttentionDeviceLen: never read on the host; the kernels clamp each value
+// to [0, min(P, Prope) - S], skip the cache write of a row outside it and write NaN as its output).
 struct Params {
   int64_t B, S, Hq, Hkv, s, G, D, rk, rv, P, Prope, rep;
   int64_t Wk, Wv;    // latent widths G*rk, G*rv
@@ -24,6 +26,7 @@ struct Params {
   float scale;
   bool f16;  // activations (and float caches) are float16, else float
   const int64_t* past_len;
+  bool device_lengths;
   const void *query, *latent_k, *latent_v, *k_up, *k_bias, *v_up, *cos, *sin;  // k_bias, v_up may be null
   const void *past_k, *past_k_params, *past_v, *past_v_params;
   void *out, *present_k, *present_k_params, *present_v, *present_v_params;
@@ -59,7 +62,9 @@ struct Plan {
   size_t off_past32 = 0, off_max = 0, off_sum = 0;
 };
 
-// Fills *plan for p (queries the device's properties). Returns "" or an error message. `triton`: a
+// Fills *plan for p (queries the device's properties). Returns "" or an error message. The splits
+// along the key positions are planned from the longest row (host past_len) or, with device_lengths,
+// from the cache's capacity: every row then divides its own length among them. `triton`: a
 // decode kernel loaded for p.device (or null), used when the call is one token per row and its
 // arguments meet the compiled assumptions (plan->triton; else plan->triton_skip says why).
 std::string plan(const Params& p, Plan* plan, const TritonDecode* triton = nullptr);

@@ -4,7 +4,8 @@
 //
 // One call, all on the stream ONNX Runtime gives:
 //   0. present <- past (cudaMemcpyAsync) where they are different buffers; past_len in the kernel
-//      parameters (up to 16 rows) or copied to the device;
+//      parameters (up to 16 rows) or copied to the device (LowRankKVAttentionDeviceLen: already
+//      there, never read on the host, so that a CUDA graph of the call replays with new lengths);
 //   A. write_tokens: the new tokens' latents into the present caches at past_len[b] + t, quantized
 //      per token and group when bits > 0 (one thread per quantization group);
 //   B. attend_partial, flash-decoding style: one block per (batch row, tile of up to `qtile` new
@@ -113,8 +114,9 @@ struct Args {
   int64_t qg;
   int64_t window;
   float scale;
-  const int64_t* past_len;  // device copy (more than kInlineRows rows), else null
+  const int64_t* past_len;  // device memory (more than kInlineRows rows, or device lengths), else null
   int64_t past_len_inline[kInlineRows];  // B <= kInlineRows: the values, no copy (no stream sync)
+  int64_t len_max;  // min(P, Prope) - S: the largest valid past_len
   const void *query, *latent_k, *latent_v, *k_up, *k_bias, *v_up, *cos, *sin;
   void *out, *cache_k, *params_k, *cache_v, *params_v;  // the present caches
   int64_t qtile, nqt, nsplit;
@@ -127,8 +129,18 @@ struct Args {
   int32_t* past32;  // the Triton decode kernel's past_len (int32)
 };
 
-__device__ __forceinline__ int64_t past_len_of(const Args& a, int64_t b) {
+__device__ __forceinline__ int64_t raw_past_len(const Args& a, int64_t b) {
   return a.past_len ? a.past_len[b] : a.past_len_inline[b];
+}
+// Whether row b's past_len fits the cache and the RoPE table (always, when checked on the host).
+__device__ __forceinline__ bool len_ok(const Args& a, int64_t b) {
+  const int64_t v = raw_past_len(a, b);
+  return v >= 0 && v <= a.len_max;
+}
+// Row b's past_len, clamped into range: a device length that is not (LowRankKVAttentionDeviceLen)
+// reads no memory outside the tensors; its row's cache is left alone and its output is NaN.
+__device__ __forceinline__ int64_t past_len_of(const Args& a, int64_t b) {
+  return imax(0, imin(raw_past_len(a, b), a.len_max));
 }
 
 // Latent channel `ch` of cache row `row` (a position of a batch row) as a float.
@@ -150,6 +162,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) write_tokens(Args a) {
   const int64_t row = blockIdx.x;  // b * S + t
   const int64_t b = row / a.S, t = row % a.S;
+  if (!len_ok(a, b)) return;  // a device length out of range: nothing written
   const int64_t pos = past_len_of(a, b) + t;
   const bool is_v = blockIdx.y == 1;
   const T* src = static_cast<const T*>(is_v ? a.latent_v : a.latent_k) + row * (is_v ? a.Wv : a.Wk);
@@ -552,6 +565,12 @@ __global__ void __launch_bounds__(128) combine(Args a) {
   const int64_t row = blockIdx.x;  // (b * S + t) * Hq + h
   const int64_t h = row % a.Hq, bt = row / a.Hq;
   const int tid = threadIdx.x;
+  if (!len_ok(a, bt / a.S)) {  // a device length out of range: NaN, as the caller's signal
+    T* out = static_cast<T*>(a.out) + bt * a.out_w;
+    const int64_t w = a.v_up ? a.D : a.rv;
+    for (int64_t c = tid; c < w; c += blockDim.x) st(out, h * w + c, NAN);
+    return;
+  }
   if (tid == 0) {
     float M = -INFINITY;
     for (int64_t sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, a.part_m[(row * a.nsplit + sp) * a.ml_step]);
@@ -742,8 +761,11 @@ std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
            " query heads per KV head); the device allows " + std::to_string(smem_optin);
   pl->nqt = (p.S + qtile - 1) / qtile;
   // splits along the keys only when the blocks would not fill the GPU (decode)
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < p.B; ++b) max_len = std::max(max_len, p.past_len[b] + p.S);
+  int64_t max_len = std::min(p.P, p.Prope);  // device lengths: the capacity (each row splits its own length)
+  if (!p.device_lengths) {
+    max_len = 0;
+    for (int64_t b = 0; b < p.B; ++b) max_len = std::max(max_len, p.past_len[b] + p.S);
+  }
   int64_t span = p.window > 0 ? std::min(max_len, p.window + qtile - 1) : max_len;
   const int64_t blocks = p.B * pl->nqt * p.Hkv;
   const int64_t target = 2 * static_cast<int64_t>(sms);
@@ -784,7 +806,10 @@ std::string run(const Params& p, const Plan& pl, void* scratch, void* stream_ptr
   if (p.B == 0 || p.S == 0) return "";
   char* base = static_cast<char*>(scratch);
   Args a{};
-  if (p.B <= kInlineRows) {
+  a.len_max = std::min(p.P, p.Prope) - p.S;
+  if (p.device_lengths) {
+    a.past_len = p.past_len;  // device memory, read by the kernels only
+  } else if (p.B <= kInlineRows) {
     for (int64_t b = 0; b < p.B; ++b) a.past_len_inline[b] = p.past_len[b];
     a.past_len = nullptr;
   } else {

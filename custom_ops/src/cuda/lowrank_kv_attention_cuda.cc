@@ -3,8 +3,11 @@
 //
 // Types: the activation dtype is query's, float or float16; latent_k/v, k_up, k_bias, v_up, cos,
 // sin, the output and float caches (bits = 0) have that same dtype; packed caches are uint8 with
-// float16 params, as on the CPU. past_len is a CPU input (OrtMemTypeCPUInput): the checks and the
-// launch read it on the host without synchronizing the stream; everything else is device memory.
+// float16 params, as on the CPU. LowRankKVAttention's past_len is a CPU input (OrtMemTypeCPUInput):
+// the checks and the launch read it on the host without synchronizing the stream; everything else is
+// device memory. LowRankKVAttentionDeviceLen's past_len is device memory too, read by the kernels
+// only (a call is then the same launches whatever the lengths: ONNX Runtime can capture it in a CUDA
+// graph and replay it with new lengths).
 // Every bad input gives the CPU kernel's error status (prepare_call, op_common.cc); CUDA errors of
 // a launch or a copy give an ORT_FAIL status. Nothing waits for the GPU.
 //
@@ -81,7 +84,7 @@ OrtStatus* CudaKernel::Init(const OrtKernelInfo* info) {
 
 OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   Call call;
-  LRX_RETURN_IF_ERROR(prepare_call(ctx, attrs, /*allow_f16=*/true, &call));
+  LRX_RETURN_IF_ERROR(prepare_call(ctx, attrs, /*allow_f16=*/true, /*lengths_on_host=*/!device_lengths, &call));
   const Shapes& z = call.z;
   const In* in = call.in;
 
@@ -105,6 +108,7 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   p.scale = z.scale;
   p.f16 = z.act == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   p.past_len = call.past_len;
+  p.device_lengths = device_lengths;
   p.query = in[kQuery].data, p.latent_k = in[kLatentK].data, p.latent_v = in[kLatentV].data;
   p.k_up = in[kKUp].data, p.k_bias = z.has_kbias ? in[kKBias].data : nullptr;
   p.v_up = z.has_vup ? in[kVUp].data : nullptr, p.cos = in[kCos].data, p.sin = in[kSin].data;
@@ -176,11 +180,16 @@ LowRankKVAttentionOp* cuda_ops(size_t* count) noexcept {
 #else
   constexpr const char* ep = "CUDAExecutionProvider";
 #endif
+  constexpr const char* dl = kOpNameDeviceLen;
   static LowRankKVAttentionOp ops[] = {
-      {ep, make_cuda_kernel, F32, F32, F32}, {ep, make_cuda_kernel, F32, U8, U8},
-      {ep, make_cuda_kernel, F32, F32, U8},  {ep, make_cuda_kernel, F32, U8, F32},
-      {ep, make_cuda_kernel, F16, F16, F16}, {ep, make_cuda_kernel, F16, U8, U8},
-      {ep, make_cuda_kernel, F16, F16, U8},  {ep, make_cuda_kernel, F16, U8, F16},
+      {ep, make_cuda_kernel, F32, F32, F32},     {ep, make_cuda_kernel, F32, U8, U8},
+      {ep, make_cuda_kernel, F32, F32, U8},      {ep, make_cuda_kernel, F32, U8, F32},
+      {ep, make_cuda_kernel, F16, F16, F16},     {ep, make_cuda_kernel, F16, U8, U8},
+      {ep, make_cuda_kernel, F16, F16, U8},      {ep, make_cuda_kernel, F16, U8, F16},
+      {ep, make_cuda_kernel, F32, F32, F32, dl}, {ep, make_cuda_kernel, F32, U8, U8, dl},
+      {ep, make_cuda_kernel, F32, F32, U8, dl},  {ep, make_cuda_kernel, F32, U8, F32, dl},
+      {ep, make_cuda_kernel, F16, F16, F16, dl}, {ep, make_cuda_kernel, F16, U8, U8, dl},
+      {ep, make_cuda_kernel, F16, F16, U8, dl},  {ep, make_cuda_kernel, F16, U8, F16, dl},
   };
   *count = sizeof(ops) / sizeof(ops[0]);
   return ops;
