@@ -12,7 +12,9 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
 * ``uncompressed_gqa``: the uncompressed model on ONNX Runtime's fused operators
   (``GroupQueryAttention`` with RoPE inside and the caches updated in place, fused RMSNorm;
   ``bench/gqa_model.py``): the strongest standard baseline, against which ``speedup`` is
-  reported when it runs;
+  reported when it runs; ``uncompressed_gqa_graph``: the same with decode steps as CUDA graphs
+  (``speedup_gqa_graph`` is against it; ``graph_rel_err``: its replayed logits against the same step
+  without a graph);
 * ``uncompressed``: lrexport's plain export of the same model (standard-op attention over the
   dense cache; ``speedup_plain`` is against it);
 * ``lrexport``: weights 20% (uniform ranks over q/o/gate/up/down, multiples of 16, as
@@ -55,7 +57,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("uncompressed_gqa", "uncompressed", "lrexport", "lrexport_4bit")
-BASELINES = ("uncompressed_gqa", "uncompressed")  # speedup is against the first that ran
+BASELINES = ("uncompressed_gqa", "uncompressed_gqa_graph", "uncompressed")  # speedup: against the first that ran
 
 
 def _gqa():
@@ -229,12 +231,16 @@ def main(argv=None) -> int:
                     help="also record each setting's GPU work per step (CUPTI kernel durations, by category)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gqa", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
-        run = _gqa().gqa_worker if args.gqa else worker
-        print(json.dumps(run(args.worker, contexts, batches, args.steps, args.device, args.profile)))
+        if args.gqa:
+            out = _gqa().gqa_worker(args.worker, contexts, batches, args.steps, args.device, args.profile, args.graph)
+        else:
+            out = worker(args.worker, contexts, batches, args.steps, args.device, args.profile)
+        print(json.dumps(out))
         return 0
     import torch
 
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     rows, info = [], {}
     for v in args.variants.split(","):
-        gqa = v == "uncompressed_gqa"
+        gqa = v.startswith("uncompressed_gqa")
         if gqa:
             t0 = time.perf_counter()
             folder = _gqa().build_gqa_model(cfg, dtype, work, gen_device)
@@ -259,6 +265,7 @@ def main(argv=None) -> int:
             info[v] = {**meta.get("bench", {}), "kv_bytes_per_token": (meta.get("kv") or {}).get("bytes_per_token")}
         cmd = [sys.executable, __file__, "--worker", str(folder), "--contexts", args.contexts, "--batches",
                args.batches, "--steps", str(args.steps), "--device", args.device] + (["--gqa"] if gqa else []) + (
+                   ["--graph"] if v == "uncompressed_gqa_graph" else []) + (
                    ["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
@@ -270,6 +277,7 @@ def main(argv=None) -> int:
     ran = [b for b in BASELINES if any(r["setting"] == b for r in rows)]
     base = {(r["context"], r["batch"]): r for r in rows if ran and r["setting"] == ran[0]}
     plain = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed"}
+    ggraph = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed_gqa_graph"}
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         if b and r is not b:
@@ -277,8 +285,11 @@ def main(argv=None) -> int:
             r["kv_smaller_x"] = b["kv_bytes"] / r["kv_bytes"]
             if r["gpu_mem_bytes"] and b["gpu_mem_bytes"]:
                 r["gpu_mem_smaller_x"] = b["gpu_mem_bytes"] / r["gpu_mem_bytes"]
+        g = ggraph.get((r["context"], r["batch"]))
+        if g and r is not g and r["setting"] not in BASELINES:
+            r["speedup_gqa_graph"] = r["decode_tok_s"] / g["decode_tok_s"]
         p = plain.get((r["context"], r["batch"]))
-        if p and r is not p and r["setting"] != "uncompressed_gqa":
+        if p and r is not p and not r["setting"].startswith("uncompressed_gqa"):
             r["speedup_plain"] = r["decode_tok_s"] / p["decode_tok_s"]
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -304,11 +315,15 @@ def write_md(doc: dict, path: Path) -> str:
     rows = doc["rows"]
     profiled = any("gpu_ms" in r for r in rows)
     cols = ["setting", "context", "batch", "step_ms"] + (["gpu_ms", "kernels_per_step"] if profiled else []) + [
-        "decode_tok_s", "speedup", "speedup_plain", "kv_bytes", "kv_smaller_x", "gpu_mem_bytes", "gpu_mem_smaller_x"]
+        "decode_tok_s", "speedup", "speedup_gqa_graph", "speedup_plain", "kv_bytes", "kv_smaller_x",
+        "gpu_mem_bytes", "gpu_mem_smaller_x"]
+    if any("graph_rel_err" in r for r in rows):
+        cols.append("graph_rel_err")
     lines = [f"# GPU end to end ({doc['date']})", "", doc["machine"], "", f"`{doc['command']}`", "", doc["model"] + "; "
              + doc["settings"], "", f"speedup: decode tokens/s over {doc.get('baseline') or '-'} (same context and "
-             "batch, same run); speedup_plain: over the plain uncompressed export; *_smaller_x: that baseline's "
-             "bytes / these", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             "batch, same run); speedup_gqa_graph: over uncompressed_gqa_graph (the baseline with CUDA graphs); "
+             "speedup_plain: over the plain uncompressed export; *_smaller_x: that baseline's bytes / these", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
                                        for c in cols) + " |")

@@ -22,7 +22,9 @@ length), ``past_key_{i}`` / ``past_value_{i}``; outputs: ``logits`` ``[B, S, voc
 ``total_sequence_length``, the cache empty) or one token per row. ONNX Runtime's CUDA
 GroupQueryAttention runs float16 and bfloat16 only; its CPU kernel also runs float32.
 
-:class:`GqaSession` runs a built folder with the caches bound in place (IO binding);
+:class:`GqaSession` runs a built folder with the caches bound in place (IO binding), optionally
+with decode steps captured and replayed as CUDA graphs (``cuda_graph=True``: the token ids, lengths
+and logits in fixed GPU buffers, ``total_sequence_length`` held at the caches' capacity);
 :func:`gqa_worker` times decode steps with it, with the row format of ``worker()`` in
 ``bench/gpu_e2e.py``.
 """
@@ -222,9 +224,10 @@ class GqaSession:
 
     ``device`` is ``"cpu"`` (CPU provider; caches are numpy arrays) or ``"cuda"`` (CUDA
     provider first, CPU second; caches are ``torch`` tensors in GPU memory, bound by pointer).
+    ``cuda_graph``: decode steps (one token per row) as CUDA graphs, one per set of bound caches.
     """
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", cuda_graph: bool = False):
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -240,6 +243,12 @@ class GqaSession:
         self.device = device
         self.np_dtype = _NP_DTYPES[self.meta["dtype"]]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        if cuda_graph:
+            if device != "cuda":
+                raise ValueError("cuda_graph needs device='cuda'")
+            providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+        self.cuda_graph = cuda_graph
+        self._graphs = 0  # graph ids handed out
         self.session = ort.InferenceSession(str(folder / self.meta["file"]), providers=providers)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError("ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu); "
@@ -275,6 +284,7 @@ class BoundCaches:
         self.batch, _, self.capacity, _ = caches[0].shape
         self.io = gqa.session.io_binding()
         self._logits = {}  # sequence length -> logits OrtValue
+        self._graph = None  # CUDA graphs: (graph id, ids, seqlens_k, logits buffers)
         for name, buf in zip(m["caches"], caches):
             expected = (self.batch, m["num_kv_heads"], self.capacity, m["head_dim"])
             if tuple(buf.shape) != expected:
@@ -311,6 +321,8 @@ class BoundCaches:
         total = np.array(total_sequence_length, dtype=np.int32)
         if lens.shape != (batch,):
             raise ValueError(f"seqlens_k has shape {lens.shape}, expected ({batch},)")
+        if self.gqa.cuda_graph:
+            return self._graph_step(ids, lens, total_sequence_length)
         # the arrays stay referenced until the run: the binding may point at their memory
         self.io.bind_cpu_input("input_ids", ids)
         self.io.bind_cpu_input("seqlens_k", lens)
@@ -329,6 +341,46 @@ class BoundCaches:
         self.io.bind_ortvalue_output("logits", self._logits[S])
         self.gqa.session.run_with_iobinding(self.io)
         return self._logits[S].numpy().copy()  # a view of the bound buffer otherwise
+
+
+    def _graph_step(self, ids: np.ndarray, lens: np.ndarray, total_sequence_length: int, graph: bool = True):
+        """A step with CUDA graphs (``graph=False``: the same bindings, run without one). A replay
+        repeats the captured launches, so ``total_sequence_length`` (a host input of
+        GroupQueryAttention) is held at the caches' capacity and the row lengths come from
+        ``seqlens_k`` in GPU memory; a prompt (more than one token) runs without a graph."""
+        import onnxruntime as ort
+        import torch
+
+        from lrexport.runtime.ort_backend import bind_gpu_output
+
+        batch, S = ids.shape
+        dtype = getattr(torch, np.dtype(self.gqa.np_dtype).name)
+        ro = ort.RunOptions()
+        if S != 1:
+            ro.add_run_config_entry("gpu_graph_id", "-1")
+            self.io.bind_cpu_input("input_ids", ids)
+            self.io.bind_cpu_input("seqlens_k", lens)
+            self.io.bind_cpu_input("total_sequence_length", np.array(total_sequence_length, dtype=np.int32))
+            logits = bind_gpu_output(self.io, "logits", [batch, S, self.gqa.meta["vocab_size"]], dtype, 0)
+            self.gqa.session.run_with_iobinding(self.io, ro)
+            return logits
+        if self._graph is None:
+            self._graph = (self.gqa._graphs, torch.zeros(batch, 1, dtype=torch.int64, device="cuda"),
+                           torch.zeros(batch, dtype=torch.int32, device="cuda"),
+                           torch.empty(batch, 1, self.gqa.meta["vocab_size"], dtype=dtype, device="cuda"),
+                           np.array(self.capacity, dtype=np.int32))
+            self.gqa._graphs += 1
+        gid, ids_buf, lens_buf, out, total = self._graph
+        ids_buf.copy_(torch.from_numpy(ids))
+        lens_buf.copy_(torch.from_numpy(lens))
+        self.io.bind_input("input_ids", "cuda", 0, np.int64, [batch, 1], ids_buf.data_ptr())
+        self.io.bind_input("seqlens_k", "cuda", 0, np.int32, [batch], lens_buf.data_ptr())
+        self.io.bind_cpu_input("total_sequence_length", total)
+        self.io.bind_output("logits", "cuda", 0, self.gqa.np_dtype, list(out.shape), out.data_ptr())
+        torch.cuda.current_stream().synchronize()
+        ro.add_run_config_entry("gpu_graph_id", str(gid) if graph else "-1")
+        self.gqa.session.run_with_iobinding(self.io, ro)
+        return out
 
 
 def profile_steps(row: dict, step, steps: int = 5) -> None:
@@ -364,7 +416,7 @@ def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, fini
 
 
 def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int, device: str,
-               profile: bool = False) -> list[dict]:
+               profile: bool = False, cuda_graph: bool = False) -> list[dict]:
     """Decode speed of a :func:`build_gqa_model` folder: rows as ``worker()`` of ``bench/gpu_e2e.py``.
 
     For each batch and context, caches of ``context + steps + 4`` positions are allocated once
@@ -373,7 +425,9 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
     last ``steps``. A step binds the token ids and lengths, runs, and picks the next ids (argmax
     of the logits, on the GPU with CUDA, then copied to the host). ``gpu_mem_bytes`` is the GPU
     memory taken since before the session was created (CUDA only); ``kv_bytes`` the size of all
-    cache buffers. ``profile``: also the GPU work of a step (:func:`profile_steps`).
+    cache buffers. ``profile``: also the GPU work of a step (:func:`profile_steps`). ``cuda_graph``:
+    decode steps as CUDA graphs; each row then also has ``graph_rel_err``: the first step's logits
+    replayed against the same step run without a graph, with the exact ``total_sequence_length``.
     """
     import torch
 
@@ -381,7 +435,7 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
         torch.cuda.init()
         torch.zeros(1, device="cuda")
         free0, _ = torch.cuda.mem_get_info()
-    gqa = GqaSession(folder, device)
+    gqa = GqaSession(folder, device, cuda_graph=cuda_graph)
     rng = np.random.default_rng(0)
     rows = []
     for B in batches:
@@ -390,6 +444,13 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
             kv_bytes = sum(c.nbytes for c in caches)  # numpy arrays or torch tensors
             bound = gqa.bind(caches)
             ids = rng.integers(10, min(1000, gqa.meta["vocab_size"]), (B, 1))
+            graph_err = None
+            if cuda_graph:  # the same step (same token, same position) without a graph, exact total length
+                lens = np.full(B, C, dtype=np.int32)
+                ref = bound._graph_step(ids, lens, C + 1, graph=False).double().cpu()
+                for _ in range(4):  # ONNX Runtime's warm-up runs, the capture, a replay
+                    got = bound.step(ids, lens, C + 1).double().cpu()
+                graph_err = float((got - ref).abs().max() / ref.abs().max())
             times = []
             for t in range(steps + 3):
                 total = C + t + 1
@@ -402,6 +463,8 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
             finite = bool(torch.isfinite(logits).all()) if device == "cuda" else bool(np.isfinite(logits).all())
             rows.append(decode_row(C, B, times[3:], kv_bytes, finite,
                                    free0 if device == "cuda" else None))
+            if graph_err is not None:
+                rows[-1]["graph_rel_err"] = graph_err
             if profile:
                 lens = np.full(B, C + steps + 2, dtype=np.int32)
                 profile_steps(rows[-1], functools.partial(bound.step, ids, lens, C + steps + 3))
