@@ -284,7 +284,8 @@ class BoundCaches:
         self.batch, _, self.capacity, _ = caches[0].shape
         self.io = gqa.session.io_binding()
         self._logits = {}  # sequence length -> logits OrtValue
-        self._graph = None  # CUDA graphs: (graph id, ids, seqlens_k, logits buffers)
+        self._graph = None  # CUDA graphs: (graph id, ids + seqlens_k on the GPU and pinned, logits, total)
+        self._graph_bound = False
         for name, buf in zip(m["caches"], caches):
             expected = (self.batch, m["num_kv_heads"], self.capacity, m["head_dim"])
             if tuple(buf.shape) != expected:
@@ -344,7 +345,7 @@ class BoundCaches:
 
 
     def _graph_step(self, ids: np.ndarray, lens: np.ndarray, total_sequence_length: int, graph: bool = True):
-        """A step with CUDA graphs (``graph=False``: the same bindings, run without one). A replay
+        """A step with CUDA graphs (``graph=False``: without one, host inputs, the exact length). A replay
         repeats the captured launches, so ``total_sequence_length`` (a host input of
         GroupQueryAttention) is held at the caches' capacity and the row lengths come from
         ``seqlens_k`` in GPU memory; a prompt (more than one token) runs without a graph."""
@@ -356,7 +357,8 @@ class BoundCaches:
         batch, S = ids.shape
         dtype = getattr(torch, np.dtype(self.gqa.np_dtype).name)
         ro = ort.RunOptions()
-        if S != 1:
+        if S != 1 or not graph:  # host inputs and the exact total length, no graph
+            self._graph_bound = False
             ro.add_run_config_entry("gpu_graph_id", "-1")
             self.io.bind_cpu_input("input_ids", ids)
             self.io.bind_cpu_input("seqlens_k", lens)
@@ -364,21 +366,25 @@ class BoundCaches:
             logits = bind_gpu_output(self.io, "logits", [batch, S, self.gqa.meta["vocab_size"]], dtype, 0)
             self.gqa.session.run_with_iobinding(self.io, ro)
             return logits
-        if self._graph is None:
-            self._graph = (self.gqa._graphs, torch.zeros(batch, 1, dtype=torch.int64, device="cuda"),
-                           torch.zeros(batch, dtype=torch.int32, device="cuda"),
-                           torch.empty(batch, 1, self.gqa.meta["vocab_size"], dtype=dtype, device="cuda"),
-                           np.array(self.capacity, dtype=np.int32))
+        if self._graph is None:  # ids (int64) then seqlens_k (int32) in one buffer: one copy per step
+            raw = torch.zeros(12 * batch, dtype=torch.uint8, device="cuda")
+            host = torch.zeros(12 * batch, dtype=torch.uint8).pin_memory()
+            out = torch.empty(batch, 1, self.gqa.meta["vocab_size"], dtype=dtype, device="cuda")
+            self._graph = (self.gqa._graphs, raw, host, out, np.array(self.capacity, dtype=np.int32))
             self.gqa._graphs += 1
-        gid, ids_buf, lens_buf, out, total = self._graph
-        ids_buf.copy_(torch.from_numpy(ids))
-        lens_buf.copy_(torch.from_numpy(lens))
-        self.io.bind_input("input_ids", "cuda", 0, np.int64, [batch, 1], ids_buf.data_ptr())
-        self.io.bind_input("seqlens_k", "cuda", 0, np.int32, [batch], lens_buf.data_ptr())
-        self.io.bind_cpu_input("total_sequence_length", total)
-        self.io.bind_output("logits", "cuda", 0, self.gqa.np_dtype, list(out.shape), out.data_ptr())
+            self._graph_bound = False
+        gid, raw, host, out, total = self._graph
+        host[:8 * batch].view(torch.int64).copy_(torch.from_numpy(ids.reshape(batch)))
+        host[8 * batch:].view(torch.int32).copy_(torch.from_numpy(lens))
         torch.cuda.current_stream().synchronize()
-        ro.add_run_config_entry("gpu_graph_id", str(gid) if graph else "-1")
+        raw.copy_(host)
+        if not self._graph_bound:  # bound once (a prompt binds host inputs in between)
+            self.io.bind_input("input_ids", "cuda", 0, np.int64, [batch, 1], raw.data_ptr())
+            self.io.bind_input("seqlens_k", "cuda", 0, np.int32, [batch], raw.data_ptr() + 8 * batch)
+            self.io.bind_cpu_input("total_sequence_length", total)
+            self.io.bind_output("logits", "cuda", 0, self.gqa.np_dtype, list(out.shape), out.data_ptr())
+            self._graph_bound = True
+        ro.add_run_config_entry("gpu_graph_id", str(gid))
         self.gqa.session.run_with_iobinding(self.io, ro)
         return out
 

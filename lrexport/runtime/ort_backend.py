@@ -119,6 +119,7 @@ class OrtBackend:
         self._graph_bufs: dict[tuple, dict[str, Any]] = {}
         self._graph_cache_sets = graph_cache_sets
         self._next_graph_id = 0
+        self._graph_bound: tuple | None = None  # the caches whose step buffers the binding holds
 
     def _output_info(self, name: str) -> tuple[int, torch.dtype]:
         """(last dimension, torch dtype) of the model's output ``name`` (the logits: vocabulary size)."""
@@ -211,6 +212,7 @@ class OrtBackend:
             refs += [buf, ov]
         # the buffers stay referenced while they are bound, so their memory (and ids) cannot be reused
         self._binding, self._binding_key, self._binding_refs = binding, key, refs
+        self._graph_bound = None
         return binding
 
     def _graph_caches(self, batch: int, capacity: int) -> list[torch.Tensor]:
@@ -227,6 +229,7 @@ class OrtBackend:
             self._graph_bufs.pop(self._caches_key(old), None)
             if self._binding_key == self._caches_key(old):
                 self._binding, self._binding_key, self._binding_refs = None, None, []
+                self._graph_bound = None
         caches = [torch.zeros(batch, key[1], w, dtype=getattr(torch, d), device=f"cuda:{self.device_id}")
                   for w, d in zip(self.cache_widths, self.cache_dtypes)]
         torch.cuda.synchronize(self.device_id)
@@ -239,6 +242,7 @@ class OrtBackend:
         self._graph_sets.clear()
         self._graph_bufs.clear()
         self._binding, self._binding_key, self._binding_refs = None, None, []
+        self._graph_bound = None
 
     def _graph_step(self, binding: Any, caches: list[torch.Tensor], input_ids: torch.Tensor, past_len: torch.Tensor,
                     feeds: dict[str, Any]) -> torch.Tensor:
@@ -252,6 +256,7 @@ class OrtBackend:
         if "ranks" in feeds:  # read on the host by the graph's shape computations: one graph per setting
             binding.bind_cpu_input("ranks", feeds["ranks"])
         if S != 1:
+            self._graph_bound = None
             ro.add_run_config_entry("gpu_graph_id", "-1")
             binding.bind_cpu_input("input_ids", feeds["input_ids"])
             binding.bind_cpu_input("past_len", feeds["past_len"])
@@ -262,24 +267,28 @@ class OrtBackend:
         bufs = self._graph_bufs.get(key)
         if bufs is None:
             dev = f"cuda:{self.device_id}"
+            step_in = torch.zeros(2 * B, dtype=torch.int64, device=dev)  # token ids, then lengths: one copy
             bufs = self._graph_bufs[key] = {
-                "input_ids": torch.zeros(B, 1, dtype=torch.int64, device=dev),
-                "past_len": torch.zeros(B, dtype=torch.int64, device=dev),
+                "step_in": step_in, "host": torch.zeros(2 * B, dtype=torch.int64).pin_memory(),
                 "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graphs": {}}
         rkey = tuple(int(x) for x in feeds.get("ranks", ()))
         gid = bufs["graphs"].get(rkey)
         if gid is None:
             gid = bufs["graphs"][rkey] = self._next_graph_id
             self._next_graph_id += 1
-        bufs["input_ids"].copy_(input_ids.reshape(B, 1))  # from the host: returns once the values are there
-        bufs["past_len"].copy_(past_len.reshape(B))
-        for name in ("input_ids", "past_len"):
-            t = bufs[name]
-            binding.bind_input(name, "cuda", self.device_id, np.int64, list(t.shape), t.data_ptr())
-        out = bufs["logits"]
-        binding.bind_output("logits", "cuda", self.device_id, np.dtype(str(dtype).removeprefix("torch.")),
-                            list(out.shape), out.data_ptr())
+        host = bufs["host"]
+        host[:B] = input_ids.reshape(B)
+        host[B:] = past_len.reshape(B)
         torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's reads of the last logits
+        bufs["step_in"].copy_(host)  # pinned host memory, synchronous: the values are there when it returns
+        out = bufs["logits"]
+        if self._graph_bound != key:  # the step buffers bound (a prefill binds host inputs in between)
+            ptr = bufs["step_in"].data_ptr()
+            binding.bind_input("input_ids", "cuda", self.device_id, np.int64, [B, 1], ptr)
+            binding.bind_input("past_len", "cuda", self.device_id, np.int64, [B], ptr + 8 * B)
+            binding.bind_output("logits", "cuda", self.device_id, np.dtype(str(dtype).removeprefix("torch.")),
+                                list(out.shape), out.data_ptr())
+            self._graph_bound = key
         ro.add_run_config_entry("gpu_graph_id", str(gid))
         self.session.run_with_iobinding(binding, ro)
         return out
