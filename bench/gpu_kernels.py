@@ -200,6 +200,11 @@ PAIR_CONFIGS = [dict(block_n=64, num_warps=4, num_stages=st, waves=wv, swap=True
 ROPE16_CONFIGS = [dict(rope16=r, lazy_sum=lz) for r in (0, 2) for lz in (False, True)]
 
 
+# each row dividing its own length among the splits in the kernel (LowRankKVAttentionDeviceLen's kernels, for
+# CUDA graphs) against split lengths from the launch, on the same split plan
+ROW_SPLITS_CONFIGS = [dict(row_splits=rs) for rs in (False, True)]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -207,7 +212,8 @@ DEFAULT_CONFIGS = [{}]
 def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-            "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "default": DEFAULT_CONFIGS}[name]
+            "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
+            "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
-    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "default"),
+    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
+                                       "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
