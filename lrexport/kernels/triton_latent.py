@@ -205,10 +205,14 @@ if triton is not None:
         cdt = KUP.dtype.element_ty
         H16: tl.constexpr = UNPACK16 and cdt == tl.float16  # packed codes dequantized in float16
 
-        past = tl.load(PAST + b).to(tl.int32)
-        if ROW_SPLITS:  # each row divides its own length among the nsplit splits (the launch planned nsplit from
-            # the cache's capacity, without reading the lengths on the host); the same rule as split_plan
-            split_len = tl.cdiv(tl.cdiv(past + S, nsplit), BLOCK_N) * BLOCK_N
+        if ROW_SPLITS:  # each row divides its own length among the splits (the launch planned nsplit from the
+            # cache's capacity, without reading the lengths on the host): PAST holds (past_len, split_len) per row,
+            # split_len as split_plan's rule for that row (row_split_lengths; computed before the launch: division
+            # here costs registers the 4-bit kernels do not have)
+            past = tl.load(PAST + 2 * b).to(tl.int32)
+            split_len = tl.load(PAST + 2 * b + 1)
+        else:
+            past = tl.load(PAST + b).to(tl.int32)
         t0 = pid_t * BLOCK_T
         r = tl.arange(0, M)
         t = t0 + r // NREP
@@ -599,6 +603,16 @@ DECODE_WAVES = 8
 DECODE_MIN_SPLIT = 1024
 
 
+def row_split_lengths(past_len_B: torch.Tensor, S: int, num_splits: int, block_n: int) -> torch.Tensor:
+    """The ``PAST`` argument of the decode kernel compiled with ``ROW_SPLITS``: int32 ``(past_len, split_len)``
+    per row, ``split_len`` :func:`split_plan`'s rule applied to the row's own length ``past_len + S`` (the
+    C++ launcher of LowRankKVAttentionDeviceLen computes the same on the device)."""
+    kv = past_len_B.to(torch.int64) + S
+    split = (kv + num_splits - 1) // num_splits
+    split = (split + block_n - 1) // block_n * block_n
+    return torch.stack([past_len_B.to(torch.int64), split], 1).reshape(-1).to(torch.int32)
+
+
 def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: int, num_sms: int,
                waves: int = DECODE_WAVES, num_splits: int | None = None,
                min_split: int = DECODE_MIN_SPLIT) -> tuple[int, int]:
@@ -764,6 +778,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
                                        num_sms=_num_sms(dev), waves=waves, num_splits=num_splits,
                                        min_split=min_split)
+    if row_splits:
+        past_rows = past
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
         mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
@@ -780,6 +796,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         maxnreg = maxnreg or None
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
         stage = ({} if st is None else {"num_stages": st}) | ({} if maxnreg is None else {"maxnreg": maxnreg})
+        if row_splits:
+            past = row_split_lengths(past_rows, S, num_splits, bn)
         try:
             _latent_attn_fwd[grid](
                 q, q.stride(0), q.stride(1),

@@ -42,6 +42,7 @@ struct TritonDecode {
   int warps = 4, shared = 0, waves = 4;
   int64_t block_n = 64, rv_p = 16;
   int64_t min_split = 256;  // fewest cached positions per split
+  bool row_splits = false;  // compiled with ROW_SPLITS: its past_len argument is (past_len, split_len) per row
   uint64_t d16 = 0;  // bit i: integer argument i (kArgNames order) was compiled as a multiple of 16
 };
 

@@ -127,6 +127,7 @@ struct Args {
   int64_t ml_step, acc_ld;
   bool max_log2;
   int32_t* past32;  // the Triton decode kernel's past_len (int32)
+  int64_t row_block_n;  // > 0: past32 holds (past_len, split_len) per row, split_len a multiple of this
 };
 
 __device__ __forceinline__ int64_t raw_past_len(const Args& a, int64_t b) {
@@ -608,9 +609,20 @@ __global__ void __launch_bounds__(128) combine(Args a) {
 // ---- the Triton decode kernel's inputs ------------------------------------------------------
 
 // past_len as int32 for the Triton kernel (one thread per row).
+// A kernel compiled with ROW_SPLITS: (past_len, split_len) per row, split_len the host's split rule
+// (plan_triton) applied to the row's own length over the planned number of splits.
 __global__ void past_len_i32(Args a) {
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b < a.B) a.past32[b] = static_cast<int32_t>(past_len_of(a, b));
+  if (b >= a.B) return;
+  const int64_t past = past_len_of(a, b);
+  if (a.row_block_n <= 0) {
+    a.past32[b] = static_cast<int32_t>(past);
+    return;
+  }
+  const int64_t kv = past + a.S, bn = a.row_block_n;
+  const int64_t split = ((kv + a.nsplit - 1) / a.nsplit + bn - 1) / bn * bn;
+  a.past32[2 * b] = static_cast<int32_t>(past);
+  a.past32[2 * b + 1] = static_cast<int32_t>(split);
 }
 
 // ---- host side ------------------------------------------------------------------------------
@@ -637,6 +649,8 @@ std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonD
   cudaError_t e;
   int32_t* past32 = reinterpret_cast<int32_t*>(base + pl.off_past32);
   a.past32 = past32;
+  a.nsplit = pl.nsplit;
+  a.row_block_n = t.row_splits ? t.block_n : 0;
   LRX_LAUNCH(past_len_i32, static_cast<unsigned>((p.B + 127) / 128), 128, 0, stream, a);
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the past_len conversion", e);
   float* mx = reinterpret_cast<float*>(base + pl.off_max);
@@ -722,7 +736,7 @@ std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t
   pl->smem_combine = static_cast<size_t>(p.rv + ns) * 4;
   const size_t prows = static_cast<size_t>(p.B * p.Hq * ns);
   pl->off_past32 = align_up(static_cast<size_t>(p.B) * 8, 256);  // after the int64 past_len copy
-  pl->off_max = pl->off_past32 + align_up(static_cast<size_t>(p.B) * 4, 256);
+  pl->off_max = pl->off_past32 + align_up(static_cast<size_t>(p.B) * (t.row_splits ? 8 : 4), 256);
   pl->off_sum = pl->off_max + align_up(prows * 4, 256);
   pl->off_acc = pl->off_sum + align_up(prows * 4, 256);
   pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(t.rv_p) * 4;

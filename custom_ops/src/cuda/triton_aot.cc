@@ -65,6 +65,8 @@ std::string parse_triton_meta(const std::string& text, TritonMeta* m) {
       m->waves = static_cast<int>(n);
     } else if (k == "min_split") {
       m->min_split = n;
+    } else if (k == "row_splits") {
+      m->row_splits = n != 0;
     }
   }
   if (abi != kAbi) return "abi=" + std::to_string(abi) + " (this library launches abi=" + std::to_string(kAbi) + ")";
@@ -215,6 +217,7 @@ const TritonDecode* TritonModule::get(int device, std::string* why) const {
         k.launch = d.launch;
         k.warps = meta_.warps, k.shared = meta_.shared, k.waves = meta_.waves;
         k.block_n = meta_.block_n, k.rv_p = meta_.rv_p, k.min_split = meta_.min_split, k.d16 = meta_.d16;
+        k.row_splits = meta_.row_splits;
       } else {
         if (mod && d.push(ctx) == 0) {
           d.unload(mod);

@@ -33,6 +33,7 @@ struct TritonMeta {
   int warps = 4, shared = 0, waves = 4;
   int64_t block_n = 64, rv_p = 16;
   int64_t min_split = 256;  // absent in models exported before it was added: their rule
+  bool row_splits = false;  // compiled with ROW_SPLITS: PAST holds (past_len, split_len) per row
   uint64_t d16 = 0;
 };
 
