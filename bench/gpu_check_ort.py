@@ -137,7 +137,7 @@ def _field(num: int, value) -> bytes:
     return _varint(num << 3 | 2) + _varint(len(data)) + data
 
 
-def _encode_model(ins, outs, attrs, gin, gout, op) -> bytes:
+def _encode_model(ins, outs, attrs, gin, gout, op=OP) -> bytes:
     """The ModelProto onnx.helper would make (onnx.proto field numbers)."""
     def value_info(name, elem, dims):
         tensor = _field(1, elem)  # TypeProto.Tensor.elem_type
@@ -579,7 +579,7 @@ class Checker:
             good_row = 1 - bad_row
             caches = {n: self.ortvalue(v) for n, v in state.items() if v is not None}
             run = dict(feeds, past_len=lens)
-            row = Row(f"device past_len={bad}", np.dtype(dt).name, bits, sh.s, "decode")
+            row = Row(f"device past_len={bad}", np.dtype(dt).name, bits, sh.s, "guard:S=1")
             try:
                 out = self.run_gpu_inplace(sess, run, caches, device_lengths=True)
             except Exception as e:  # noqa: BLE001  (onnxruntime's exception types)

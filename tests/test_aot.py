@@ -40,7 +40,8 @@ def exported(tmp_path_factory):
     e2e = _bench("gpu_e2e")
     cfg = e2e.smoke_config(2, 96)
     work = tmp_path_factory.mktemp("aot")
-    return {v: e2e.build_variant(v, cfg, "float16", work, "cpu") for v in ("lrexport", "lrexport_4bit")}
+    return {v: e2e.build_variant(v, cfg, "float16", work, "cpu")
+            for v in ("lrexport", "lrexport_4bit", "lrexport_4bit_graph")}
 
 
 def _lowrank_nodes(folder: Path):
@@ -90,6 +91,26 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
                                "swap": True, "maxnreg": None}}
+
+
+def test_cuda_graph_exports_compile_row_split_kernels(exported):
+    """``--cuda-graph``: every attention node is LowRankKVAttentionDeviceLen and carries a kernel compiled with
+    ROW_SPLITS (``row_splits=1`` in its metadata: the launcher then passes each row's own split length), under
+    the same register cap; the standard export's kernels have ``row_splits=0``."""
+    std, _ = _lowrank_nodes(exported["lrexport_4bit"])
+    graph = onnx.load(str(exported["lrexport_4bit_graph"] / "model.onnx"), load_external_data=False)
+    nodes = [n for n in graph.graph.node if n.op_type == "LowRankKVAttentionDeviceLen"]
+    assert len(nodes) == 2 and not any(n.op_type == "LowRankKVAttention" for n in graph.graph.node)
+    a_std = {a.name: onnx.helper.get_attribute_value(a) for a in _lowrank_nodes(exported["lrexport_4bit"])[1][0]
+             .attribute}
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        meta = aot.parse_meta(attrs["cuda_kernel"].decode())
+        assert meta["row_splits"] == "1" and meta["maxnreg"] == "168"
+        assert aot.node_spec(graph, n).row_splits
+        assert _regcount(attrs["cuda_cubin"]) <= 168 and attrs["cuda_cubin"] != a_std["cuda_cubin"]
+    assert aot.parse_meta(a_std["cuda_kernel"].decode())["row_splits"] == "0"
+    assert not aot.node_spec(std, _lowrank_nodes(exported["lrexport_4bit"])[1][0]).row_splits
 
 
 def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):

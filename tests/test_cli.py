@@ -116,6 +116,16 @@ def test_compress_weights_and_kv_together_round_trip(folder, tmp_path, capsys, m
         assert [n.op_type for n in graph.node].count("Split") == (2 * cm.spec.num_layers if fused else 0)
         _, gen = api.generate_text(model=str(dst), prompts=["The game"], max_new_tokens=6)
         assert 1 <= len(gen.tokens[0]) <= 6  # the stop token may end it early
+    # --cuda-graph: the attention reads past_len in device memory (LowRankKVAttentionDeviceLen); on the CPU the
+    # folder generates the same tokens as the default export
+    dst = tmp_path / "onnx-graph"
+    assert main(["export", str(out), "--out", str(dst), "--cuda-graph"]) == 0
+    assert "device_lengths" in capsys.readouterr().out
+    ops = [n.op_type for n in onnx.load(str(dst / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("LowRankKVAttentionDeviceLen") == cm.spec.num_layers and "LowRankKVAttention" not in ops
+    _, g1 = api.generate_text(model=str(dst), prompts=["The game"], max_new_tokens=6)
+    _, g0 = api.generate_text(model=str(tmp_path / "onnx"), prompts=["The game"], max_new_tokens=6)
+    assert g1.tokens == g0.tokens
 
 
 def test_eval_command_on_a_compressed_folder(folder, tmp_path, capsys, monkeypatch):
