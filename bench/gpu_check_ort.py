@@ -720,22 +720,31 @@ def generation(ck: Checker, new_tokens: int = 16):
     from gpu_e2e import build_variant, smoke_config
 
     from lrexport.export import load_onnx_backend
+    from lrexport.plan import Plan
 
     prompts = [[11, 22, 33, 44, 55], [7, 8, 9, 10, 12]]
     providers = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("lrexport", "lrexport_graph"):
+        for variant in ("lrexport", "lrexport_graph", "lrexport_ranks_graph"):
             folder = build_variant(variant, smoke_config(2, 64), "float16", Path(tmp), "cpu")
             backends = {dev: load_onnx_backend(folder, providers=prov)[0] for dev, prov in providers.items()}
             graph = backends["cuda"].cuda_graph
-            if graph != (variant == "lrexport_graph"):
+            if graph != variant.endswith("_graph"):
                 ck.add(Row(f"generate {variant}", "float16", 0, 1, "-", ok=False,
                            note=f"the CUDA backend's cuda_graph is {graph}"))
                 continue
-            _generation_pair(ck, variant, backends, prompts, new_tokens)
+            schedule = Plan.load(folder / "lrexport.json").schedule
+            ranks = "_ranks" in variant
+            if (schedule is not None) != ranks or bool(backends["cpu"].rank_max) != ranks:
+                ck.add(Row(f"generate {variant}", "float16", 0, 1, "-", ok=False,
+                           note="the model's rank input or schedule is not what the variant asks for"))
+                continue
+            _generation_pair(ck, variant, backends, prompts, new_tokens, schedule)
 
 
-def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, new_tokens: int):
+def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, new_tokens: int, schedule=None):
+    """One model on both devices. A model with a rank input (``_ranks``) generates with its progressive
+    schedule: with CUDA graphs, one graph per rank setting."""
     import torch
 
     from lrexport.runtime.loop import generate
@@ -752,13 +761,16 @@ def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, n
         worst = max(worst, rel_err(out["cuda"].numpy(), out["cpu"].numpy()))
         pos = pos + ids.shape[1]
         ids = out["cpu"].argmax(-1)[:, None]
-    toks = {dev: [generate(be, prompts, max_new_tokens=new_tokens, sampling=smp).tokens
+    toks = {dev: [generate(be, prompts, max_new_tokens=new_tokens, sampling=smp, schedule=schedule).tokens
                   for smp in (Sampling(), Sampling(temperature=0.8, top_k=50, seed=3))]
             for dev, be in backends.items()}
     same = sum(a == b for ga, gb in zip(toks["cuda"], toks["cpu"]) for ra, rb in zip(ga, gb)
                for a, b in zip(ra, rb))
     total = sum(len(r) for g in toks["cpu"] for r in g)
     graphs = " (decode steps as CUDA graphs)" if backends["cuda"].cuda_graph else ""
+    if schedule is not None:
+        settings = {tuple(schedule.ranks(t, backends["cpu"].rank_max)) for t in range(new_tokens + 1)}
+        graphs += f"; progressive schedule: {len(settings)} rank settings"
     ck.add(Row(f"generate {variant}", "float16", 0, 1, f"{new_tokens} steps",
                out_vs_cpu=worst, ok=worst < 2e-2 and same == total,
                note=f"ONNX Runtime backend, logits on the GPU{graphs}; generate(): {same}/{total} tokens equal "

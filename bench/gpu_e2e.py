@@ -27,7 +27,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
   fusion (``--no-fused-norms``); with ``_separate``: without the shared-input MatMul fusion
   (``--no-fuse-matmuls``; the default fuses float16 models), with ``_fusedmm``: with it
   (``--fuse-matmuls``); with ``_graph``: exported with ``--cuda-graph`` and run with CUDA graphs
-  (each decode step one graph replay; ``OrtBackend(cuda_graph=True)``);
+  (each decode step one graph replay; ``OrtBackend(cuda_graph=True)``); with ``_ranks``: a progressive
+  schedule (the weight ranks an input of the model, lowered linearly to 80% over 8 steps, in multiples of 16);
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
   recompiled under other settings (``bench/retune.py``; ``+`` separates the settings).
 
@@ -151,6 +152,9 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
             m, k = shapes[n]
             factors[n] = Factors(_randn((m, r), dtype, gen_device, scale=r ** -0.5),
                                  _randn((r, k), dtype, gen_device))
+        if "_ranks" in variant:  # progressive decoding: the weight ranks are an input of the model
+            from lrexport.schedule import Linear, Schedule
+            plan.schedule = Schedule(form=Linear(1.0, 0.8, 8), min_rank=16, align=16)
         plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(0.2, align=align), ranks=alloc.ranks,
                                   params_kept=alloc.params_kept, params_total=alloc.total_dense)
         bits = 4 if "4bit" in variant else None
