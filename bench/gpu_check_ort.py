@@ -713,7 +713,9 @@ def generation(ck: Checker, new_tokens: int = 16):
     Runtime backend, CUDA against CPU: the logits of a prefill and of ``new_tokens`` decode steps fed the same
     tokens (caches and logits in GPU memory on CUDA), and the tokens ``generate`` picks, greedy and sampled, on
     each device. The same with the model exported for CUDA graphs (``--cuda-graph``), its decode steps replayed
-    as CUDA graphs on the GPU. (Float latents only: the CPU kernel has no float16 form for packed latents.)"""
+    as CUDA graphs on the GPU, and with a model whose ranks are an input, generating with its progressive
+    schedule (without graphs: they cannot capture it). (Float latents only: the CPU kernel has no float16 form
+    for packed latents.)"""
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -725,7 +727,7 @@ def generation(ck: Checker, new_tokens: int = 16):
     prompts = [[11, 22, 33, 44, 55], [7, 8, 9, 10, 12]]
     providers = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("lrexport", "lrexport_graph", "lrexport_ranks_graph"):
+        for variant in ("lrexport", "lrexport_graph", "lrexport_ranks"):
             folder = build_variant(variant, smoke_config(2, 64), "float16", Path(tmp), "cpu")
             backends = {dev: load_onnx_backend(folder, providers=prov)[0] for dev, prov in providers.items()}
             graph = backends["cuda"].cuda_graph
@@ -744,7 +746,7 @@ def generation(ck: Checker, new_tokens: int = 16):
 
 def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, new_tokens: int, schedule=None):
     """One model on both devices. A model with a rank input (``_ranks``) generates with its progressive
-    schedule: with CUDA graphs, one graph per rank setting."""
+    schedule."""
     import torch
 
     from lrexport.runtime.loop import generate

@@ -28,7 +28,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
   (``--no-fuse-matmuls``; the default fuses float16 models), with ``_fusedmm``: with it
   (``--fuse-matmuls``); with ``_graph``: exported with ``--cuda-graph`` and run with CUDA graphs
   (each decode step one graph replay; ``OrtBackend(cuda_graph=True)``); with ``_ranks``: a progressive
-  schedule (the weight ranks an input of the model, lowered linearly to 80% over 8 steps, in multiples of 16);
+  schedule (the weight ranks an input of the model, lowered linearly to 80% over 8 steps, in multiples of 16;
+  not with ``_graph``: CUDA graphs cannot capture it);
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
   recompiled under other settings (``bench/retune.py``; ``+`` separates the settings).
 

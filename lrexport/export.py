@@ -73,6 +73,10 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     tg = cm.graph
     if "kivi" in tg.meta:
         raise PassError("the KIVI baseline is a quality simulation and cannot be exported")
+    if cuda_graph and tg.has_rank_input:
+        raise PassError("--cuda-graph: the model has a progressive rank schedule, and CUDA graphs cannot capture it "
+                        "(its ranks are a model input whose shape computations ONNX Runtime runs on the CPU); "
+                        "export it without --cuda-graph, or compress without a schedule")
     res = emit(tg, fuse_norms=fuse_norms, fuse_matmuls=fuse_matmuls, device_lengths=cuda_graph)
     gpu = _gpu_kernels(res.model, cuda_arch, tuning)
     if gpu:

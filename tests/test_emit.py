@@ -192,13 +192,26 @@ def test_cuda_backend_needs_the_library(exported):
         load_onnx_backend(folder, providers=["CUDAExecutionProvider"], cuda_graph=True)
 
 
-@pytest.mark.parametrize("case", ["M-float-ranks", "G-4bit"])
+def test_cuda_graph_export_refuses_a_rank_schedule(tmp_path_factory):
+    """CUDA graphs cannot capture a model whose ranks are an input (ONNX Runtime runs their shape computations on
+    the CPU): ``--cuda-graph`` says so at export, and the CUDA backend refuses ``cuda_graph=True`` for it."""
+    from lrexport.errors import LrexportError, PassError
+    from lrexport.runtime.ort_backend import OrtBackend
+
+    with pytest.raises(PassError, match="progressive rank schedule"):
+        _build("M-float-ranks", tmp_path_factory, cuda_graph=True)
+    with pytest.raises(LrexportError, match="rank input"):
+        OrtBackend("unused.onnx", cache=[], max_len=8, rank_max=[4], providers=["CUDAExecutionProvider"],
+                   cuda_graph=True)
+
+
+@pytest.mark.parametrize("case", ["M-2bit", "G-4bit"])
 def test_device_lengths_export(case, tmp_path_factory):
     """``cuda_graph=True`` (``lrexport export --cuda-graph``): every attention node is
     LowRankKVAttentionDeviceLen, whose fallback body the model carries under that name, and the folder says
     so. On the CPU (the library's kernel, and the fallback body) it computes what the PyTorch graph does,
-    prefill and 32 decode steps with ranks that change mid-generation. CUDA graphs themselves need the CUDA
-    provider: asking for them on the CPU is an error that names it."""
+    prefill and 32 decode steps. CUDA graphs themselves need the CUDA provider: asking for them on the CPU is
+    an error that names it."""
     from lrexport.errors import LrexportError
 
     torch_backend, folder, res = _build(case, tmp_path_factory, cuda_graph=True)

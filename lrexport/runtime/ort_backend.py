@@ -19,9 +19,10 @@ replays it: one launch per step instead of one per node, and no per-node host wo
 reads and writes the addresses of its capture, so the backend owns everything a decode step
 binds: the caches (one set per batch size and capacity, reused by later calls: see
 :meth:`OrtBackend.new_caches`), and GPU buffers for the token ids, the lengths and the logits,
-which each step updates in place. One graph is captured per set of caches and per rank setting
-of the progressive schedule (``ranks`` shapes the graph). Prefill steps (more than one token)
-run without a graph.
+which each step updates in place. One graph is captured per set of caches; prefill steps (more
+than one token) run without one. A model with a progressive rank schedule cannot be captured
+(ONNX Runtime runs its rank shape computations on the CPU), and ``lrexport export --cuda-graph``
+refuses it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class OrtBackend:
                 raise LrexportError("cuda_graph=True needs CUDAExecutionProvider first among the providers")
             if graph_cache_sets < 1:
                 raise LrexportError(f"graph_cache_sets must be >= 1, got {graph_cache_sets}")
+            if rank_max:
+                raise LrexportError("cuda_graph=True: the model has a rank input (a progressive schedule), which "
+                                    "CUDA graphs cannot capture")
             opts0 = {} if isinstance(providers[0], str) else dict(providers[0][1])
             providers[0] = ("CUDAExecutionProvider", {**opts0, "enable_cuda_graph": "1"})
         if use_library:
@@ -114,7 +118,7 @@ class OrtBackend:
         self._binding_key: tuple | None = None
         self._binding_refs: list = []
         # CUDA graphs: cache sets by (batch, capacity), oldest first; per set, its fixed step buffers
-        # (token ids, lengths, logits) and its graph ids by rank setting
+        # (token ids, lengths, logits) and its graph id
         self._graph_sets: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._graph_bufs: dict[tuple, dict[str, Any]] = {}
         self._graph_cache_sets = graph_cache_sets
@@ -246,15 +250,13 @@ class OrtBackend:
 
     def _graph_step(self, binding: Any, caches: list[torch.Tensor], input_ids: torch.Tensor, past_len: torch.Tensor,
                     feeds: dict[str, Any]) -> torch.Tensor:
-        """One step of a CUDA-graph backend: decode steps replay the graph of their caches and ranks
-        (captured on first use, after ONNX Runtime's warm-up runs); prefill runs without one."""
+        """One step of a CUDA-graph backend: decode steps replay the graph of their caches (captured
+        on first use, after ONNX Runtime's warm-up runs); prefill runs without one."""
         import onnxruntime as ort
 
         B, S = feeds["input_ids"].shape
         vocab, dtype = self._logits_info
         ro = ort.RunOptions()
-        if "ranks" in feeds:  # read on the host by the graph's shape computations: one graph per setting
-            binding.bind_cpu_input("ranks", feeds["ranks"])
         if S != 1:
             self._graph_bound = None
             ro.add_run_config_entry("gpu_graph_id", "-1")
@@ -270,11 +272,7 @@ class OrtBackend:
             step_in = torch.zeros(2 * B, dtype=torch.int64, device=dev)  # token ids, then lengths: one copy
             bufs = self._graph_bufs[key] = {
                 "step_in": step_in, "host": torch.zeros(2 * B, dtype=torch.int64).pin_memory(),
-                "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graphs": {}}
-        rkey = tuple(int(x) for x in feeds.get("ranks", ()))
-        gid = bufs["graphs"].get(rkey)
-        if gid is None:
-            gid = bufs["graphs"][rkey] = self._next_graph_id
+                "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graph_id": self._next_graph_id}
             self._next_graph_id += 1
         host = bufs["host"]
         host[:B] = input_ids.reshape(B)
@@ -289,7 +287,7 @@ class OrtBackend:
             binding.bind_output("logits", "cuda", self.device_id, np.dtype(str(dtype).removeprefix("torch.")),
                                 list(out.shape), out.data_ptr())
             self._graph_bound = key
-        ro.add_run_config_entry("gpu_graph_id", str(gid))
+        ro.add_run_config_entry("gpu_graph_id", str(bufs["graph_id"]))
         self.session.run_with_iobinding(binding, ro)
         return out
 
