@@ -226,6 +226,24 @@ def test_cpp_runtime_errors(program, exported, tmp_path):
     assert res.returncode == 1 and "nolib.so does not exist" in res.stderr
     res = run_cpp(program, exported, "--prompt-ids", "1,500", "--no-library")
     assert res.returncode == 1 and "out of the vocabulary" in res.stderr
+    res = run_cpp(program, exported, "--prompt-ids", "1,2", "--cuda", "--no-library")
+    assert res.returncode == 2 and "--cuda keeps the caches in GPU memory" in res.stderr
+    res = run_cpp(program, exported, "--prompt-ids", "1,2", "--cuda=-1")
+    assert res.returncode == 2 and "--cuda: the device must be in [0, 1024]" in res.stderr
+
+
+def test_cpp_cuda_or_says_why(program, ops_lib, exported):
+    """``--cuda``: with onnxruntime-gpu and a GPU, the caches in GPU memory and the same greedy ids as the
+    CPU run; with a CPU-only ONNX Runtime, an error naming the missing CUDA execution provider."""
+    import onnxruntime as ort
+
+    args = [exported, "--prompt-ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens", NEW_TOKENS, "--lib", ops_lib]
+    res = run_cpp(program, *args, "--cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert res.returncode == 1 and "CUDA execution provider is not available" in res.stderr, res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == run_cpp(program, *args).stdout.split()
 
 
 def test_python_sample_prints_the_same_ids(program, ops_lib, exported, capsys):

@@ -1,7 +1,7 @@
 // lrexport_generate: greedy generation from an exported lrexport folder, in C++.
 //
 //   lrexport_generate <export_folder> --prompt-ids 1,2,3 [--max-new-tokens N] [--no-library]
-//                     [--lib PATH] [--threads N] [--verbose]
+//                     [--lib PATH] [--threads N] [--cuda[=DEVICE]] [--verbose]
 //   lrexport_generate <export_folder> --print-ranks N
 //
 // The folder is what `lrexport export` writes: model.onnx (+ model.onnx.data) and lrexport.json,
@@ -19,6 +19,12 @@
 // present_* output is IO-bound to the buffer of its past_* input, so the kernel writes the new
 // tokens into the cache in place. With --no-library the model's fallback bodies (standard ONNX
 // ops) run, and the present_* outputs are copied back into the caches after each step.
+//
+// With --cuda, ONNX Runtime's CUDA execution provider runs the model (an onnxruntime-gpu library,
+// a float16 export: `lrexport export --dtype float16`) and the caches live in GPU memory: device
+// tensors from ONNX Runtime's CUDA allocator, bound in place as above, so they never cross to the
+// host. The token ids, lengths and ranks go up from host tensors (ONNX Runtime copies them), and
+// the logits come back to host memory.
 //
 // The generated token ids are printed on one line of stdout, separated by spaces. Errors print
 // "lrexport_generate: error: ..." on stderr and exit with status 1 (2 for a bad command line).
@@ -39,6 +45,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -84,11 +91,12 @@ struct Options {
   int threads = 0;  // 0: ONNX Runtime's default
   bool verbose = false;
   int64_t print_ranks = -1;  // >= 0: print the schedule's ranks of steps 0..N and exit
+  int cuda_device = -1;      // >= 0: ONNX Runtime's CUDA execution provider on this device
 };
 
 const char* kUsage =
     "usage: lrexport_generate <export_folder> --prompt-ids 1,2,3 [--max-new-tokens N] [--no-library]\n"
-    "                         [--lib PATH] [--threads N] [--verbose]\n"
+    "                         [--lib PATH] [--threads N] [--cuda[=DEVICE]] [--verbose]\n"
     "       lrexport_generate <export_folder> --print-ranks N\n"
     "\n"
     "Greedy generation from a folder written by `lrexport export`; prints the generated token ids.\n"
@@ -98,6 +106,8 @@ const char* kUsage =
     "  --lib PATH            the custom-op library (default: $LREXPORT_OPS_LIB, else\n"
     "                        " LREXPORT_OPS_LIB_DEFAULT ")\n"
     "  --threads N           ONNX Runtime intra-op threads (default: its own choice)\n"
+    "  --cuda[=DEVICE]       run on ONNX Runtime's CUDA execution provider (GPU DEVICE, default 0), the caches\n"
+    "                        in GPU memory (needs onnxruntime-gpu and the custom-op library)\n"
     "  --verbose             per-step ranks and timings on stderr\n"
     "  --print-ranks N       print the ranks of the schedule at steps 0 (prefill) to N, one line\n"
     "                        per step, and exit (reads lrexport.json only)\n";
@@ -167,6 +177,10 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "--print-ranks") {
       o.print_ranks = parse_int(next(), a);
       if (o.print_ranks < 0) throw UsageError(cat("--print-ranks must be >= 0, got ", o.print_ranks));
+    } else if (a == "--cuda") {
+      int64_t d = inline_value ? parse_int(value, a) : 0;
+      if (d < 0 || d > 1024) throw UsageError(cat("--cuda: the device must be in [0, 1024], got ", d));
+      o.cuda_device = static_cast<int>(d);
     } else if (a == "--verbose" || a == "-v") {
       o.verbose = true;
     } else if (a.size() > 1 && a[0] == '-') {
@@ -178,6 +192,8 @@ Options parse_args(int argc, char** argv) {
   if (positional.size() != 1) throw UsageError("give exactly one export folder");
   if (!have_prompt && o.print_ranks < 0) throw UsageError("--prompt-ids is required");
   if (!o.use_library && !o.lib.empty()) throw UsageError("--lib and --no-library exclude each other");
+  if (!o.use_library && o.cuda_device >= 0)
+    throw UsageError("--cuda keeps the caches in GPU memory, in place: it needs the custom-op library (drop --no-library)");
   o.folder = positional[0];
   return o;
 }
@@ -483,6 +499,7 @@ class Generator {
       }
       if (opt_.verbose) std::cerr << kProg << ": custom-op library " << lib << "\n";
     }
+    if (opt_.cuda_device >= 0) add_cuda(so);
     fs::path model = opt_.folder / info_.model_file;
     std::error_code ec;
     if (!fs::is_regular_file(model, ec)) throw Error(cat(opt_.folder, ": no ", info_.model_file));
@@ -505,7 +522,21 @@ class Generator {
       for (int64_t t : prompt)
         if (t >= vocab_) throw Error(cat("prompt token id ", t, " is out of the vocabulary (", vocab_, " tokens)"));
     caches_.clear();
-    for (const auto& c : info_.caches) caches_.emplace_back(static_cast<size_t>(capacity * c.width) * c.elem_size, 0);
+    device_caches_.clear();
+    if (opt_.cuda_device >= 0) {
+      // GPU memory from ONNX Runtime's CUDA allocator; positions at and after past_len are never read, so
+      // the caches need no clearing
+      if (!cuda_alloc_) {
+        Ort::MemoryInfo cuda("Cuda", OrtDeviceAllocator, opt_.cuda_device, OrtMemTypeDefault);
+        cuda_alloc_ = std::make_unique<Ort::Allocator>(*session_, cuda);
+      }
+      for (const auto& c : info_.caches) {
+        std::vector<int64_t> shape = {1, capacity, c.width};
+        device_caches_.push_back(Ort::Value::CreateTensor(*cuda_alloc_, shape.data(), shape.size(), c.type));
+      }
+    } else {
+      for (const auto& c : info_.caches) caches_.emplace_back(static_cast<size_t>(capacity * c.width) * c.elem_size, 0);
+    }
     capacity_ = capacity;
     const std::set<int64_t> stops(info_.eos.begin(), info_.eos.end());
     const bool use_ranks = has_ranks_ && info_.schedule.has_value();
@@ -536,6 +567,26 @@ class Generator {
     std::cerr << kProg << ": " << (s == 0 ? "prefill" : cat("step ", s)) << " " << ms << " ms";
     if (has_ranks_) std::cerr << ", ranks " << join(ranks, ",");
     std::cerr << "\n";
+  }
+
+  // ONNX Runtime's CUDA execution provider first (the CPU provider stays for what CUDA does not run).
+  void add_cuda(Ort::SessionOptions& so) {
+    const OrtApi& api = Ort::GetApi();
+    OrtCUDAProviderOptionsV2* cuda = nullptr;
+    std::string device = std::to_string(opt_.cuda_device);
+    const char* keys[] = {"device_id"};
+    const char* values[] = {device.c_str()};
+    OrtStatus* st = api.CreateCUDAProviderOptions(&cuda);
+    if (!st) st = api.UpdateCUDAProviderOptions(cuda, keys, values, 1);
+    if (!st) st = api.SessionOptionsAppendExecutionProvider_CUDA_V2(so, cuda);
+    if (cuda) api.ReleaseCUDAProviderOptions(cuda);
+    if (st) {
+      std::string msg = api.GetErrorMessage(st);
+      api.ReleaseStatus(st);
+      throw Error(cat("--cuda: ONNX Runtime's CUDA execution provider is not available (", msg,
+                      "); link the library of onnxruntime-gpu and run on a machine with an NVIDIA GPU"));
+    }
+    if (opt_.verbose) std::cerr << kProg << ": CUDA execution provider, device " << opt_.cuda_device << "\n";
   }
 
   // The session must take exactly what lrexport.json says: input_ids, past_len, the caches and
@@ -584,7 +635,7 @@ class Generator {
                               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
     }
     std::vector<Ort::Value> cache_values;
-    for (size_t i = 0; i < info_.caches.size(); ++i) {
+    for (size_t i = 0; i < info_.caches.size() && device_caches_.empty(); ++i) {
       const CacheSpec& c = info_.caches[i];
       cache_values.push_back(tensor(caches_[i].data(), caches_[i].size(), {1, capacity_, c.width}, c.type));
     }
@@ -596,8 +647,9 @@ class Generator {
         binding.BindOutput("logits", mem_);  // first: GetOutputValues() returns the bound order
         for (size_t i = 0; i < names.size(); ++i) binding.BindInput(names[i].c_str(), values[i]);
         for (size_t i = 0; i < info_.caches.size(); ++i) {
-          binding.BindInput(info_.caches[i].name.c_str(), cache_values[i]);
-          binding.BindOutput(info_.caches[i].present.c_str(), cache_values[i]);
+          Ort::Value& cache = device_caches_.empty() ? cache_values[i] : device_caches_[i];
+          binding.BindInput(info_.caches[i].name.c_str(), cache);
+          binding.BindOutput(info_.caches[i].present.c_str(), cache);
         }
         session_->Run(Ort::RunOptions{nullptr}, binding);
         std::vector<Ort::Value> outs = binding.GetOutputValues();
@@ -640,7 +692,9 @@ class Generator {
   Ort::Env env_;
   Ort::MemoryInfo mem_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::unique_ptr<Ort::Session> session_;
-  std::vector<std::vector<uint8_t>> caches_;
+  std::vector<std::vector<uint8_t>> caches_;  // host caches (the CPU provider)
+  std::unique_ptr<Ort::Allocator> cuda_alloc_;  // --cuda: the session's CUDA allocator (outlives the caches)
+  std::vector<Ort::Value> device_caches_;       // GPU caches (--cuda), from cuda_alloc_
   int64_t capacity_ = 0;
   bool has_ranks_ = false;
   int64_t vocab_ = 0;
