@@ -91,9 +91,18 @@ def exported(request, tmp_path_factory) -> Path:
     return _export(CASES[request.param], tmp_path_factory.mktemp(request.param) / "onnx")
 
 
-def run_cpp(program: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cpp(program: Path, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+                          check=False, env=env)
+
+
+def cuda_library_env() -> dict:
+    """The environment with the folders of the CUDA libraries that onnxruntime-gpu's CUDA provider loads
+    (cuBLAS, cuDNN, the CUDA runtime) on the library path, as pip installs them beside torch: a program
+    that is not Python does not get them from ``import torch``."""
+    root = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    dirs = sorted({str(p.parent) for p in root.glob("**/lib/*.so*")})
+    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(dirs + [os.environ.get("LD_LIBRARY_PATH", "")])}
 
 
 def cpp_ids(program: Path, folder: Path, prompt: list[int], lib: Path | None) -> list[int]:
@@ -238,7 +247,7 @@ def test_cpp_cuda_or_says_why(program, ops_lib, exported):
     import onnxruntime as ort
 
     args = [exported, "--prompt-ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens", NEW_TOKENS, "--lib", ops_lib]
-    res = run_cpp(program, *args, "--cuda")
+    res = run_cpp(program, *args, "--cuda", env=cuda_library_env())
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert res.returncode == 1 and "CUDA execution provider is not available" in res.stderr, res.stderr
         return
