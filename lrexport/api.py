@@ -336,12 +336,13 @@ DEVICES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "C
 
 
 def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "auto",
-                use_library: bool = True, device: str = "cpu") -> Runner:
+                use_library: bool = True, device: str = "cpu", cuda_graph: bool | None = None) -> Runner:
     """An exported ONNX folder runs on ONNX Runtime; anything else on the PyTorch graph.
 
     ``device``: ``cpu`` or ``cuda``. ONNX folders use ONNX Runtime's CUDA execution provider
     (caches kept on the GPU; needs onnxruntime-gpu and the library's CUDA kernel); the PyTorch
-    graph moves to the GPU and runs lrexport's Triton kernels there.
+    graph moves to the GPU and runs lrexport's Triton kernels there. ``cuda_graph``: decode steps of an
+    ONNX folder as CUDA graphs (None: on CUDA for folders exported with ``--cuda-graph``).
     """
     if backend not in ("auto", "torch", "onnx"):
         raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r}")
@@ -354,7 +355,8 @@ def open_runner(model: str | Path | CompressedModel | None, *, backend: str = "a
         from lrexport.export import load_onnx_backend
         from lrexport.models.load import load_tokenizer
 
-        be, meta = load_onnx_backend(model, use_library=use_library, providers=DEVICES[device])
+        be, meta = load_onnx_backend(model, use_library=use_library, providers=DEVICES[device],
+                                     cuda_graph=cuda_graph)
         plan = Plan.from_dict({k: v for k, v in meta.items() if k != "onnx"})
         tok = load_tokenizer(Path(model))
         stops = set(meta["onnx"].get("eos_token_ids", []))

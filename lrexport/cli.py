@@ -163,7 +163,8 @@ def cmd_generate(args) -> int:
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = len(args.prompt) == 1 and not args.no_stream
-    run = api.open_runner(args.model, backend=args.backend, use_library=not args.no_library, device=args.device)
+    run = api.open_runner(args.model, backend=args.backend, use_library=not args.no_library, device=args.device,
+                          cuda_graph=args.cuda_graph)
 
     def on_token(step, ids):
         if ids[0] is not None:
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda: for ONNX folders, ONNX Runtime's CUDA execution provider with the caches on "
                         "the GPU (onnxruntime-gpu and the library's CUDA kernel); otherwise the PyTorch graph "
                         "on the GPU (Triton kernels)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="ONNX folders on --device cuda: decode steps as CUDA graphs (default: on for folders "
+                        "exported with --cuda-graph)")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a compressed model as an ONNX folder for ONNX Runtime")

@@ -126,6 +126,11 @@ def test_compress_weights_and_kv_together_round_trip(folder, tmp_path, capsys, m
     _, g1 = api.generate_text(model=str(dst), prompts=["The game"], max_new_tokens=6)
     _, g0 = api.generate_text(model=str(tmp_path / "onnx"), prompts=["The game"], max_new_tokens=6)
     assert g1.tokens == g0.tokens
+    capsys.readouterr()
+    # generate --cuda-graph asks for graphs: on the CPU, an error that names the CUDA provider; --no-cuda-graph runs
+    assert main(["generate", str(dst), "--prompt", "The game", "--max-new-tokens", "2", "--cuda-graph"]) == 2
+    assert "CUDAExecutionProvider" in capsys.readouterr().err
+    assert main(["generate", str(dst), "--prompt", "The game", "--max-new-tokens", "2", "--no-cuda-graph"]) == 0
 
 
 def test_eval_command_on_a_compressed_folder(folder, tmp_path, capsys, monkeypatch):
