@@ -302,12 +302,15 @@ class BoundCaches:
                 self.io.bind_input(name, *where)
                 self.io.bind_output(present, *where)
 
-    def step(self, input_ids: np.ndarray, seqlens_k: np.ndarray, total_sequence_length: int) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, seqlens_k: np.ndarray, total_sequence_length: int,
+             graph: bool = True) -> np.ndarray:
         """Run one step of ``input_ids`` ``[B, S]``; returns the logits ``[B, S, vocab]``: a numpy array on
         the CPU, a PyTorch tensor in GPU memory with CUDA (the caller picks tokens there).
 
         ``seqlens_k[b]`` is row ``b``'s length after the step minus one; ``total_sequence_length``
         the largest length after the step. The new keys and values are written into the caches.
+        With CUDA graphs, one token per row replays the graph (:meth:`_graph_step`) unless ``graph``
+        is False; other steps run without one, from host inputs.
         """
         import onnxruntime as ort
 
@@ -322,8 +325,13 @@ class BoundCaches:
         total = np.array(total_sequence_length, dtype=np.int32)
         if lens.shape != (batch,):
             raise ValueError(f"seqlens_k has shape {lens.shape}, expected ({batch},)")
+        ro = None
         if self.gqa.cuda_graph:
-            return self._graph_step(ids, lens, total_sequence_length)
+            if S == 1 and graph:
+                return self._graph_step(ids, lens)
+            self._graph_bound = False  # host inputs bound: a replay rebinds its buffers
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", "-1")
         # the arrays stay referenced until the run: the binding may point at their memory
         self.io.bind_cpu_input("input_ids", ids)
         self.io.bind_cpu_input("seqlens_k", lens)
@@ -335,7 +343,7 @@ class BoundCaches:
             from lrexport.runtime.ort_backend import bind_gpu_output
 
             logits = bind_gpu_output(self.io, "logits", shape, getattr(torch, np.dtype(self.gqa.np_dtype).name), 0)
-            self.gqa.session.run_with_iobinding(self.io)
+            self.gqa.session.run_with_iobinding(self.io, ro)
             return logits
         if S not in self._logits:
             self._logits[S] = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.gqa.np_dtype, "cpu", 0)
@@ -344,28 +352,15 @@ class BoundCaches:
         return self._logits[S].numpy().copy()  # a view of the bound buffer otherwise
 
 
-    def _graph_step(self, ids: np.ndarray, lens: np.ndarray, total_sequence_length: int, graph: bool = True):
-        """A step with CUDA graphs (``graph=False``: without one, host inputs, the exact length). A replay
-        repeats the captured launches, so ``total_sequence_length`` (a host input of
-        GroupQueryAttention) is held at the caches' capacity and the row lengths come from
-        ``seqlens_k`` in GPU memory; a prompt (more than one token) runs without a graph."""
+    def _graph_step(self, ids: np.ndarray, lens: np.ndarray):
+        """One token per row as a CUDA graph replay. A replay repeats the captured launches, so
+        ``total_sequence_length`` (a host input of GroupQueryAttention) is held at the caches'
+        capacity and the row lengths come from ``seqlens_k`` in GPU memory."""
         import onnxruntime as ort
         import torch
 
-        from lrexport.runtime.ort_backend import bind_gpu_output
-
-        batch, S = ids.shape
+        batch = ids.shape[0]
         dtype = getattr(torch, np.dtype(self.gqa.np_dtype).name)
-        ro = ort.RunOptions()
-        if S != 1 or not graph:  # host inputs and the exact total length, no graph
-            self._graph_bound = False
-            ro.add_run_config_entry("gpu_graph_id", "-1")
-            self.io.bind_cpu_input("input_ids", ids)
-            self.io.bind_cpu_input("seqlens_k", lens)
-            self.io.bind_cpu_input("total_sequence_length", np.array(total_sequence_length, dtype=np.int32))
-            logits = bind_gpu_output(self.io, "logits", [batch, S, self.gqa.meta["vocab_size"]], dtype, 0)
-            self.gqa.session.run_with_iobinding(self.io, ro)
-            return logits
         if self._graph is None:  # ids (int64) then seqlens_k (int32) in one buffer: one copy per step
             raw = torch.zeros(12 * batch, dtype=torch.uint8, device="cuda")
             host = torch.zeros(12 * batch, dtype=torch.uint8).pin_memory()
@@ -384,6 +379,7 @@ class BoundCaches:
             self.io.bind_cpu_input("total_sequence_length", total)
             self.io.bind_output("logits", "cuda", 0, self.gqa.np_dtype, list(out.shape), out.data_ptr())
             self._graph_bound = True
+        ro = ort.RunOptions()
         ro.add_run_config_entry("gpu_graph_id", str(gid))
         self.gqa.session.run_with_iobinding(self.io, ro)
         return out
@@ -453,7 +449,7 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
             graph_err = None
             if cuda_graph:  # the same step (same token, same position) without a graph, exact total length
                 lens = np.full(B, C, dtype=np.int32)
-                ref = bound._graph_step(ids, lens, C + 1, graph=False).double().cpu()
+                ref = bound.step(ids, lens, C + 1, graph=False).double().cpu()
                 for _ in range(4):  # ONNX Runtime's warm-up runs, the capture, a replay
                     got = bound.step(ids, lens, C + 1).double().cpu()
                 graph_err = float((got - ref).abs().max() / ref.abs().max())

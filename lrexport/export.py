@@ -149,7 +149,7 @@ def load_onnx_backend(folder: str | Path, *, use_library: bool = True, **kw):
     ``cuda_graph`` (in ``kw``): None (default) uses CUDA graphs on CUDA when the folder was exported
     with ``--cuda-graph``."""
     from lrexport.errors import PlanError
-    from lrexport.runtime.ort_backend import OrtBackend
+    from lrexport.runtime.ort_backend import OrtBackend, first_provider
 
     folder = Path(folder)
     meta_path = folder / "lrexport.json"
@@ -160,10 +160,9 @@ def load_onnx_backend(folder: str | Path, *, use_library: bool = True, **kw):
     if not info:
         raise PlanError(f"{folder}: lrexport.json has no 'onnx' section; export the model with `lrexport export`")
     cache = [(c["name"], c["width"], c["dtype"]) for c in info["cache"]]
-    providers = kw.get("providers") or ["CPUExecutionProvider"]
-    on_cuda = (providers[0] if isinstance(providers[0], str) else providers[0][0]) == "CUDAExecutionProvider"
     if kw.get("cuda_graph") is None:  # by default: on CUDA, for the models exported for it
-        kw["cuda_graph"] = on_cuda and bool(info.get("cuda_graph"))
+        kw["cuda_graph"] = first_provider(kw.get("providers")) == "CUDAExecutionProvider" and bool(
+            info.get("cuda_graph"))
     if kw["cuda_graph"] and not info.get("cuda_graph"):
         raise PlanError(f"{folder}: CUDA graphs need a model whose attention reads past_len on the GPU; export it "
                         "with `lrexport export --cuda-graph`")

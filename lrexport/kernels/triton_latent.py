@@ -607,10 +607,10 @@ def row_split_lengths(past_len_B: torch.Tensor, S: int, num_splits: int, block_n
     """The ``PAST`` argument of the decode kernel compiled with ``ROW_SPLITS``: int32 ``(past_len, split_len)``
     per row, ``split_len`` :func:`split_plan`'s rule applied to the row's own length ``past_len + S`` (the
     C++ launcher of LowRankKVAttentionDeviceLen computes the same on the device)."""
-    kv = past_len_B.to(torch.int64) + S
-    split = (kv + num_splits - 1) // num_splits
+    past = past_len_B.to(torch.int64)
+    split = (past + S + num_splits - 1) // num_splits
     split = (split + block_n - 1) // block_n * block_n
-    return torch.stack([past_len_B.to(torch.int64), split], 1).reshape(-1).to(torch.int32)
+    return torch.stack([past, split], 1).reshape(-1).to(torch.int32)
 
 
 def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: int, num_sms: int,
@@ -778,8 +778,6 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
                                        num_sms=_num_sms(dev), waves=waves, num_splits=num_splits,
                                        min_split=min_split)
-    if row_splits:
-        past_rows = past
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
         mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
@@ -796,14 +794,13 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         maxnreg = maxnreg or None
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
         stage = ({} if st is None else {"num_stages": st}) | ({} if maxnreg is None else {"maxnreg": maxnreg})
-        if row_splits:
-            past = row_split_lengths(past_rows, S, num_splits, bn)
+        past_arg = row_split_lengths(past, S, num_splits, bn) if row_splits else past
         try:
             _latent_attn_fwd[grid](
                 q, q.stride(0), q.stride(1),
                 cache_k, cache_k.stride(0), cache_k.stride(1), ck_params, ck_params.stride(0), ck_params.stride(1),
                 cache_v, cache_v.stride(0), cache_v.stride(1), cv_params, cv_params.stride(0), cv_params.stride(1),
-                k_up, k_bias if k_bias is not None else k_up, cos, sin, past,
+                k_up, k_bias if k_bias is not None else k_up, cos, sin, past_arg,
                 out, out.stride(0), out.stride(1),
                 acc, mx, sm,
                 S, split_len, num_splits, scale * LOG2E, RK=rk, RV=rv,

@@ -53,6 +53,12 @@ def bind_gpu_output(binding: Any, name: str, shape: list[int], dtype: torch.dtyp
     return out
 
 
+def first_provider(providers: list | None) -> str:
+    """The name of the first of ONNX Runtime ``providers`` (names, or ``(name, options)`` pairs)."""
+    first = (providers or ["CPUExecutionProvider"])[0]
+    return first if isinstance(first, str) else first[0]
+
+
 class OrtBackend:
     """A loop backend over an ONNX Runtime session (CPU by default).
 
@@ -73,8 +79,7 @@ class OrtBackend:
         from lrexport import ortops
 
         providers = list(providers or ["CPUExecutionProvider"])
-        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-        self.device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
+        self.device = "cuda" if first_provider(providers) == "CUDAExecutionProvider" else "cpu"
         self.device_id = 0
         if self.device == "cuda" and not isinstance(providers[0], str):
             self.device_id = int(providers[0][1].get("device_id", 0))
@@ -92,6 +97,10 @@ class OrtBackend:
                                     "CUDA graphs cannot capture")
             opts0 = {} if isinstance(providers[0], str) else dict(providers[0][1])
             providers[0] = ("CUDAExecutionProvider", {**opts0, "enable_cuda_graph": "1"})
+        self._no_graph = None  # run options of the steps that run without a graph (prefill)
+        if self.cuda_graph:
+            self._no_graph = ort.RunOptions()
+            self._no_graph.add_run_config_entry("gpu_graph_id", "-1")
         if use_library:
             opts = ortops.session_options(providers=providers)
         else:
@@ -172,14 +181,15 @@ class OrtBackend:
             named = dict(zip(self.output_names, outs))
             return torch.from_numpy(named["logits"]), [named[p] for p in self.present]
         binding = self._cache_binding(caches)
-        if self.cuda_graph:
-            return self._graph_step(binding, caches, input_ids, past_len, feeds), caches
+        if self.cuda_graph and feeds["input_ids"].shape[1] == 1:
+            return self._graph_step(binding, caches, input_ids, past_len), caches
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         if self.device == "cuda":
             vocab, dtype = self._logits_info
             logits = bind_gpu_output(binding, "logits", [*feeds["input_ids"].shape, vocab], dtype, self.device_id)
-            self.session.run_with_iobinding(binding)
+            self._graph_bound = None  # host inputs bound: a replay rebinds its buffers
+            self.session.run_with_iobinding(binding, self._no_graph)
             return logits, caches
         binding.bind_output("logits", "cpu")  # rebound (same place): a fresh array, not last step's
         self.session.run_with_iobinding(binding)
@@ -248,23 +258,14 @@ class OrtBackend:
         self._binding, self._binding_key, self._binding_refs = None, None, []
         self._graph_bound = None
 
-    def _graph_step(self, binding: Any, caches: list[torch.Tensor], input_ids: torch.Tensor, past_len: torch.Tensor,
-                    feeds: dict[str, Any]) -> torch.Tensor:
-        """One step of a CUDA-graph backend: decode steps replay the graph of their caches (captured
-        on first use, after ONNX Runtime's warm-up runs); prefill runs without one."""
+    def _graph_step(self, binding: Any, caches: list[torch.Tensor], input_ids: torch.Tensor,
+                    past_len: torch.Tensor) -> torch.Tensor:
+        """A decode step of a CUDA-graph backend: the replay of its caches' graph (captured on first
+        use, after ONNX Runtime's warm-up runs)."""
         import onnxruntime as ort
 
-        B, S = feeds["input_ids"].shape
+        B = input_ids.shape[0]
         vocab, dtype = self._logits_info
-        ro = ort.RunOptions()
-        if S != 1:
-            self._graph_bound = None
-            ro.add_run_config_entry("gpu_graph_id", "-1")
-            binding.bind_cpu_input("input_ids", feeds["input_ids"])
-            binding.bind_cpu_input("past_len", feeds["past_len"])
-            logits = bind_gpu_output(binding, "logits", [B, S, vocab], dtype, self.device_id)
-            self.session.run_with_iobinding(binding, ro)
-            return logits
         key = self._caches_key(caches)
         bufs = self._graph_bufs.get(key)
         if bufs is None:
@@ -287,6 +288,7 @@ class OrtBackend:
             binding.bind_output("logits", "cuda", self.device_id, np.dtype(str(dtype).removeprefix("torch.")),
                                 list(out.shape), out.data_ptr())
             self._graph_bound = key
+        ro = ort.RunOptions()
         ro.add_run_config_entry("gpu_graph_id", str(bufs["graph_id"]))
         self.session.run_with_iobinding(binding, ro)
         return out

@@ -608,9 +608,9 @@ __global__ void __launch_bounds__(128) combine(Args a) {
 
 // ---- the Triton decode kernel's inputs ------------------------------------------------------
 
-// past_len as int32 for the Triton kernel (one thread per row).
-// A kernel compiled with ROW_SPLITS: (past_len, split_len) per row, split_len the host's split rule
-// (plan_triton) applied to the row's own length over the planned number of splits.
+// past_len as int32 for the Triton kernel (one thread per row); for a kernel compiled with ROW_SPLITS,
+// (past_len, split_len) per row, split_len the host's split rule (plan_triton) applied to the row's
+// own length over the planned number of splits.
 __global__ void past_len_i32(Args a) {
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (b >= a.B) return;
@@ -649,7 +649,6 @@ std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonD
   cudaError_t e;
   int32_t* past32 = reinterpret_cast<int32_t*>(base + pl.off_past32);
   a.past32 = past32;
-  a.nsplit = pl.nsplit;
   a.row_block_n = t.row_splits ? t.block_n : 0;
   LRX_LAUNCH(past_len_i32, static_cast<unsigned>((p.B + 127) / 128), 128, 0, stream, a);
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the past_len conversion", e);
@@ -775,11 +774,9 @@ std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
            " query heads per KV head); the device allows " + std::to_string(smem_optin);
   pl->nqt = (p.S + qtile - 1) / qtile;
   // splits along the keys only when the blocks would not fill the GPU (decode)
-  int64_t max_len = std::min(p.P, p.Prope);  // device lengths: the capacity (each row splits its own length)
-  if (!p.device_lengths) {
-    max_len = 0;
-    for (int64_t b = 0; b < p.B; ++b) max_len = std::max(max_len, p.past_len[b] + p.S);
-  }
+  // the longest row, or with device lengths the capacity (each row splits its own length)
+  int64_t max_len = p.device_lengths ? std::min(p.P, p.Prope) : 0;
+  for (int64_t b = 0; !p.device_lengths && b < p.B; ++b) max_len = std::max(max_len, p.past_len[b] + p.S);
   int64_t span = p.window > 0 ? std::min(max_len, p.window + qtile - 1) : max_len;
   const int64_t blocks = p.B * pl->nqt * p.Hkv;
   const int64_t target = 2 * static_cast<int64_t>(sms);
