@@ -311,6 +311,22 @@ def compare_caches(gpu: dict, cpu: dict, sh: Shape) -> tuple[bool, bool, str]:
 
 
 @contextlib.contextmanager
+def env_var(name: str, value):
+    """``name`` set to ``value`` (None: left as it is) for the block."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+@contextlib.contextmanager
 def captured_stderr(sink: list):
     """Collect what C code writes to file descriptor 2 (the kernel's LREXPORT_OPS_DEBUG lines)."""
     sys.stderr.flush()
@@ -391,11 +407,17 @@ class Checker:
 
     # -- a prefill and decode steps with in-place caches
     def chain(self, name: str, sh: Shape, dt, steps=(9, 1, 1, 1), past_len=(0, 5), seed=0, timing=False,
-              triton=False, device_lengths=False):
+              triton=False, device_lengths=False, warp=False):
         """``triton``: the node carries the ahead-of-time Triton decode kernel (float16), which
-        the decode steps must run (on a GPU; the emulation reports the attached cubin instead).
+        the decode steps must run (on a GPU; the emulation reports the attached cubin instead;
+        LREXPORT_CUDA_DECODE=triton, since the warp decode kernel is preferred where it applies).
+        ``warp``: the decode steps must run the warp decode kernel (decode_warp.cuh).
         ``device_lengths``: the node is LowRankKVAttentionDeviceLen, past_len bound in device memory
         (the CPU reference is LowRankKVAttention)."""
+        with env_var("LREXPORT_CUDA_DECODE", "triton" if triton else None):
+            self._chain(name, sh, dt, steps, past_len, seed, timing, triton, device_lengths, warp)
+
+    def _chain(self, name, sh, dt, steps, past_len, seed, timing, triton, device_lengths, warp):
         rng = np.random.default_rng(seed)
         attrs = attributes(sh)
         const = constants(rng, sh, dt)
@@ -439,8 +461,12 @@ class Checker:
                 row.ok, row.note = False, f"kernel log lacks '{cubin_id}': {text.strip()[:300]}"
             elif triton and S == 1 and not self.emulated and ", Triton decode kernel" not in text:
                 row.ok, row.note = False, f"the Triton decode kernel did not run: {text.strip()[:300]}"
+            elif warp and S == 1 and "warp decode kernel" not in text:
+                row.ok, row.note = False, f"the warp decode kernel did not run: {text.strip()[:300]}"
             elif ", Triton decode kernel" in text:
                 row.note = "Triton (ahead of time)"
+            elif "warp decode kernel" in text:
+                row.note = "tensor cores (warp decode kernel)"
             elif "tensor cores" in text:  # a float16 model (unless LREXPORT_CUDA_MMA=0)
                 row.note = "tensor cores"
             if timing:  # re-runs write the same tokens at the same positions: the caches stay as checked
@@ -664,6 +690,7 @@ def run_all(ck: Checker, quick: bool):
     for dt, bits in ((np.float16, 4), (np.float32, 0)) if not quick else ((np.float16, 4),):
         ck.chain("large", Shape(bits=bits, **big), dt, steps=steps, past_len=past, seed=11, timing=not ck.emulated)
     triton_grid(ck, quick)
+    warp_grid(ck, quick)
     if not ck.emulated:
         generation(ck)
     ck.errors()
@@ -706,6 +733,37 @@ def triton_grid(ck: Checker, quick: bool):
         # the device-lengths op: splits from the capacity, each row splitting its own length in the kernel
         ck.chain("triton large, device lengths", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1),
                  past_len=(0, 200), seed=16, triton=True, device_lengths=True)
+
+
+def warp_grid(ck: Checker, quick: bool):
+    """Float16 decode steps on the warp decode kernel (custom_ops/src/cuda/decode_warp.cuh): head dims 64
+    and 128, float16 and 4-bit latents, 1 to 8 query heads per KV head, M-LRD and groups, key and value
+    ranks from 16 to 128 (both of its register layouts), k_bias and v_up or not, a sliding window, rows
+    of different lengths, past_len in device memory. Prefills run the other kernels."""
+    if os.environ.get("LREXPORT_CUDA_MMA") == "0" or (not ck.emulated and ck.arch < 80):
+        return  # the kernel is off (no tensor cores) or the GPU predates it
+    P = 320 if ck.emulated else 4096
+    past = (0, 200) if ck.emulated else (0, 3000)
+    cases = [  # name, shape, prefill length
+        ("warp D=128 M-LRD", Shape(B=2, Hq=8, Hkv=2, D=128, s=1, rk=64, rv=64, P=P, Prope=P, bits=4, qg=32), 40),
+        ("warp D=128 M-LRD", Shape(B=2, Hq=8, Hkv=2, D=128, s=1, rk=64, rv=64, P=P, Prope=P, bits=0,
+                                   v_up=False, k_bias=False), 40),
+        ("warp D=64 groups of 2", Shape(B=2, Hq=8, Hkv=4, D=64, s=2, rk=32, rv=32, P=P, Prope=P, bits=4, qg=8,
+                                        v_up=False), 33),
+        ("warp rep=8 rk=48 rv=16", Shape(B=2, Hq=16, Hkv=2, D=64, s=1, rk=48, rv=16, P=P, Prope=P, bits=0), 17),
+    ]
+    if not quick:
+        cases += [
+            ("warp rk=rv=128", Shape(B=2, Hq=8, Hkv=2, D=128, s=2, rk=128, rv=128, P=P, Prope=P, bits=4, qg=32), 40),
+            ("warp rk=128 rv=96 MHA", Shape(B=2, Hq=2, Hkv=2, D=128, s=1, rk=128, rv=96, P=P, Prope=P, bits=0), 40),
+            ("warp window=50", Shape(B=2, Hq=8, Hkv=2, D=64, s=1, rk=32, rv=64, P=P, Prope=P, bits=4, qg=16,
+                                     window=50), 60),
+        ]
+    for i, (name, sh, prefill) in enumerate(cases):
+        ck.chain(name, sh, np.float16, steps=(prefill, 1, 1, 1), past_len=past, seed=500 + i, warp=True)
+    sh = Shape(B=3, Hq=8, Hkv=2, D=128, s=1, rk=64, rv=64, P=P, Prope=P, bits=4, qg=32)
+    ck.chain("warp device lengths", sh, np.float16, steps=(20, 1, 1), past_len=(0, 7, P // 2), seed=520,
+             warp=True, device_lengths=True)
 
 
 def generation(ck: Checker, new_tokens: int = 16):

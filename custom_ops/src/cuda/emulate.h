@@ -63,6 +63,7 @@ struct Block {
   std::vector<long> warp_gen;
   std::vector<int> warp_arrived;
   std::vector<float> xchg;
+  std::vector<uint32_t> xchg_u;  // warp_gather: up to kGatherMax words per thread
   std::vector<char> smem;
   float* smem_base = nullptr;  // smem.data() rounded up to 128 bytes
   void (*body)(void*) = nullptr;
@@ -113,6 +114,20 @@ inline float shfl_xor(float v, int lane_mask) {
   const float r = src < b.n ? b.xchg[src] : v;
   warp_barrier();
   return r;
+}
+
+// Every lane of the calling warp hands in n words (n <= kGatherMax) and gets all 32 lanes' words:
+// all[lane * n + i]. A warp-wide barrier before and after, like the real warp-collective instructions
+// (mma.sync, ldmatrix, movmatrix) that decode_warp.cuh's emulated forms build on.
+constexpr int kGatherMax = 16;
+inline void warp_gather(const uint32_t* mine, int n, uint32_t* all) {
+  Block& b = *cur;
+  const int t = static_cast<int>(thread_idx.x), w = t / 32;
+  for (int i = 0; i < n; ++i) b.xchg_u[t * kGatherMax + i] = mine[i];
+  warp_barrier();
+  for (int l = 0; l < 32; ++l)
+    for (int i = 0; i < n; ++i) all[l * n + i] = w * 32 + l < b.n ? b.xchg_u[(w * 32 + l) * kGatherMax + i] : 0u;
+  warp_barrier();
 }
 
 inline void trampoline() {
@@ -169,6 +184,7 @@ void launch(void (*kernel)(Arg), dim3 grid, dim3 block, size_t smem, Arg arg) {
   b.warp_gen.assign((b.n + 31) / 32, 0);
   b.warp_arrived.assign((b.n + 31) / 32, 0);
   b.xchg.assign(b.n, 0.0f);
+  b.xchg_u.assign(static_cast<size_t>(b.n) * kGatherMax, 0u);
   b.body = [](void* p) {
     Call* c = static_cast<Call*>(p);
     c->k(*c->a);

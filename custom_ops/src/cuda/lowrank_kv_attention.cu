@@ -625,6 +625,10 @@ __global__ void past_len_i32(Args a) {
   a.past32[2 * b + 1] = static_cast<int32_t>(split);
 }
 
+// ---- C': the decode kernel on tensor cores, one warp per stream of positions -------------------
+
+#include "decode_warp.cuh"
+
 // ---- host side ------------------------------------------------------------------------------
 
 std::string cuda_error(const char* what, cudaError_t e) {
@@ -680,6 +684,28 @@ std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonD
   return "";
 }
 
+// The warp decode kernel's instance for a call (plan_warp checked the shape rules).
+template <int D, int BITS>
+void (*warp_kernel_for(int64_t rk, int64_t rv))(Args) {
+  if (rk <= 64) return rv <= 64 ? attend_decode_warp<D, BITS, 4, 4> : attend_decode_warp<D, BITS, 4, 8>;
+  return rv <= 64 ? attend_decode_warp<D, BITS, 8, 4> : attend_decode_warp<D, BITS, 8, 8>;
+}
+
+// The warp decode kernel (S = 1) after the cache write, then combine (one partial row per warp).
+std::string launch_warp(const Params& p, const Plan& pl, Args a, cudaStream_t stream) {
+  void (*kernel)(Args) = p.D == 64 ? (p.bits ? warp_kernel_for<64, 4>(p.rk, p.rv) : warp_kernel_for<64, 0>(p.rk, p.rv))
+                                   : (p.bits ? warp_kernel_for<128, 4>(p.rk, p.rv) : warp_kernel_for<128, 0>(p.rk, p.rv));
+  cudaError_t e;
+  const int64_t blocks = p.B * p.Hkv * pl.nsplit;
+  LRX_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarpBlock, pl.smem_attn, stream, a);
+  if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the warp decode kernel", e);
+  a.nsplit = pl.nsplit * (kWarpBlock / 32);  // combine merges every warp's partial row
+  a.max_log2 = true;
+  LRX_LAUNCH(combine<__half>, static_cast<unsigned>(p.B * p.Hq), 128, pl.smem_combine, stream, a);
+  if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
+  return "";
+}
+
 template <class T>
 std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream, const TritonDecode* triton,
                    char* base) {
@@ -689,6 +715,9 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream,
     LRX_LAUNCH(write_tokens<T>, dim3(static_cast<unsigned>(rows), 2), 128, 0, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the cache write", e);
     if (pl.triton) return launch_triton(p, pl, a, *triton, base, stream);
+    if constexpr (std::is_same<T, __half>::value) {
+      if (pl.warp) return launch_warp(p, pl, a, stream);
+    }
     void (*attend)(Args) = attend_partial<T, false>;
     if constexpr (std::is_same<T, __half>::value) {
       if (pl.mma) attend = attend_partial<T, true>;
@@ -742,6 +771,46 @@ std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t
   return "";
 }
 
+// The warp decode kernel for this call, when its shape rules hold (see decode_warp.cuh). Returns ""
+// (pl->warp set, splits and scratch re-planned) or why not. Splits: about kWarpWaves blocks per
+// multiprocessor in all, but no split shorter than kWarpMinSplit positions (8 steps of each warp).
+constexpr int64_t kWarpWaves = 6, kWarpMinSplit = 1024;
+std::string plan_warp(const Params& p, int sms, int cc_major, int64_t kv_max, Plan* pl) {
+  if (p.S != 1) return "more than one new token per row (prefill)";
+  if (!p.f16) return "float32 activations";
+  if (cc_major < 8) return "compute capability below 8.0";
+  if (p.D != 64 && p.D != 128) return "head dim " + std::to_string(p.D) + " (64 or 128)";
+  if (p.rep > 8) return "more than 8 query heads per KV head";
+  const int64_t mult = p.bits ? 32 : 16;
+  if (p.rk % mult || p.rv % mult || p.rk > 128 || p.rv > 128)
+    return "ranks rk=" + std::to_string(p.rk) + ", rv=" + std::to_string(p.rv) + " (multiples of " +
+           std::to_string(mult) + " up to 128)";
+  if (p.bits != 0 && p.bits != 4) return std::to_string(p.bits) + "-bit latents (float16 or 4-bit)";
+  if (p.bits && (p.quant_group < 8 || (p.quant_group & (p.quant_group - 1)))) return "quantization groups below 8";
+  if (p.Ck % 4 || p.Cv % 4) return "cache rows not a multiple of 4 elements";
+  const void* ptrs[] = {p.present_k, p.present_v, p.cos, p.sin, p.bits ? p.present_k_params : nullptr,
+                        p.bits ? p.present_v_params : nullptr};
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 8) return "a tensor that is not 8-byte aligned";
+  if (const char* env = std::getenv("LREXPORT_CUDA_DECODE"); env && std::strcmp(env, "warp") != 0)
+    return std::string("LREXPORT_CUDA_DECODE=") + env;
+  const int64_t programs = p.B * p.Hkv;
+  int64_t ns = std::max<int64_t>(1, std::min((kWarpWaves * sms + programs - 1) / programs,
+                                             (kv_max + kWarpMinSplit - 1) / kWarpMinSplit));
+  if (programs * ns > 0x7fffffff) return "too many blocks for one launch";
+  pl->warp = true;
+  pl->triton = false;
+  pl->nsplit = ns;
+  const int64_t nsp = ns * (kWarpBlock / 32);
+  pl->smem_attn = static_cast<size_t>(p.D * (p.rk + 8)) * 2;
+  pl->smem_combine = static_cast<size_t>(p.rv + nsp) * 4;
+  const size_t prows = static_cast<size_t>(p.B * p.Hq * nsp);
+  pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
+  pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
+  pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(p.rv) * 4;
+  return "";
+}
+
 }  // namespace
 
 std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
@@ -791,7 +860,9 @@ std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
   pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
   pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
   pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(p.rv) * 4;
-  if (triton) pl->triton_skip = plan_triton(p, *triton, sms, max_len, pl);
+  pl->warp_skip = mma_off ? "LREXPORT_CUDA_MMA=0" : plan_warp(p, sms, cc_major, max_len, pl);
+  if (triton && !pl->warp) pl->triton_skip = plan_triton(p, *triton, sms, max_len, pl);
+  if (triton && pl->warp) pl->triton_skip = "the warp decode kernel runs";
   return "";
 }
 

@@ -126,7 +126,9 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
   if (!err.empty()) return cuda_fail(err);
   if (tk && !plan.triton) triton_why = plan.triton_skip;
   if (debug) {
-    std::string path = plan.triton ? ", Triton decode kernel" : (plan.mma ? ", tensor cores (WMMA)" : "");
+    std::string path = plan.triton ? ", Triton decode kernel"
+                       : plan.warp ? ", tensor cores (warp decode kernel)"
+                       : (plan.mma ? ", tensor cores (WMMA)" : "");
     if (!triton_note.empty())
       path += "; " + triton_note + (triton_why.empty() ? "" : "; not used for this call: " + triton_why);
     std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits%s\n",
