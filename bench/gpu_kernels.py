@@ -167,6 +167,67 @@ def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg, call: bool = Tru
     return gpu_time_us(fn, reps=10), None
 
 
+def ort_latent_session(ort, lib: str, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
+    """A one-node LowRankKVAttention model (``bench/gpu_check_ort.make_model``) on ONNX Runtime's CUDA
+    provider with the library ``lib``: float16, caches of ``L`` positions, output in the value-latent space."""
+    import numpy as np
+    from gpu_check_ort import Shape, attributes, make_model
+
+    G = Hkv // s
+    z = lambda *shape, dt=np.float16: np.zeros(shape, dt)  # noqa: E731  (shapes and types only)
+    ck, cv = (G * rk * bits // 8, G * rv * bits // 8) if bits else (G * rk, G * rv)
+    cdt = np.uint8 if bits else np.float16
+    feeds = dict(query=z(B, 1, Hq * D), latent_k=z(B, 1, G * rk), latent_v=z(B, 1, G * rv),
+                 past_k=z(B, L, ck, dt=cdt), past_v=z(B, L, cv, dt=cdt), past_len=z(B, dt=np.int64),
+                 k_up=z(G, rk, s * D), cos=z(L, D // 2), sin=z(L, D // 2),
+                 past_k_params=z(B, L, 2 * G * rk // qg) if bits else None,
+                 past_v_params=z(B, L, 2 * G * rv // qg) if bits else None)
+    attrs = attributes(Shape(B=B, Hq=Hq, Hkv=Hkv, D=D, s=s, rk=rk, rv=rv, P=L, Prope=L, bits=bits, qg=qg))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.register_custom_ops_library(lib)
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ort.InferenceSession(make_model(feeds, attrs), so,
+                                providers=[("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()})])
+
+
+def bench_latent_ort(ort, lib: str, c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg):
+    """(GPU time, call time) in µs of the library's CUDA kernel on the case ``c`` (the same caches as the
+    Triton rows), through ONNX Runtime with IO binding: the new token written in place at ``L - 1``, the
+    attention and the split combine. Which decode kernel runs is the library's choice for the call
+    (``LREXPORT_CUDA_DECODE``)."""
+    import numpy as np
+
+    sess = ort_latent_session(ort, lib, B, L, Hq, Hkv, D, s, rk, rv, bits, qg)
+    G = Hkv // s
+    io = sess.io_binding()
+    np_type = {torch.float16: np.float16, torch.uint8: np.uint8}
+
+    def bind(name, t, output=False):
+        (io.bind_output if output else io.bind_input)(name, "cuda", 0, np_type[t.dtype], list(t.shape), t.data_ptr())
+
+    new_k = torch.randn(B, 1, G * rk, dtype=torch.float16, device="cuda")
+    new_v = torch.randn(B, 1, G * rv, dtype=torch.float16, device="cuda")
+    out = torch.empty(B, 1, Hq * rv, dtype=torch.float16, device="cuda")
+    for n, t in (("query", c["q"]), ("latent_k", new_k), ("latent_v", new_v), ("past_k", c["ck"]),
+                 ("past_v", c["cv"]), ("k_up", c["k_up"]), ("cos", c["cos"]), ("sin", c["sin"])):
+        bind(n, t)
+    io.bind_cpu_input("past_len", np.full(B, L - 1, np.int64))
+    bind("present_k", c["ck"], True)
+    bind("present_v", c["cv"], True)
+    if bits:
+        bind("past_k_params", c["pk"])
+        bind("past_v_params", c["pv"])
+        bind("present_k_params", c["pk"], True)
+        bind("present_v_params", c["pv"], True)
+    bind("output", out, True)
+
+    def run():
+        sess.run_with_iobinding(io)
+
+    return timed(run)
+
+
 CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=sw)
            for bn, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2))
            for sw in (False, True)
@@ -306,6 +367,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
                     help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's GroupQueryAttention rows")
+    ap.add_argument("--lib", default=None,
+                    help="liblrexport_ops.so built with its CUDA kernel: also time it through ONNX Runtime on the "
+                         "same caches (rows with kernel 'cuda (ONNX Runtime)'; the decode kernel is the library's "
+                         "choice, see LREXPORT_CUDA_DECODE)")
     ap.add_argument("--out", default=str(RESULTS / "gpu_kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -365,7 +430,17 @@ def main(argv=None) -> int:
                                bytes=nb, flops=fl, roofline_us=roofline_us(nb, fl), kv_bytes=cache, config=cfg)
                     row.update(bw_tb_s=nb / tl_us / 1e6, of_roofline=tl_us / row["roofline_us"],
                                speedup_vs_sdpa=t / tl_us)
+                    row["kernel"] = "triton"
                     rows.append(row)
+                    if ort is not None and args.lib:
+                        tw, call_w = bench_latent_ort(ort, args.lib, c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg)
+                        wrow = dict(row, kernel="cuda (ONNX Runtime)", time_us=tw, call_us=call_w, config=None,
+                                    bw_tb_s=nb / tw / 1e6, of_roofline=tw / row["roofline_us"],
+                                    speedup_vs_sdpa=t / tw, speedup_vs_triton=tl_us / tw)
+                        rows.append(wrow)
+                        print(f"  lrexport {gname} -{red:.0%} bits={bits} CUDA library: {tw:.1f} us "
+                              f"(call {call_w:.1f}), x{t / tw:.2f} vs sdpa, x{tl_us / tw:.2f} vs Triton, "
+                              f"{wrow['of_roofline']:.2f} of roofline", flush=True)
                     bound = "compute" if fl / PEAK_FLOPS > nb / PEAK_BW else "memory"
                     print(f"  lrexport {gname} -{red:.0%} bits={bits} r={rk}: {tl_us:.1f} us (call {call_l:.1f}), "
                           f"x{t / tl_us:.2f} vs sdpa, {row['of_roofline']:.2f} of roofline ({bound}-bound floor) "
@@ -384,11 +459,12 @@ def write_md(result: dict, path: Path) -> None:
              "back-to-back calls (host included when it is the bottleneck); "
              "`x sdpa` = SDPA time / this time (same shape, batch, context, same run); "
              "`roofline` = time / max(bytes/4.3 TB/s, FLOPs/790 TFLOP/s).", "",
-             "| shape | batch | context | variant | kv_removed | grouping | bits | time_us | call_us | TB/s | "
+             "| shape | batch | context | variant | kernel | kv_removed | grouping | bits | time_us | call_us | TB/s | "
              "roofline | x sdpa |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} | {r['kv_removed']:.3f} | "
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} | {r.get('kernel', '-')} | "
+                     f"{r['kv_removed']:.3f} | "
                      f"{r['grouping'] or '-'} | {r['bits'] or '-'} | {r['time_us']:.1f} | "
                      f"{r.get('call_us') or float('nan'):.1f} | {r['bw_tb_s']:.2f} | {r['of_roofline']:.2f} | "
                      f"{r['speedup_vs_sdpa']:.2f} |")
