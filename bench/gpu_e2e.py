@@ -31,7 +31,10 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
   schedule (the weight ranks an input of the model, lowered linearly to 80% over 8 steps, in multiples of 16;
   not with ``_graph``: CUDA graphs cannot capture it);
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
-  recompiled under other settings (``bench/retune.py``; ``+`` separates the settings).
+  recompiled under other settings (``bench/retune.py``; ``+`` separates the settings);
+* ``NAME%KERNEL`` (e.g. ``lrexport%triton``): ``NAME``'s export run with ``LREXPORT_CUDA_DECODE=KERNEL``
+  (the library's decode kernel: ``warp``, the default where it applies, or ``triton``, the ahead-of-time
+  Triton kernel the export carries).
 
 The random model's factors are drawn directly at the ranks the allocators choose for these
 budgets (decomposing random matrices would only cost time: speed depends on the shapes). The
@@ -257,12 +260,14 @@ def main(argv=None) -> int:
     rows, info = [], {}
     for v in args.variants.split(","):
         gqa = v.startswith("uncompressed_gqa")
+        built, _, decode = v.partition("%")  # NAME%KERNEL: NAME's model, LREXPORT_CUDA_DECODE=KERNEL
+        env = dict(os.environ, LREXPORT_CUDA_DECODE=decode) if decode else None
         if gqa:
             t0 = time.perf_counter()
             folder = _gqa().build_gqa_model(cfg, dtype, work, gen_device)
             info[v] = {"build_s": time.perf_counter() - t0}
         else:
-            folder = build_variant(v, cfg, dtype, work, gen_device)
+            folder = build_variant(built, cfg, dtype, work, gen_device)
         if args.build_only:
             continue
         if not gqa:
@@ -272,7 +277,7 @@ def main(argv=None) -> int:
                args.batches, "--steps", str(args.steps), "--device", args.device] + (["--gqa"] if gqa else []) + (
                    ["--graph"] if v == "uncompressed_gqa_graph" else []) + (
                    ["--profile"] if args.profile else [])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{v}: the worker failed (exit {proc.returncode})")
         for r in json.loads(proc.stdout.strip().splitlines()[-1]):
