@@ -115,6 +115,7 @@ struct LrxU4 {
   uint32_t x, y, z, w;
 };
 inline float lrx_exp2(float x) { return std::exp2(x); }
+inline __half half_from_bits(uint16_t b) { return __half{b}; }
 #else
 __device__ __forceinline__ uint32_t h2_bits(float lo, float hi) {
   uint32_t r;
@@ -168,6 +169,7 @@ __device__ __forceinline__ V ld_vec(const void* p) {
 using LrxU2 = uint2;
 using LrxU4 = uint4;
 __device__ __forceinline__ float lrx_exp2(float x) { return exp2f(x); }
+__device__ __forceinline__ __half half_from_bits(uint16_t b) { return __ushort_as_half(b); }
 #endif
 
 __device__ __forceinline__ uint32_t h2_neg(uint32_t x) { return x ^ 0x80008000u; }
@@ -192,20 +194,25 @@ __host__ __device__ __forceinline__ int virt_dim(int dv) {
   return (t >= T ? D / 2 : 0) + (D / 8) * q + 2 * (t % T) + e;
 }
 
-// A lane's float16 pairs of one cache row: `pairs` (2 * rank / 16) pairs starting at channel `c0`
-// (float16: c0 .. c0 + 2 * pairs - 1, read as 8-byte vectors; 4-bit: codes unpacked and dequantized
-// with their group's scale and zero point, one 32-bit word of 8 codes at a time).
+// A lane's share of one cache row, as loaded: float16 latents: its `pairs` float16 pairs from channel
+// c0 on (8-byte vectors); 4-bit: its 32-bit words of 8 codes (pairs / 4 of them) and, per word, the
+// group's scale and zero point packed as a float16 pair (scale low).
 template <int BITS, int MAXP>
-__device__ __forceinline__ void load_pairs(const void* cache, const void* params, int64_t crow, int64_t C,
-                                           int64_t NP, int64_t W, int64_t qg, int64_t c0, int pairs,
-                                           uint32_t (&out)[MAXP]) {
+struct RawRow {
+  uint32_t w[BITS == 0 ? MAXP : MAXP / 4];
+  uint32_t sz[BITS == 0 ? 1 : MAXP / 4];
+};
+
+template <int BITS, int MAXP>
+__device__ __forceinline__ void fetch_row(const void* cache, const void* params, int64_t crow, int64_t C, int64_t NP,
+                                          int64_t W, int64_t qg, int64_t c0, int pairs, RawRow<BITS, MAXP>& raw) {
   if constexpr (BITS == 0) {
     const __half* p = static_cast<const __half*>(cache) + crow * C + c0;
 #pragma unroll
     for (int u = 0; u < MAXP / 2; ++u) {
       if (2 * u >= pairs) break;
       const LrxU2 v = ld_vec<LrxU2>(p + 4 * u);
-      out[2 * u] = v.x, out[2 * u + 1] = v.y;
+      raw.w[2 * u] = v.x, raw.w[2 * u + 1] = v.y;
     }
   } else {
     const uint8_t* codes = static_cast<const uint8_t*>(cache) + crow * C + c0 / 2;
@@ -213,18 +220,51 @@ __device__ __forceinline__ void load_pairs(const void* cache, const void* params
 #pragma unroll
     for (int u = 0; u < MAXP / 4; ++u) {
       if (4 * u >= pairs) break;
-      const uint32_t w = ld_vec<uint32_t>(codes + 4 * u);
+      raw.w[u] = ld_vec<uint32_t>(codes + 4 * u);
       const int64_t gi = (c0 + 8 * u) / qg;
-      const uint32_t s = prm[gi], z = prm[W / qg + gi];
-      const uint32_t s2 = s | (s << 16), z2 = z | (z << 16);
+      raw.sz[u] = static_cast<uint32_t>(prm[gi]) | (static_cast<uint32_t>(prm[W / qg + gi]) << 16);
+    }
+  }
+}
+
+// The float16 pairs of a fetched row (4-bit: codes s and s + 4 of a word into the mantissas of 1024.0,
+// which is 1024 + code exactly, minus 1024, times the scale plus the zero point, rounded once).
+template <int BITS, int MAXP>
+__device__ __forceinline__ void unpack_row(const RawRow<BITS, MAXP>& raw, int pairs, uint32_t (&out)[MAXP]) {
+  if constexpr (BITS == 0) {
+#pragma unroll
+    for (int i = 0; i < MAXP; ++i) out[i] = raw.w[i];
+  } else {
+#pragma unroll
+    for (int u = 0; u < MAXP / 4; ++u) {
+      if (4 * u >= pairs) break;
+      const uint32_t s2 = (raw.sz[u] & 0xffffu) * 0x10001u, z2 = (raw.sz[u] >> 16) * 0x10001u;
 #pragma unroll
       for (int sh = 0; sh < 4; ++sh) {
-        // codes s and s + 4 of the word into the mantissas of 1024.0: 1024 + code, exactly
-        const uint32_t x = ((w >> (4 * sh)) & 0x000f000fu) | kH2OneK;
+        const uint32_t x = ((raw.w[u] >> (4 * sh)) & 0x000f000fu) | kH2OneK;
         out[4 * u + sh] = h2_fma(h2_sub(x, kH2OneK), s2, z2);
       }
     }
   }
+}
+
+// Inverse of virt_channel: the k-index (or value-product output channel) of latent channel c.
+__host__ __device__ __forceinline__ int channel_virt(int c, int per, int bits) {
+  const int q = c / per, w = c % per;
+  int i, e;
+  if (bits == 0) {
+    i = w >> 1, e = w & 1;
+  } else {
+    i = 4 * (w >> 3) + (w & 3), e = (w >> 2) & 1;
+  }
+  return 16 * (i >> 1) + 8 * (i & 1) + 2 * q + e;
+}
+// Inverse of virt_dim.
+template <int D>
+__host__ __device__ __forceinline__ int dim_virt(int p) {
+  constexpr int T = D / 16, FQ = D / 8;
+  const int second = p >= D / 2, f = p % (D / 2), q = f / FQ, w = f % FQ;
+  return 8 * ((w >> 1) + T * second) + 2 * q + (w & 1);
 }
 
 // grid: B * Hkv * nsplit blocks (split fastest), kWarpBlock threads; dynamic shared memory
@@ -249,9 +289,15 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
   // the k_up slice of this KV head, transposed: ut[dv][kk] = k_up[g][virt_channel(kk)][slot][virt_dim(dv)]
   const __half* kup = static_cast<const __half*>(a.k_up);
   const int64_t sD = a.s * D;
-  for (int o = tid; o < rk * D; o += kWarpBlock) {
-    const int kk = o / D, dv = o % D;
-    ut[dv * ldu + kk] = kup[(g * rk + virt_channel(kk, kq, BITS)) * sD + slot * D + virt_dim<D>(dv)];
+#pragma unroll 4
+  for (int o = tid; o < rk * D / 8; o += kWarpBlock) {  // 8 columns of one row of k_up per load
+    const int c = o / (D / 8), d0 = 8 * (o % (D / 8));
+    const LrxU4 v = ld_vec<LrxU4>(kup + (g * rk + c) * sD + slot * D + d0);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    const int kk = channel_virt(c, kq, BITS);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      ut[dim_virt<D>(d0 + i) * ldu + kk] = half_from_bits(static_cast<uint16_t>(w[i >> 1] >> (16 * (i & 1))));
   }
   __syncthreads();
 
@@ -293,24 +339,40 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
   for (int mc = 0; mc < NVP; ++mc) o_acc[mc][0] = o_acc[mc][1] = o_acc[mc][2] = o_acc[mc][3] = 0.0f;
   const int64_t ck0 = g * rk + kq * q, cv0 = g * rv + vq * q;
 
-  for (int64_t n0 = j0 + kWarpTile * warp; n0 < j1; n0 += kWarpTile * (kWarpBlock / 32)) {
-    // this lane's rows: m-tile mi, half hr -> position n0 + 16 mi + 8 hr + r (clamped for the loads)
-    int64_t pos[2][2], crow[2][2];
+  // this lane's rows of a step at n0: m-tile mi, half hr -> position n0 + 16 mi + 8 hr + r (loads clamped
+  // to the split's last position)
+  const int64_t row0 = b * a.P;
+  auto crow = [&](int64_t n0, int mi, int hr) { return row0 + imin(n0 + 16 * mi + 8 * hr + r, j1 - 1); };
+  RawRow<BITS, 2 * NKP> rk_raw[2][2];
+  RawRow<BITS, 2 * NVP> rv_raw[2][2];
+  auto fetch = [&](int64_t n0) {
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        pos[mi][hr] = n0 + 16 * mi + 8 * hr + r;
-        crow[mi][hr] = b * a.P + imin(pos[mi][hr], j1 - 1);
+        fetch_row(a.cache_k, a.params_k, crow(n0, mi, hr), a.Ck, a.NPk, a.Wk, a.qg, ck0, 2 * nk, rk_raw[mi][hr]);
+        fetch_row(a.cache_v, a.params_v, crow(n0, mi, hr), a.Cv, a.NPv, a.Wv, a.qg, cv0, 2 * nv, rv_raw[mi][hr]);
       }
+  };
+  constexpr int64_t kStride = kWarpTile * (kWarpBlock / 32);
+  const int64_t first = j0 + kWarpTile * warp;
+  if (BITS != 0 && first < j1) fetch(first);
+#pragma unroll 1
+  for (int64_t n0 = first; n0 < j1; n0 += kStride) {
+    if constexpr (BITS == 0) fetch(n0);
     uint32_t ak[2][2][2 * NKP], av[2][2][2 * NVP];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        load_pairs<BITS>(a.cache_k, a.params_k, crow[mi][hr], a.Ck, a.NPk, a.Wk, a.qg, ck0, 2 * nk, ak[mi][hr]);
-        load_pairs<BITS>(a.cache_v, a.params_v, crow[mi][hr], a.Cv, a.NPv, a.Wv, a.qg, cv0, 2 * nv, av[mi][hr]);
+        unpack_row(rk_raw[mi][hr], 2 * nk, ak[mi][hr]);
+        unpack_row(rv_raw[mi][hr], 2 * nv, av[mi][hr]);
       }
+    // packed latents: the next step's codes load while this one computes (float16 ones are already the
+    // operands; their next rows would need as many registers again)
+    if constexpr (BITS != 0) {
+      if (n0 + kStride < j1) fetch(n0 + kStride);
+    }
 
     // keys, RoPE and scores, one rotation pair of n-tiles (t, t + T) at a time
     float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -347,7 +409,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
         uint32_t o1[2], o2[2];
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int64_t rp = imin(pos[mi][hr], j1 - 1) * HALF + f;
+          const int64_t rp = (crow(n0, mi, hr) - row0) * HALF + f;
           const uint32_t c = ld_vec<uint32_t>(cosp + rp), s = ld_vec<uint32_t>(sinp + rp);
           const uint32_t x1 = h2_bits(k1[mi][2 * hr], k1[mi][2 * hr + 1]);
           const uint32_t x2 = h2_bits(k2[mi][2 * hr], k2[mi][2 * hr + 1]);
@@ -364,7 +426,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        if (pos[mi][c >> 1] >= j1) sc[mi][c] = -INFINITY;
+        if (n0 + 16 * mi + 8 * (c >> 1) + r >= j1) sc[mi][c] = -INFINITY;
         mloc[c & 1] = fmaxf(mloc[c & 1], sc[mi][c]);
       }
     float corr[2];
