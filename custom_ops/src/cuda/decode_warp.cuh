@@ -34,7 +34,7 @@
 #endif
 
 constexpr int kWarpBlock = 128;  // threads: 4 warps
-constexpr int kWarpTile = 32;    // positions per warp step: two m16 tiles
+constexpr int kWarpTile = 32;    // splits are multiples of this many positions
 constexpr uint32_t kH2OneK = 0x64006400u;  // float16 pair (1024, 1024)
 
 // ---- float16 pairs and warp-collective tensor-core instructions ------------------------------
@@ -270,8 +270,8 @@ __host__ __device__ __forceinline__ int dim_virt(int p) {
 // grid: B * Hkv * nsplit blocks (split fastest), kWarpBlock threads; dynamic shared memory
 // D * (rk + 8) float16 (the k_up slice, transposed, rows padded by 8 against bank conflicts).
 // Partial rows: ((b * Hq + h) * nsplit * 4 + split * 4 + warp), max in exp2 units.
-template <int D, int BITS, int NKP, int NVP>
-__global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_warp(Args a) {
+template <int D, int BITS, int NKP, int NVP, int MT>
+__global__ void __launch_bounds__(kWarpBlock, MT == 1 ? 4 : (NKP <= 4 ? 3 : 2)) attend_decode_warp(Args a) {
 #if LRX_WARP_MMA
   constexpr int T = D / 16, HALF = D / 2, FQ = D / 8;
   LRX_SHARED_FLOATS(sm);
@@ -343,43 +343,49 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
   // to the split's last position)
   const int64_t row0 = b * a.P;
   auto crow = [&](int64_t n0, int mi, int hr) { return row0 + imin(n0 + 16 * mi + 8 * hr + r, j1 - 1); };
-  RawRow<BITS, 2 * NKP> rk_raw[2][2];
-  RawRow<BITS, 2 * NVP> rv_raw[2][2];
+  RawRow<BITS, 2 * NKP> rk_raw[MT][2];
+  RawRow<BITS, 2 * NVP> rv_raw[MT][2];
   auto fetch = [&](int64_t n0) {
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         fetch_row(a.cache_k, a.params_k, crow(n0, mi, hr), a.Ck, a.NPk, a.Wk, a.qg, ck0, 2 * nk, rk_raw[mi][hr]);
         fetch_row(a.cache_v, a.params_v, crow(n0, mi, hr), a.Cv, a.NPv, a.Wv, a.qg, cv0, 2 * nv, rv_raw[mi][hr]);
       }
   };
-  constexpr int64_t kStride = kWarpTile * (kWarpBlock / 32);
-  const int64_t first = j0 + kWarpTile * warp;
-  if (BITS != 0 && first < j1) fetch(first);
+  constexpr int64_t kStride = 16 * MT * (kWarpBlock / 32);
+  const int64_t first = j0 + 16 * MT * warp;
+  constexpr bool kPrefetch = BITS != 0 && MT == 1;
+  if (kPrefetch && first < j1) fetch(first);
 #pragma unroll 1
   for (int64_t n0 = first; n0 < j1; n0 += kStride) {
-    if constexpr (BITS == 0) fetch(n0);
-    uint32_t ak[2][2][2 * NKP], av[2][2][2 * NVP];
+    if constexpr (!kPrefetch) fetch(n0);
+    uint32_t ak[MT][2][2 * NKP], av[MT][2][2 * NVP];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         unpack_row(rk_raw[mi][hr], 2 * nk, ak[mi][hr]);
         unpack_row(rv_raw[mi][hr], 2 * nv, av[mi][hr]);
       }
-    // packed latents: the next step's codes load while this one computes (float16 ones are already the
-    // operands; their next rows would need as many registers again)
-    if constexpr (BITS != 0) {
+    // packed latents, one m-tile per step: the next step's codes load while this one computes (float16
+    // ones are already the operands; their next rows would need as many registers again)
+    if constexpr (BITS != 0 && MT == 1) {
       if (n0 + kStride < j1) fetch(n0 + kStride);
     }
 
     // keys, RoPE and scores, one rotation pair of n-tiles (t, t + T) at a time
-    float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float sc[MT][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) sc[mi][0] = sc[mi][1] = sc[mi][2] = sc[mi][3] = 0.0f;
 #pragma unroll
     for (int t = 0; t < T; ++t) {
-      float k1[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-      float k2[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      float k1[MT][4], k2[MT][4];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) k1[mi][c] = k2[mi][c] = 0.0f;
 #pragma unroll
       for (int j = 0; j < NKP; ++j) {
         if (j >= nk) break;
@@ -387,7 +393,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
         const int mat = lane >> 3;
         ldsm_x4(bb, ut + (8 * (t + T * (mat >> 1)) + (lane & 7)) * ldu + 16 * j + 8 * (mat & 1));
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
+        for (int mi = 0; mi < MT; ++mi) {
           mma16816(k1[mi], ak[mi][0][2 * j], ak[mi][1][2 * j], ak[mi][0][2 * j + 1], ak[mi][1][2 * j + 1], bb[0], bb[1]);
           mma16816(k2[mi], ak[mi][0][2 * j], ak[mi][1][2 * j], ak[mi][0][2 * j + 1], ak[mi][1][2 * j + 1], bb[2], bb[3]);
         }
@@ -397,7 +403,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
         const float b1a = __half2float(kbias[kv * D + f]), b1b = __half2float(kbias[kv * D + f + 1]);
         const float b2a = __half2float(kbias[kv * D + HALF + f]), b2b = __half2float(kbias[kv * D + HALF + f + 1]);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
+        for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
             k1[mi][2 * hr] += b1a, k1[mi][2 * hr + 1] += b1b;
@@ -405,7 +411,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
           }
       }
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
+      for (int mi = 0; mi < MT; ++mi) {
         uint32_t o1[2], o2[2];
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
@@ -423,7 +429,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
     // online softmax per query head (column 2q + e), over the warp's rows
     float mloc[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         if (n0 + 16 * mi + 8 * (c >> 1) + r >= j1) sc[mi][c] = -INFINITY;
@@ -438,9 +444,9 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
       m_run[e] = mn;
       l_run[e] *= corr[e];
     }
-    float p[2][4];
+    float p[MT][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const float mn = m_run[c & 1];
@@ -454,7 +460,7 @@ __global__ void __launch_bounds__(kWarpBlock, NKP <= 4 ? 3 : 2) attend_decode_wa
 
     // O^T [rv, heads] += V^T [rv, positions] @ P [positions, heads]
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+    for (int mi = 0; mi < MT; ++mi) {
       const uint32_t pb0 = movm_t(h2_bits(p[mi][0], p[mi][1])), pb1 = movm_t(h2_bits(p[mi][2], p[mi][3]));
 #pragma unroll
       for (int mc = 0; mc < NVP; ++mc) {

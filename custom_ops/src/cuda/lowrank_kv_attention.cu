@@ -685,16 +685,22 @@ std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonD
 }
 
 // The warp decode kernel's instance for a call (plan_warp checked the shape rules).
-template <int D, int BITS>
+template <int D, int BITS, int MT>
 void (*warp_kernel_for(int64_t rk, int64_t rv))(Args) {
-  if (rk <= 64) return rv <= 64 ? attend_decode_warp<D, BITS, 4, 4> : attend_decode_warp<D, BITS, 4, 8>;
-  return rv <= 64 ? attend_decode_warp<D, BITS, 8, 4> : attend_decode_warp<D, BITS, 8, 8>;
+  if (rk <= 64) return rv <= 64 ? attend_decode_warp<D, BITS, 4, 4, MT> : attend_decode_warp<D, BITS, 4, 8, MT>;
+  return rv <= 64 ? attend_decode_warp<D, BITS, 8, 4, MT> : attend_decode_warp<D, BITS, 8, 8, MT>;
+}
+template <int MT>
+void (*warp_kernel_for(const Params& p))(Args) {
+  return p.D == 64 ? (p.bits ? warp_kernel_for<64, 4, MT>(p.rk, p.rv) : warp_kernel_for<64, 0, MT>(p.rk, p.rv))
+                   : (p.bits ? warp_kernel_for<128, 4, MT>(p.rk, p.rv) : warp_kernel_for<128, 0, MT>(p.rk, p.rv));
 }
 
 // The warp decode kernel (S = 1) after the cache write, then combine (one partial row per warp).
 std::string launch_warp(const Params& p, const Plan& pl, Args a, cudaStream_t stream) {
-  void (*kernel)(Args) = p.D == 64 ? (p.bits ? warp_kernel_for<64, 4>(p.rk, p.rv) : warp_kernel_for<64, 0>(p.rk, p.rv))
-                                   : (p.bits ? warp_kernel_for<128, 4>(p.rk, p.rv) : warp_kernel_for<128, 0>(p.rk, p.rv));
+  // m16 tiles per warp step: 1 (fewer registers; default) or 2 (LREXPORT_CUDA_WARP_MT=2)
+  const char* mt = std::getenv("LREXPORT_CUDA_WARP_MT");
+  void (*kernel)(Args) = mt && std::strcmp(mt, "2") == 0 ? warp_kernel_for<2>(p) : warp_kernel_for<1>(p);
   cudaError_t e;
   const int64_t blocks = p.B * p.Hkv * pl.nsplit;
   LRX_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarpBlock, pl.smem_attn, stream, a);
