@@ -409,12 +409,12 @@ class Checker:
     def chain(self, name: str, sh: Shape, dt, steps=(9, 1, 1, 1), past_len=(0, 5), seed=0, timing=False,
               triton=False, device_lengths=False, warp=False):
         """``triton``: the node carries the ahead-of-time Triton decode kernel (float16), which
-        the decode steps must run (on a GPU; the emulation reports the attached cubin instead;
-        LREXPORT_CUDA_DECODE=triton, since the warp decode kernel is preferred where it applies).
-        ``warp``: the decode steps must run the warp decode kernel (decode_warp.cuh).
+        the decode steps must run (on a GPU; the emulation reports the attached cubin instead).
+        ``warp``: with LREXPORT_CUDA_DECODE=warp, the decode steps must run the warp decode kernel
+        (decode_warp.cuh; opt-in).
         ``device_lengths``: the node is LowRankKVAttentionDeviceLen, past_len bound in device memory
         (the CPU reference is LowRankKVAttention)."""
-        with env_var("LREXPORT_CUDA_DECODE", "triton" if triton else None):
+        with env_var("LREXPORT_CUDA_DECODE", "triton" if triton else "warp" if warp else None):
             self._chain(name, sh, dt, steps, past_len, seed, timing, triton, device_lengths, warp)
 
     def _chain(self, name, sh, dt, steps, past_len, seed, timing, triton, device_lengths, warp):

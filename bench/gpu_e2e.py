@@ -33,8 +33,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
   recompiled under other settings (``bench/retune.py``; ``+`` separates the settings);
 * ``NAME%KERNEL`` (e.g. ``lrexport%triton``): ``NAME``'s export run with ``LREXPORT_CUDA_DECODE=KERNEL``
-  (the library's decode kernel: ``warp``, the default where it applies, or ``triton``, the ahead-of-time
-  Triton kernel the export carries).
+  (the library's decode kernel: ``warp``, the opt-in hand-written one, ``decode_warp.cuh``; anything else
+  leaves the default: the ahead-of-time Triton kernel the export carries).
 
 The random model's factors are drawn directly at the ranks the allocators choose for these
 budgets (decomposing random matrices would only cost time: speed depends on the shapes). The

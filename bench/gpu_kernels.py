@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -369,8 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's GroupQueryAttention rows")
     ap.add_argument("--lib", default=None,
                     help="liblrexport_ops.so built with its CUDA kernel: also time it through ONNX Runtime on the "
-                         "same caches (rows with kernel 'cuda (ONNX Runtime)'; the decode kernel is the library's "
-                         "choice, see LREXPORT_CUDA_DECODE)")
+                         "same caches (rows with kernel 'cuda warp|wmma (ONNX Runtime)': LREXPORT_CUDA_DECODE=warp "
+                         "runs the hand-written decode kernel, else the WMMA one, as the node here carries no "
+                         "Triton kernel)")
     ap.add_argument("--out", default=str(RESULTS / "gpu_kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -434,7 +436,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     if ort is not None and args.lib:
                         tw, call_w = bench_latent_ort(ort, args.lib, c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg)
-                        wrow = dict(row, kernel="cuda (ONNX Runtime)", time_us=tw, call_us=call_w, config=None,
+                        which = "warp" if os.environ.get("LREXPORT_CUDA_DECODE") == "warp" else "wmma"
+                        wrow = dict(row, kernel=f"cuda {which} (ONNX Runtime)", time_us=tw, call_us=call_w, config=None,
                                     bw_tb_s=nb / tw / 1e6, of_roofline=tw / row["roofline_us"],
                                     speedup_vs_sdpa=t / tw, speedup_vs_triton=tl_us / tw)
                         rows.append(wrow)
