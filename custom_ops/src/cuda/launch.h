@@ -59,9 +59,9 @@ struct Plan {
   // positions; scratch: past_len as int32, then max / sum [B*Hq*nsplit] and acc [.., rv_p] floats
   bool triton = false;
   std::string triton_skip;  // why a given Triton kernel is not used for this call ("" when it is)
-  // the warp decode kernel (decode_warp.cuh: S = 1, float16, its shape rules; preferred over the Triton
-  // one unless LREXPORT_CUDA_DECODE names another): nsplit blocks per (row, KV head), a partial row per
-  // warp in the off_ml / off_acc scratch
+  // the warp decode kernel (decode_warp.cuh: S = 1, float16, its shape rules; only with
+  // LREXPORT_CUDA_DECODE=warp, then before the Triton one): nsplit blocks per (row, KV head), a partial
+  // row per warp in the off_ml / off_acc scratch
   bool warp = false;
   std::string warp_skip;  // why it is not used for this call
   int64_t split_len = 0;
