@@ -185,15 +185,6 @@ __host__ __device__ __forceinline__ int pair_channel(int q, int i, int e, int pe
 __host__ __device__ __forceinline__ int virt_channel(int kk, int per, int bits) {
   return pair_channel((kk >> 1) & 3, 2 * (kk >> 4) + ((kk >> 3) & 1), kk & 1, per, bits);
 }
-// The head-dim column behind column dv of the rebuilt keys: n-tile t < D/16 holds frequencies
-// (D/8) q + 2t + e of the first half, n-tile t + D/16 the same ones of the second half.
-template <int D>
-__host__ __device__ __forceinline__ int virt_dim(int dv) {
-  constexpr int T = D / 16;
-  const int t = dv >> 3, q = (dv >> 1) & 3, e = dv & 1;
-  return (t >= T ? D / 2 : 0) + (D / 8) * q + 2 * (t % T) + e;
-}
-
 // A lane's share of one cache row, as loaded: float16 latents: its `pairs` float16 pairs from channel
 // c0 on (8-byte vectors); 4-bit: its 32-bit words of 8 codes (pairs / 4 of them) and, per word, the
 // group's scale and zero point packed as a float16 pair (scale low).
@@ -259,7 +250,9 @@ __host__ __device__ __forceinline__ int channel_virt(int c, int per, int bits) {
   }
   return 16 * (i >> 1) + 8 * (i & 1) + 2 * q + e;
 }
-// Inverse of virt_dim.
+// The column of the rebuilt keys (k_up's columns in n-tile order) behind head-dim column p: n-tile
+// t < D/16 holds frequencies (D/8) q + 2t + e of the first half (lane column q, pair half e), n-tile
+// t + D/16 the same ones of the second half, so that both halves of a RoPE pair sit in one lane.
 template <int D>
 __host__ __device__ __forceinline__ int dim_virt(int p) {
   constexpr int T = D / 16, FQ = D / 8;
@@ -286,7 +279,7 @@ __global__ void __launch_bounds__(kWarpBlock, MT == 1 ? 4 : (NKP <= 4 ? 3 : 2)) 
   const int rk = static_cast<int>(a.rk), rv = static_cast<int>(a.rv);
   const int nk = rk / 16, nv = rv / 16, kq = rk / 4, vq = rv / 4, ldu = rk + 8;
 
-  // the k_up slice of this KV head, transposed: ut[dv][kk] = k_up[g][virt_channel(kk)][slot][virt_dim(dv)]
+  // the k_up slice of this KV head, transposed: ut[dim_virt(d)][channel_virt(c)] = k_up[g][c][slot][d]
   const __half* kup = static_cast<const __half*>(a.k_up);
   const int64_t sD = a.s * D;
 #pragma unroll 4
@@ -341,8 +334,8 @@ __global__ void __launch_bounds__(kWarpBlock, MT == 1 ? 4 : (NKP <= 4 ? 3 : 2)) 
 
   // this lane's rows of a step at n0: m-tile mi, half hr -> position n0 + 16 mi + 8 hr + r (loads clamped
   // to the split's last position)
-  const int64_t row0 = b * a.P;
-  auto crow = [&](int64_t n0, int mi, int hr) { return row0 + imin(n0 + 16 * mi + 8 * hr + r, j1 - 1); };
+  auto pos = [&](int64_t n0, int mi, int hr) { return imin(n0 + 16 * mi + 8 * hr + r, j1 - 1); };
+  auto crow = [&](int64_t n0, int mi, int hr) { return b * a.P + pos(n0, mi, hr); };
   RawRow<BITS, 2 * NKP> rk_raw[MT][2];
   RawRow<BITS, 2 * NVP> rv_raw[MT][2];
   auto fetch = [&](int64_t n0) {
@@ -371,7 +364,7 @@ __global__ void __launch_bounds__(kWarpBlock, MT == 1 ? 4 : (NKP <= 4 ? 3 : 2)) 
       }
     // packed latents, one m-tile per step: the next step's codes load while this one computes (float16
     // ones are already the operands; their next rows would need as many registers again)
-    if constexpr (BITS != 0 && MT == 1) {
+    if constexpr (kPrefetch) {
       if (n0 + kStride < j1) fetch(n0 + kStride);
     }
 
@@ -415,7 +408,7 @@ __global__ void __launch_bounds__(kWarpBlock, MT == 1 ? 4 : (NKP <= 4 ? 3 : 2)) 
         uint32_t o1[2], o2[2];
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int64_t rp = (crow(n0, mi, hr) - row0) * HALF + f;
+          const int64_t rp = pos(n0, mi, hr) * HALF + f;
           const uint32_t c = ld_vec<uint32_t>(cosp + rp), s = ld_vec<uint32_t>(sinp + rp);
           const uint32_t x1 = h2_bits(k1[mi][2 * hr], k1[mi][2 * hr + 1]);
           const uint32_t x2 = h2_bits(k2[mi][2 * hr], k2[mi][2 * hr + 1]);

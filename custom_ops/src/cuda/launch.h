@@ -63,7 +63,7 @@ struct Plan {
   // LREXPORT_CUDA_DECODE=warp, then before the Triton one): nsplit blocks per (row, KV head), a partial
   // row per warp in the off_ml / off_acc scratch
   bool warp = false;
-  std::string warp_skip;  // why it is not used for this call
+  std::string warp_skip;  // why it is not used for this call although asked for ("" otherwise)
   int64_t split_len = 0;
   size_t off_past32 = 0, off_max = 0, off_sum = 0;
 };

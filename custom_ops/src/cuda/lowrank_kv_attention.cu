@@ -777,8 +777,8 @@ std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t
   return "";
 }
 
-// The warp decode kernel for this call, when asked for (LREXPORT_CUDA_DECODE=warp, read per call) and
-// its shape rules hold (see decode_warp.cuh). Returns ""
+// The warp decode kernel for this call (asked for: LREXPORT_CUDA_DECODE=warp), when its shape rules hold
+// (see decode_warp.cuh). Returns ""
 // (pl->warp set, splits and scratch re-planned) or why not. Splits: about kWarpWaves blocks per
 // multiprocessor in all, but no split shorter than kWarpMinSplit positions (8 steps of each warp).
 constexpr int64_t kWarpWaves = 6, kWarpMinSplit = 1024;
@@ -799,8 +799,6 @@ std::string plan_warp(const Params& p, int sms, int cc_major, int64_t kv_max, Pl
                         p.bits ? p.present_v_params : nullptr};
   for (const void* q : ptrs)
     if (reinterpret_cast<uintptr_t>(q) % 8) return "a tensor that is not 8-byte aligned";
-  if (const char* env = std::getenv("LREXPORT_CUDA_DECODE"); !env || std::strcmp(env, "warp") != 0)
-    return "off unless LREXPORT_CUDA_DECODE=warp (slower than the Triton kernel on an H200, docs/gpu.md)";
   const int64_t programs = p.B * p.Hkv;
   int64_t ns = std::max<int64_t>(1, std::min((kWarpWaves * sms + programs - 1) / programs,
                                              (kv_max + kWarpMinSplit - 1) / kWarpMinSplit));
@@ -867,7 +865,10 @@ std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
   pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
   pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
   pl->scratch_bytes = pl->off_acc + prows * static_cast<size_t>(p.rv) * 4;
-  pl->warp_skip = mma_off ? "LREXPORT_CUDA_MMA=0" : plan_warp(p, sms, cc_major, max_len, pl);
+  // the warp decode kernel only when asked for (slower than the Triton kernel on an H200, docs/gpu.md)
+  const char* decode_env = std::getenv("LREXPORT_CUDA_DECODE");
+  if (decode_env && std::strcmp(decode_env, "warp") == 0)
+    pl->warp_skip = mma_off ? "LREXPORT_CUDA_MMA=0" : plan_warp(p, sms, cc_major, max_len, pl);
   if (triton && !pl->warp) pl->triton_skip = plan_triton(p, *triton, sms, max_len, pl);
   if (triton && pl->warp) pl->triton_skip = "the warp decode kernel runs (LREXPORT_CUDA_DECODE=warp)";
   return "";

@@ -129,6 +129,7 @@ OrtStatus* CudaKernel::Compute(OrtKernelContext* ctx) const {
     std::string path = plan.triton ? ", Triton decode kernel"
                        : plan.warp ? ", tensor cores (warp decode kernel)"
                        : (plan.mma ? ", tensor cores (WMMA)" : "");
+    if (!plan.warp_skip.empty()) path += "; warp decode kernel not used: " + plan.warp_skip;
     if (!triton_note.empty())
       path += "; " + triton_note + (triton_why.empty() ? "" : "; not used for this call: " + triton_why);
     std::fprintf(stderr, "[lrexport_ops] %s; CUDA device %d, query tile %lld, %lld splits%s\n",
