@@ -267,6 +267,11 @@ ROPE16_CONFIGS = [dict(rope16=r, lazy_sum=lz) for r in (0, 2) for lz in (False, 
 ROW_SPLITS_CONFIGS = [dict(row_splits=rs) for rs in (False, True)]
 
 
+# ranks that are not powers of two: a power-of-two chunk plus a narrow tail (keys, values, both), or one product over
+# the padding
+SPLIT_RANKS_CONFIGS = [dict(split_ranks=sr) for sr in ("", "k", "v", "kv")]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -275,7 +280,7 @@ def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
             "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
-            "default": DEFAULT_CONFIGS}[name]
+            "splitranks": SPLIT_RANKS_CONFIGS, "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -362,7 +367,7 @@ def main(argv=None) -> int:
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
     ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "default"),
+                                       "splitranks", "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),

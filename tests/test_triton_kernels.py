@@ -297,3 +297,56 @@ def test_float16_rope_and_lazy_sums(bits, qg, gs, hoist, rope16, lazy_sum):
     # prefill keeps the float32 RoPE and per-tile sums
     assert tlk.kernel_config(S=5, D=64, nrep=4, rk=32, rv=32, bits=bits, quant_group=qg, itemsize=2,
                              rope16=rope16, lazy_sum=lazy_sum)["ROPE16"] == 0
+
+
+@pytest.mark.parametrize("bits,qg", [(0, 8), (4, 16)])
+@pytest.mark.parametrize("rk,rv", [(80, 80), (48, 96), (96, 48)])
+@pytest.mark.parametrize("gs,sides", [(1, "kv"), (1, "auto"), (2, "auto")], ids=["M-both", "M-auto", "G-auto"])
+def test_split_ranks(bits, qg, rk, rv, gs, sides):
+    """Ranks that are not powers of two run as a power-of-two chunk plus a narrow tail (80 = 64 + 16) instead
+    of one product over the padded width: against the float64 reference, and against the padded kernel.
+    "auto" splits the keys when k_up is hoisted (M-LRD) and the values when it is streamed (G-LRD)."""
+    hoist = gs == 1
+    c = make_case(B=2, S=1, Hq=4, Hkv=2, gs=gs, rk=rk, rv=rv, P=100, past=(90, 33), bits=bits, qg=qg,
+                  seed=rk + rv + bits + gs)
+    cfg = tlk.kernel_config(S=1, D=32, nrep=2, rk=rk, rv=rv, bits=bits, quant_group=qg, itemsize=4, hoist=hoist,
+                            split_ranks=sides)
+    rk_p, rv_p = tlk._next_pow2(rk), tlk._next_pow2(rv)
+    want = "kv" if sides == "kv" else ("k" if hoist else "v")
+    # the chunks cover the rank, are powers of two, and are narrower than the padding
+    assert bool(cfg["RK_T"]) == ("k" in want) and bool(cfg["RV_T"]) == ("v" in want)
+    if cfg["RK_T"]:
+        assert rk <= cfg["RK_P"] + cfg["RK_T"] < rk_p and cfg["RK_P"] == rk_p // 2
+    if cfg["RV_T"]:
+        assert rv <= cfg["RV_A"] + cfg["RV_T"] < rv_p and cfg["RV_A"] == rv_p // 2
+    ref = reference(c)
+    split = run_kernel(c, num_splits=3, block_n=32, split_ranks=sides)
+    padded = run_kernel(c, num_splits=3, block_n=32, split_ranks="")
+    assert rel_err(split[0], ref[0]) < TOL
+    assert rel_err(split[0], padded[0]) < TOL
+    # the prefill orientation splits only the keys; its values keep the padded product
+    pre = tlk.kernel_config(S=4, D=32, nrep=2, rk=rk, rv=rv, bits=bits, quant_group=qg, itemsize=4, hoist=hoist,
+                            split_ranks=sides)
+    assert pre["RK_T"] == cfg["RK_T"] and pre["RV_T"] == 0
+    if hoist:
+        c5 = make_case(B=2, S=5, Hq=4, Hkv=2, gs=1, rk=rk, rv=rv, P=60, past=(40, 3), bits=bits, qg=qg, seed=rk + 1)
+        assert rel_err(run_kernel(c5, split_ranks=sides)[0], reference(c5)[0]) < TOL
+
+
+def test_split_ranks_only_where_they_save():
+    cfg = dict(S=1, D=128, nrep=4, itemsize=2, split_ranks="kv")
+    # a tail as wide as the padding saves nothing: 112 = 64 + 64 stays one 128-wide product
+    assert tlk.kernel_config(rk=112, rv=112, bits=0, quant_group=0, **cfg)["RK_T"] == 0
+    assert tlk.kernel_config(rk=64, rv=64, bits=0, quant_group=0, **cfg)["RV_T"] == 0
+    # packed caches split only along whole quantization groups: 80 = 64 + 16 is not at groups of 32
+    packed = tlk.kernel_config(rk=80, rv=96, bits=4, quant_group=32, **cfg)
+    assert packed["RK_T"] == 0 and packed["RK_P"] == 128
+    assert packed["RV_T"] == 32 and packed["RV_A"] == 64
+    # each side on its own
+    cfg.pop("split_ranks")
+    keys = tlk.kernel_config(rk=80, rv=80, bits=0, quant_group=0, split_ranks="k", **cfg)
+    values = tlk.kernel_config(rk=80, rv=80, bits=0, quant_group=0, split_ranks="v", **cfg)
+    assert (keys["RK_T"], keys["RV_T"], values["RK_T"], values["RV_T"]) == (16, 0, 0, 16)
+    assert tlk.kernel_config(rk=80, rv=80, bits=0, quant_group=0, split_ranks="", **cfg)["RK_T"] == 0
+    with pytest.raises(ValueError, match="split_ranks"):
+        tlk.kernel_config(rk=80, rv=80, bits=0, quant_group=0, split_ranks="x", **cfg)

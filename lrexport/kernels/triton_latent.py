@@ -19,7 +19,9 @@ One kernel serves prefill and decode. A program owns one row ``b``, one KV head 
 Decode uses several splits and a second kernel combines them; prefill writes directly.
 The ranks ``rk`` and ``rv`` are run-time arguments; only their power-of-two paddings (and the
 choice of unpacking path) are compile-time constants, so the per-layer ranks of an FLRC
-allocation share compiled kernels instead of compiling one per distinct (rk, rv).
+allocation share compiled kernels instead of compiling one per distinct (rk, rv). A rank just
+past a power of two is not multiplied at its padding: 80 runs as 64 + 16 channels, 96 as
+64 + 32 (``SPLIT_RANKS``; a few kernels per padding, not one per rank).
 The output stays in the value-latent space (``[B, S, Hq*rv]``; ``o_proj`` holds ``B_v``)
 unless ``v_up`` is given, which is applied after the kernel.
 
@@ -191,7 +193,8 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HOIST: tl.constexpr, RK_P: tl.constexpr,
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
         REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr, ROPE16: tl.constexpr = 0,
-        LAZY_SUM: tl.constexpr = False, ROW_SPLITS: tl.constexpr = False,
+        LAZY_SUM: tl.constexpr = False, ROW_SPLITS: tl.constexpr = False, RK_T: tl.constexpr = 0,
+        RV_A: tl.constexpr = 0, RV_T: tl.constexpr = 0,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -254,16 +257,22 @@ if triton is not None:
                 kc_i = tl.load(COS + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
                 ks_i = tl.load(SIN + offs_i[:, None] * HALF + d[None, :], mask=imask[:, None], other=0.0)
             inv_c0 = 1.0 / tl.load(COS + d).to(tl.float32)
+        # ranks that are not powers of two: a power-of-two chunk and a narrow tail instead of one padded product
+        # (kernel_config's split_ranks): keys RK_P + RK_T channels (HOIST), values RV_A + RV_T (SWAP); RV_A is RV_P
+        # when there is no value tail (RV_P stays the partials' row stride)
+        VA: tl.constexpr = RV_A if RV_A > 0 else RV_P
         if SWAP:  # positions as the rows of the score and value MMAs (decode: few query rows)
             if PAIR:  # channels i and HALF + i side by side: one rebuild and one score product per tile
                 qt = tl.trans(tl.reshape(tl.join(q1r, q2r), (M, D)))
             else:
                 q1t = tl.trans(q1r)
                 q2t = tl.trans(q2r)
-            acc_t = tl.zeros([RV_P, M], tl.float32)
+            acc_t = tl.zeros([VA, M], tl.float32)
+            if RV_T > 0:
+                acc_tt = tl.zeros([RV_T, M], tl.float32)
         else:
-            acc = tl.zeros([M, RV_P], tl.float32)
-        cv_idx = tl.arange(0, RV_P)
+            acc = tl.zeros([M, VA], tl.float32)
+        cv_idx = tl.arange(0, VA)
         cvmask = cv_idx < RV
         kch = tl.arange(0, RKB)
         kup_base = KUP + g * RK * (GS * D) + slot * D
@@ -274,6 +283,11 @@ if triton is not None:
             u2h = tl.load(kup_base + chp[:, None] * (GS * D) + HALF + d[None, :], mask=chp[:, None] < RK, other=0.0)
             if PAIR:  # columns i and HALF + i side by side (columns 2i, 2i + 1)
                 uh = tl.reshape(tl.join(u1h, u2h), (RK_P, D))
+            if RK_T > 0:  # the tail rows RK_P .. RK (zero-padded to RK_T)
+                cht = RK_P + tl.arange(0, RK_T)
+                u1t = tl.load(kup_base + cht[:, None] * (GS * D) + d[None, :], mask=cht[:, None] < RK, other=0.0)
+                u2t = tl.load(kup_base + cht[:, None] * (GS * D) + HALF + d[None, :], mask=cht[:, None] < RK,
+                              other=0.0)
 
         # quantized vector paths: the next tile's scales / zero points are loaded a tile ahead
         PRE_K: tl.constexpr = HOIST and FAST_K
@@ -282,12 +296,19 @@ if triton is not None:
         NGV = (G * RV) // QG
         first = start + tl.arange(0, BLOCK_N)
         sck, zek, scv, zev = 0.0, 0.0, 0.0, 0.0  # unused by the other unpacking paths
+        sckt, zekt, scvt, zevt = 0.0, 0.0, 0.0, 0.0
         if PRE_K:
             sck, zek = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end, g * RK, RK_P, RK,
                                 QG, NGK, H16)
+            if RK_T > 0:
+                sckt, zekt = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end,
+                                      g * RK + RK_P, RK_T, RK - RK_P, QG, NGK, H16)
         if PRE_V:
-            scv, zev = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end, g * RV, RV_P, RV,
+            scv, zev = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end, g * RV, VA, RV,
                                 QG, NGV, H16)
+            if RV_T > 0:
+                scvt, zevt = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end,
+                                      g * RV + VA, RV_T, RV - VA, QG, NGV, H16)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -297,9 +318,15 @@ if triton is not None:
             if PRE_K:
                 sck_n, zek_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end, g * RK, RK_P,
                                         RK, QG, NGK, H16)
+                if RK_T > 0:
+                    sckt_n, zekt_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end,
+                                              g * RK + RK_P, RK_T, RK - RK_P, QG, NGK, H16)
             if PRE_V:
-                scv_n, zev_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end, g * RV, RV_P,
+                scv_n, zev_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end, g * RV, VA,
                                         RV, QG, NGV, H16)
+                if RV_T > 0:
+                    scvt_n, zevt_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end,
+                                              g * RV + VA, RV_T, RV - VA, QG, NGV, H16)
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
             if HOIST:
@@ -310,6 +337,11 @@ if triton is not None:
                 else:
                     k1 = _mma(lat, u1h, IEEE)
                     k2 = _mma(lat, u2h, IEEE)
+                if RK_T > 0:
+                    latt = _load_block(CK, PK, row_ck, row_pk, nmask, g * RK + RK_P, BLOCK_N, RK_T, RK - RK_P, AL_K,
+                                       BITS, QG, NGK, FAST_K, sckt, zekt, H16).to(cdt)
+                    k1 += _mma(latt, u1t, IEEE)
+                    k2 += _mma(latt, u2t, IEEE)
             else:
                 k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -354,7 +386,7 @@ if triton is not None:
                 kr2 = (k2 * kc + k1 * ks).to(cdt)
             row_cv = b * scv_b + pos64 * scv_p
             row_pv = b * spv_b + pos64 * spv_p
-            v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, RV_P, RV, AL_V, BITS, QG, NGV, FAST_V,
+            v = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV, BLOCK_N, VA, RV, AL_V, BITS, QG, NGV, FAST_V,
                             scv, zev, H16).to(cdt)
             if SWAP:  # scores [BLOCK_N, M]: the rebuilt keys feed the MMA from registers
                 if PAIR:
@@ -374,6 +406,10 @@ if triton is not None:
                 else:
                     l_i = l_i * alpha + tl.sum(p_t, 0)
                 acc_t = acc_t * alpha[None, :] + _mma(tl.trans(v), p_t.to(cdt), IEEE)
+                if RV_T > 0:
+                    vt = _load_block(CV, PV, row_cv, row_pv, nmask, g * RV + VA, BLOCK_N, RV_T, RV - VA, AL_V, BITS,
+                                     QG, NGV, FAST_V, scvt, zevt, H16).to(cdt)
+                    acc_tt = acc_tt * alpha[None, :] + _mma(tl.trans(vt), p_t.to(cdt), IEEE)
             else:
                 if CC:  # few query rows: multiply-and-reduce on the CUDA cores, no padded MMA rows
                     s = tl.sum(q1r.to(tl.float32)[:, None, :] * kr1.to(tl.float32)[None, :, :], 2)
@@ -394,24 +430,39 @@ if triton is not None:
             if PRE_K:
                 sck = sck_n
                 zek = zek_n
+                if RK_T > 0:
+                    sckt = sckt_n
+                    zekt = zekt_n
             if PRE_V:
                 scv = scv_n
                 zev = zev_n
+                if RV_T > 0:
+                    scvt = scvt_n
+                    zevt = zevt_n
 
         if SWAP:
             acc = tl.trans(acc_t)
+            if RV_T > 0:
+                acc_tail = tl.trans(acc_tt)
+                ct_idx = VA + tl.arange(0, RV_T)
         if LAZY_SUM:
             l_i = tl.sum(l_t, 0)
         if not SPLIT:
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV + cv_idx[None, :]
-            tl.store(optr, out.to(OUT.dtype.element_ty), mask=rvalid[:, None] & cvmask[None, :])
+            den = tl.where(l_i == 0.0, 1.0, l_i)
+            optr = OUT + b * so_b + t[:, None] * so_s + head[:, None] * RV
+            tl.store(optr + cv_idx[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
+                     mask=rvalid[:, None] & cvmask[None, :])
+            if RV_T > 0:
+                tl.store(optr + ct_idx[None, :], (acc_tail / den[:, None]).to(OUT.dtype.element_ty),
+                         mask=rvalid[:, None] & (ct_idx < RV)[None, :])
         else:
             # partials [B, S, HQ, NSPLIT(, RV_P)]
             part = ((b * S + t) * HQ + head) * nsplit + pid_s
             tl.store(MAX + part, m_i, mask=rvalid)
             tl.store(SUM + part, l_i, mask=rvalid)
             tl.store(ACC + part[:, None] * RV_P + cv_idx[None, :], acc, mask=rvalid[:, None])
+            if RV_T > 0:
+                tl.store(ACC + part[:, None] * RV_P + ct_idx[None, :], acc_tail, mask=rvalid[:, None])
 
     @triton.jit
     def _combine(ACC, MAX, SUM, OUT, NSPLIT, RV, RV_P: tl.constexpr, NSPLIT_P: tl.constexpr):
@@ -543,6 +594,15 @@ DECODE_PAIR = False
 DECODE_ROPE16 = 2
 DECODE_LAZY_SUM = True
 
+# ranks that are not powers of two (rk = 80, 96, 352; rv likewise): which products run as a power-of-two chunk of
+# half the padding plus a narrow power-of-two tail (80 = 64 + 16 channels) instead of one product over the padded
+# width: "k" the key rebuild (hoisted k_up only), "v" P @ V (decode), "kv" both, "" neither; "auto": the keys when
+# k_up is hoisted (M-LRD), else the values. Measured on an H200 (bench/results/gpu_kernels_split_ranks.md, 64K
+# tokens, batch 1 and 8, both shapes): G-LRD at 31% (rk = rv = 352), values split: float 1.28-1.32x faster, 4-bit
+# 1.38-1.61x; M-LRD at 37.5% (rk = rv = 80), keys split: 1.02-1.04x, values split: 0.67-0.72x (slower: more
+# registers at one block per multiprocessor), so "auto" splits no values there.
+SPLIT_RANKS = "auto"
+
 # decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json,
 # gpu_kernels_pair.json)
 DECODE_STAGES = {False: 3, True: 3}
@@ -566,7 +626,7 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
                   cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
                   pair: bool = DECODE_PAIR, unpack16: bool = True, rope16: int = DECODE_ROPE16,
-                  lazy_sum: bool = DECODE_LAZY_SUM) -> dict:
+                  lazy_sum: bool = DECODE_LAZY_SUM, split_ranks: str = SPLIT_RANKS) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -587,13 +647,31 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
     def fast(valid: int, width: int) -> bool:  # vector unpacking: 2/4/8 bits, whole quantization groups
         return vector_unpack and bits in (2, 4, 8) and valid % quant_group == 0 and width % quant_group == 0
 
+    if split_ranks == "auto":
+        split_ranks = "k" if hoist else "v"
+    if not set(split_ranks) <= {"k", "v"}:
+        raise ValueError(f"split_ranks must be 'auto', '', 'k', 'v' or 'kv', got {split_ranks!r}")
+
+    def chunks(r: int, r_p: int, side: str) -> tuple[int, int]:
+        # (first chunk, tail) widths: half the padding and a power-of-two tail of at least 16 channels when that
+        # is narrower than the padding, packed caches only when both chunks unpack as vectors
+        half = r_p // 2
+        tail = max(16, _next_pow2(r - half)) if r > half else 0
+        if side not in split_ranks or not tail or half + tail >= r_p or (
+                bits and not (fast(half, half) and fast(r - half, tail))):
+            return r_p, 0
+        return half, tail
+
     swapped = swap and S == 1 and not cc
+    paired = pair and hoist and swapped
+    rk_a, rk_t = chunks(rk, rk_p, "k") if hoist and not paired else (rk_p, 0)
+    rv_a, rv_t = chunks(rv, rv_p, "v") if swapped else (rv_p, 0)
     return dict(D=D, RV_P=rv_p, RKB=rkb, AL_K=_align(rk), AL_V=_align(rv), NREP=nrep, BLOCK_T=block_t, M=m_rows,
                 BLOCK_N=block_n or (64 if S == 1 else 32), BITS=bits, QG=quant_group if bits else 1, HOIST=hoist,
-                RK_P=rk_p if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
-                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=pair and hoist and swapped,
+                RK_P=rk_a if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
+                FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=paired,
                 UNPACK16=unpack16, ROPE16=(min(rope16, 1) if _INTERPRET else rope16) if S == 1 else 0,
-                LAZY_SUM=lazy_sum and swapped)
+                LAZY_SUM=lazy_sum and swapped, RK_T=rk_t, RV_A=rv_a, RV_T=rv_t)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -726,7 +804,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
             rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
-            row_splits: bool = False) -> torch.Tensor:
+            row_splits: bool = False, split_ranks: str = SPLIT_RANKS) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -744,7 +822,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     ``DECODE_PAIR``), ``unpack16`` (float16 models: packed codes dequantized in float16, see
     :func:`_load_block`; False: in float32), ``maxnreg`` (a register cap per thread: more programs
     per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none), ``rope16`` and
-    ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`). A setting whose
+    ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`), ``split_ranks`` (see
+    :data:`SPLIT_RANKS`). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -771,7 +850,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
                         cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair,
-                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum)
+                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum, split_ranks=split_ranks)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
