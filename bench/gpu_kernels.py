@@ -270,6 +270,9 @@ ROW_SPLITS_CONFIGS = [dict(row_splits=rs) for rs in (False, True)]
 # ranks that are not powers of two: a power-of-two chunk plus a narrow tail (keys, values, both), or one product over
 # the padding
 SPLIT_RANKS_CONFIGS = [dict(split_ranks=sr) for sr in ("", "k", "v", "kv")]
+# the same with smaller tiles and deeper pipelines (more blocks per multiprocessor for the rank-80 M-LRD kernel)
+SPLIT_RANKS_TILE_CONFIGS = [dict(split_ranks=sr, block_n=bn, num_stages=st) for sr in ("", "k", "kv")
+                            for bn in (32, 64) for st in (3, 4)]
 
 
 # the library's defaults only (attend_'s own settings): no tuning
@@ -280,7 +283,8 @@ def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
             "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
-            "splitranks": SPLIT_RANKS_CONFIGS, "default": DEFAULT_CONFIGS}[name]
+            "splitranks": SPLIT_RANKS_CONFIGS,
+            "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -367,7 +371,7 @@ def main(argv=None) -> int:
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
     ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "splitranks", "default"),
+                                       "splitranks", "splitranks_tiles", "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
