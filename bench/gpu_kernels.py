@@ -233,7 +233,7 @@ CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=sw)
            for bn, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2))
            for sw in (False, True)
            for wv in (2, 4, 8)]
-# a quick grid around the settings the full one picks most (bench/results/gpu_kernels.json)
+# a quick grid around the settings the full one picks most (bench/results/gpu_kernels_tuned_per_batch.json)
 SMALL_CONFIGS = [dict(block_n=bn, num_warps=w, num_stages=st, waves=wv, swap=True)
                  for bn, w, st in ((64, 4, 3), (64, 8, 3), (128, 4, 2)) for wv in (4, 8)]
 

@@ -603,8 +603,8 @@ DECODE_LAZY_SUM = True
 # registers at one block per multiprocessor), so "auto" splits no values there.
 SPLIT_RANKS = "auto"
 
-# decode's pipeline stages by cache kind (float, packed), as tuned on an H200 (bench/results/gpu_kernels.json,
-# gpu_kernels_pair.json)
+# decode's pipeline stages by cache kind (float, packed), as tuned on an H200
+# (bench/results/gpu_kernels_tuned_per_batch.json, gpu_kernels_pair.json)
 DECODE_STAGES = {False: 3, True: 3}
 
 # decode's register cap per thread by cache kind (None: the compiler's choice), for 4 warps: packed latents take
@@ -866,7 +866,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     grid = (B * num_kv_heads, n_tblocks, num_splits)
 
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
-    if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels.json)
+    if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels_tuned_per_batch.json)
         num_stages = DECODE_STAGES[bool(bits)] if num_stages is None else num_stages
         maxnreg = decode_maxnreg(bits, num_warps, maxnreg)
     else:
