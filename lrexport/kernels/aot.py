@@ -42,6 +42,7 @@ ABI_ARGS = ("Q", "sq_b", "sq_s", "CK", "sck_b", "sck_p", "PK", "spk_b", "spk_p",
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 DEFAULT_ARCH = 90
 TUNING_ENV = "LREXPORT_CUDA_TUNING"
+SPLIT_RANKS_CHOICES = ("auto", "k", "v", "kv", "none")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Tuning:
     (programs per multiprocessor and the fewest positions per split: how far the cached positions
     are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
     ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
-    kind, 0: none). The defaults are the PyTorch path's.
+    kind, 0: none) and ``split_ranks`` (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``).
+    The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
@@ -63,16 +65,26 @@ class Tuning:
     min_split: int = tl_k.DECODE_MIN_SPLIT
     swap: bool = True
     maxnreg: int | None = None
+    split_ranks: str = tl_k.SPLIT_RANKS
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
-        """``"block_n=64,num_warps=8,num_stages=3,waves=8,min_split=512,swap=0,maxnreg=168"`` (any subset)."""
+        """``"block_n=64,num_warps=8,num_stages=3,waves=8,min_split=512,swap=0,maxnreg=168,split_ranks=kv"`` (any
+        subset)."""
         kw: dict = {}
         fields = {f.name for f in dataclasses.fields(cls)}
         for item in filter(None, (x.strip() for x in text.split(","))):
             key, _, val = item.partition("=")
-            if key not in fields or not val.strip().lstrip("-").isdigit():
-                raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields)} = an integer")
+            val = val.strip()
+            if key == "split_ranks":
+                if val not in SPLIT_RANKS_CHOICES:
+                    raise ValueError(f"bad kernel tuning item {item!r}: split_ranks is one of "
+                                     f"{', '.join(SPLIT_RANKS_CHOICES)}")
+                kw[key] = "" if val == "none" else val
+                continue
+            if key not in fields or not val.lstrip("-").isdigit():
+                raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields - {'split_ranks'})} "
+                                 "= an integer, or split_ranks = auto|k|v|kv|none")
             kw[key] = bool(int(val)) if key == "swap" else int(val)
         t = cls(**kw)
         if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
@@ -190,7 +202,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2,
-                             block_n=tuning.block_n, swap=tuning.swap)
+                             block_n=tuning.block_n, swap=tuning.swap, split_ranks=tuning.split_ranks)
     const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
              "WINDOW": spec.window, "HAS_BIAS": spec.has_k_bias, "IEEE": False, "S": 1,
              "ROW_SPLITS": spec.row_splits}

@@ -1,0 +1,138 @@
+"""Static resources of the ahead-of-time decode kernel, compiled on this machine (no GPU needed).
+
+    python bench/kernel_resources.py --shape llama3-8b --rk 80 --rv 80 \
+        --settings "split_ranks=none;split_ranks=k;split_ranks=kv,num_stages=2"
+
+For each kernel setting (``LREXPORT_CUDA_TUNING`` syntax, ``;`` between settings) it compiles the
+float16 decode kernel of ``lrexport.kernels.aot`` for one attention shape and reports what decides
+how many blocks share a multiprocessor: registers per thread and spilled bytes (``cuobjdump
+--dump-resource-usage``, from Triton's CUDA tools), shared memory, and the resulting blocks per
+multiprocessor (64K registers, the architecture's shared memory with 1 KB reserved per block, 64
+warps). Speed is not measured here: that is ``bench/gpu_kernels.py`` on a GPU. Writes a JSON and a
+``.md`` table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
+SMEM_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}  # bytes per multiprocessor
+
+
+def cuobjdump() -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        raise SystemExit(f"kernel_resources: Triton's cuobjdump is missing ({tool})")
+    return str(tool)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local (spill) bytes of the cubin's kernel, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-500:]}")
+    reg, stack, _, local = map(int, m.groups())
+    return dict(registers=reg, stack_bytes=stack, local_bytes=local)
+
+
+def blocks_per_sm(registers: int, warps: int, shared: int, arch: int) -> int:
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps)
+    by_smem = SMEM_PER_SM.get(arch, 102400) // (shared + 1024) if shared else 32
+    return min(by_regs, by_smem, 64 // warps)
+
+
+def main(argv=None) -> int:
+    from lrexport.kernels import aot
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--group-size", type=int, default=1, help="KV heads per latent group (1 = M-LRD)")
+    ap.add_argument("--rk", type=int, default=80)
+    ap.add_argument("--rv", type=int, default=80)
+    ap.add_argument("--bits", type=int, default=0, choices=(0, 2, 4, 8))
+    ap.add_argument("--quant-group", type=int, default=32)
+    ap.add_argument("--arch", type=int, default=aot.DEFAULT_ARCH)
+    ap.add_argument("--settings", default="split_ranks=none;split_ranks=auto",
+                    help="kernel settings separated by ';', each in LREXPORT_CUDA_TUNING syntax")
+    ap.add_argument("--out", default=str(RESULTS / "kernel_resources.json"))
+    args = ap.parse_args(argv)
+    Hq, Hkv, D = SHAPES[args.shape]
+    G = Hkv // args.group_size
+    qg = args.quant_group if args.bits else 0
+    if args.bits:  # packed codes per row, and a float16 scale and zero point per quantization group
+        kw, vw = G * args.rk * args.bits // 8, G * args.rv * args.bits // 8
+        kpw, vpw = 2 * G * args.rk // qg, 2 * G * args.rv // qg
+    else:
+        kw, vw, kpw, vpw = G * args.rk, G * args.rv, 0, 0
+    spec = aot.DecodeSpec(num_heads=Hq, num_kv_heads=Hkv, group_size=args.group_size, head_dim=D, rk=args.rk,
+                          rv=args.rv, bits=args.bits, quant_group=qg, window=0, has_k_bias=False, k_width=kw,
+                          v_width=vw, kp_width=kpw, vp_width=vpw)
+    rows = []
+    for text in filter(None, (x.strip() for x in args.settings.split(";"))):
+        tuning = aot.Tuning.parse(text)
+        t0 = time.perf_counter()
+        try:
+            c = aot.compile_decode(spec, args.arch, tuning)
+        except RuntimeError as e:  # e.g. shared memory that does not fit at any fallback
+            rows.append(dict(settings=text, error=str(e)[:300]))
+            print(f"{text}: {e}", flush=True)
+            continue
+        meta = aot.parse_meta(c.meta)
+        use = resource_usage(c.cubin)
+        shared, warps = int(meta["shared"]), int(meta["warps"])
+        row = dict(settings=text, block_n=int(meta["block_n"]), warps=warps, shared_bytes=shared, **use,
+                   blocks_per_sm=blocks_per_sm(use["registers"], warps, shared, args.arch),
+                   compile_s=round(time.perf_counter() - t0, 2))
+        rows.append(row)
+        print(f"{text}: {row['registers']} registers, {row['local_bytes']} B spilled, {shared} B shared, "
+              f"{row['blocks_per_sm']} block(s) per SM (tile {row['block_n']})", flush=True)
+    import triton
+
+    argv_used = argv if argv is not None else sys.argv[1:]
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, compiled for sm_{args.arch} (no GPU), triton {triton.__version__}",
+              "command": shlex.join(["python", "bench/kernel_resources.py", *argv_used]),
+              "spec": spec.__dict__, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    lines = [f"# Decode kernel resources ({result['date']})", "", f"Machine: {result['machine']}", "",
+             f"Command: `{result['command']}`", "",
+             f"{args.shape}, group size {args.group_size}, rk {args.rk}, rv {args.rv}, bits {args.bits or '-'}: "
+             "static resources of the compiled kernel (no timing).", "",
+             "| settings | tile | warps | registers | spilled bytes | shared bytes | blocks per SM |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['settings']} | - | - | - | - | - | does not compile: {r['error'][:80]} |")
+        else:
+            lines.append(f"| {r['settings']} | {r['block_n']} | {r['warps']} | {r['registers']} | {r['local_bytes']} | "
+                         f"{r['shared_bytes']} | {r['blocks_per_sm']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
