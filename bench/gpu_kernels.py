@@ -275,6 +275,11 @@ SPLIT_RANKS_TILE_CONFIGS = [dict(split_ranks=sr, block_n=bn, num_stages=st) for 
                             for bn in (32, 64) for st in (3, 4)]
 
 
+# the RoPE table rows staged with the latents or read outside the pipeline (less shared memory per stage), with
+# each rank split
+TABLES_CONFIGS = [dict(stage_tables=st, split_ranks=sr) for st in (True, False) for sr in ("auto", "kv")]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -284,7 +289,7 @@ def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
             "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
             "splitranks": SPLIT_RANKS_CONFIGS,
-            "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "default": DEFAULT_CONFIGS}[name]
+            "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS, "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -371,7 +376,7 @@ def main(argv=None) -> int:
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
     ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "splitranks", "splitranks_tiles", "default"),
+                                       "splitranks", "splitranks_tiles", "tables", "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),

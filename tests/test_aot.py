@@ -90,7 +90,8 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
     info = json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_kernels"]
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
-                               "swap": True, "maxnreg": None, "split_ranks": "auto"}}
+                               "swap": True, "maxnreg": None, "split_ranks": "auto",
+                               "stage_tables": True}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -121,7 +122,8 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     summary = retune.retune(exported["lrexport"], dst,
                             "block_n=32,num_warps=8,waves=6,min_split=512,swap=0,maxnreg=96")
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
-                                 "swap": False, "maxnreg": 96, "split_ranks": "auto"}
+                                 "swap": False, "maxnreg": 96, "split_ranks": "auto",
+                                 "stage_tables": True}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -135,6 +137,7 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     assert aot.Tuning.from_env() == aot.Tuning(waves=2)
     assert aot.Tuning.parse("split_ranks=kv").split_ranks == "kv"
     assert aot.Tuning.parse("split_ranks=none").split_ranks == ""
+    assert aot.Tuning.parse("stage_tables=0").stage_tables is False
     for bad, msg in (("warps=4", "bad kernel tuning item 'warps=4'"), ("block_n=48", "kernel tuning out of range"),
                      ("maxnreg=300", "kernel tuning out of range"),
                      ("num_stages=x", "bad kernel tuning item"),
@@ -264,14 +267,17 @@ def test_unaligned_ranks_warn_at_a_gpu_export(tmp_path, caplog):
 
 
 def test_split_ranks_reach_the_compiled_kernel(tmp_path):
-    """``split_ranks`` in the kernel settings reaches the ahead-of-time compile: at rank 80 the split keys
-    (64 + 16 channels) stage less shared memory than the keys padded to 128; bench/kernel_resources.py reads
-    registers and shared memory from the cubins (no GPU)."""
+    """``split_ranks`` and ``stage_tables`` in the kernel settings reach the ahead-of-time compile: at rank 80
+    the split keys (64 + 16 channels) stage less shared memory than the keys padded to 128, and RoPE tables read
+    outside the pipeline less again; bench/kernel_resources.py reads registers and shared memory from the cubins
+    (no GPU)."""
     res = _bench("kernel_resources")
     out = tmp_path / "res.json"
-    assert res.main(["--rk", "80", "--rv", "80", "--settings", "split_ranks=none;split_ranks=k", "--out",
-                     str(out)]) == 0
-    padded, split = json.loads(out.read_text())["rows"]
+    assert res.main(["--rk", "80", "--rv", "80", "--settings",
+                     "split_ranks=none;split_ranks=k;split_ranks=k,stage_tables=0", "--out", str(out)]) == 0
+    padded, split, unstaged = json.loads(out.read_text())["rows"]
     assert split["shared_bytes"] < padded["shared_bytes"] <= aot.SMEM_LIMIT[90]
-    assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in (padded, split))
+    # the RoPE table rows read outside the pipeline: no shared memory for them in every stage
+    assert unstaged["shared_bytes"] < split["shared_bytes"]
+    assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in (padded, split, unstaged))
     assert "| split_ranks=k | 64 | 4 |" in out.with_suffix(".md").read_text()

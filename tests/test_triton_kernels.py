@@ -350,3 +350,17 @@ def test_split_ranks_only_where_they_save():
     assert tlk.kernel_config(rk=80, rv=80, bits=0, quant_group=0, split_ranks="", **cfg)["RK_T"] == 0
     with pytest.raises(ValueError, match="split_ranks"):
         tlk.kernel_config(rk=80, rv=80, bits=0, quant_group=0, split_ranks="x", **cfg)
+
+
+@pytest.mark.parametrize("bits,qg", [(0, 8), (4, 16)])
+def test_unstaged_rope_tables(bits, qg):
+    """Decode with the RoPE table rows read outside the pipeline (``stage_tables=False``): the same attention as
+    the float64 reference and as the staged kernel."""
+    c = make_case(B=2, S=1, Hq=4, Hkv=2, gs=1, rk=80, rv=48, P=100, past=(90, 33), bits=bits, qg=qg, seed=5 + bits)
+    ref = reference(c)
+    staged = run_kernel(c, num_splits=3, block_n=32)
+    unstaged = run_kernel(c, num_splits=3, block_n=32, stage_tables=False)
+    assert rel_err(unstaged[0], ref[0]) < TOL
+    assert rel_err(unstaged[0], staged[0]) < TOL
+    assert not tlk.kernel_config(S=1, D=32, nrep=2, rk=80, rv=48, bits=bits, quant_group=qg, itemsize=4,
+                                 stage_tables=False)["STAGE_TABLES"]

@@ -54,7 +54,8 @@ class Tuning:
     (programs per multiprocessor and the fewest positions per split: how far the cached positions
     are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
     ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
-    kind, 0: none) and ``split_ranks`` (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``).
+    kind, 0: none), ``split_ranks`` (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``)
+    and ``stage_tables`` (:data:`triton_latent.DECODE_STAGE_TABLES`).
     The defaults are the PyTorch path's.
     """
 
@@ -66,6 +67,7 @@ class Tuning:
     swap: bool = True
     maxnreg: int | None = None
     split_ranks: str = tl_k.SPLIT_RANKS
+    stage_tables: bool = tl_k.DECODE_STAGE_TABLES
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
@@ -85,7 +87,7 @@ class Tuning:
             if key not in fields or not val.lstrip("-").isdigit():
                 raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields - {'split_ranks'})} "
                                  "= an integer, or split_ranks = auto|k|v|kv|none")
-            kw[key] = bool(int(val)) if key == "swap" else int(val)
+            kw[key] = bool(int(val)) if key in ("swap", "stage_tables") else int(val)
         t = cls(**kw)
         if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
@@ -202,7 +204,8 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2,
-                             block_n=tuning.block_n, swap=tuning.swap, split_ranks=tuning.split_ranks)
+                             block_n=tuning.block_n, swap=tuning.swap, split_ranks=tuning.split_ranks,
+                             stage_tables=tuning.stage_tables)
     const = {**cfg, "HQ": spec.num_heads, "HKV": spec.num_kv_heads, "GS": spec.group_size, "SPLIT": True,
              "WINDOW": spec.window, "HAS_BIAS": spec.has_k_bias, "IEEE": False, "S": 1,
              "ROW_SPLITS": spec.row_splits}

@@ -194,7 +194,7 @@ if triton is not None:
         FAST_K: tl.constexpr, FAST_KC: tl.constexpr, FAST_V: tl.constexpr, CC: tl.constexpr, SWAP: tl.constexpr,
         REL_ROPE: tl.constexpr, PAIR: tl.constexpr, UNPACK16: tl.constexpr, ROPE16: tl.constexpr = 0,
         LAZY_SUM: tl.constexpr = False, ROW_SPLITS: tl.constexpr = False, RK_T: tl.constexpr = 0,
-        RV_A: tl.constexpr = 0, RV_T: tl.constexpr = 0,
+        RV_A: tl.constexpr = 0, RV_T: tl.constexpr = 0, STAGE_TABLES: tl.constexpr = True,
     ):
         HALF: tl.constexpr = D // 2
         G: tl.constexpr = HKV // GS
@@ -360,9 +360,17 @@ if triton is not None:
             if HAS_BIAS:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
-            if REL_ROPE == 0:
+            if REL_ROPE == 0 and STAGE_TABLES:  # pipelined with the latents: shared memory in every stage
                 kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
                 ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            elif REL_ROPE == 0:  # behind a run-time condition (always true: nsplit >= 1), which the compiler's
+                # pipelining leaves alone: read when needed, no shared memory per stage
+                if nsplit > 0:
+                    kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+                    ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+                else:
+                    kc = tl.zeros([BLOCK_N, HALF], COS.dtype.element_ty)
+                    ks = tl.zeros([BLOCK_N, HALF], COS.dtype.element_ty)
             else:
                 if REL_ROPE == 1:
                     kc_o = kc_i
@@ -603,6 +611,12 @@ DECODE_LAZY_SUM = True
 # registers at one block per multiprocessor), so "auto" splits no values there.
 SPLIT_RANKS = "auto"
 
+# the RoPE table rows of each tile: True = pipelined with the latents (16 KB of shared memory per stage at D = 128
+# and 64-position tiles, as much as the float16 latents at rank 64); False = read when needed, outside the pipeline
+# (bench/kernel_resources.py: rank 80 with split keys, 139264 -> 112640 bytes, two blocks per multiprocessor
+# instead of one). Not yet timed on a GPU, so not the default.
+DECODE_STAGE_TABLES = True
+
 # decode's pipeline stages by cache kind (float, packed), as tuned on an H200
 # (bench/results/gpu_kernels_tuned_per_batch.json, gpu_kernels_pair.json)
 DECODE_STAGES = {False: 3, True: 3}
@@ -626,7 +640,8 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
                   cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
                   pair: bool = DECODE_PAIR, unpack16: bool = True, rope16: int = DECODE_ROPE16,
-                  lazy_sum: bool = DECODE_LAZY_SUM, split_ranks: str = SPLIT_RANKS) -> dict:
+                  lazy_sum: bool = DECODE_LAZY_SUM, split_ranks: str = SPLIT_RANKS,
+                  stage_tables: bool = DECODE_STAGE_TABLES) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -671,7 +686,7 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                 RK_P=rk_a if hoist else 16, FAST_K=hoist and fast(rk, rk_p), FAST_KC=not hoist and fast(rk, rkb),
                 FAST_V=fast(rv, rv_p), CC=cc, SWAP=swapped, REL_ROPE=rel_rope, PAIR=paired,
                 UNPACK16=unpack16, ROPE16=(min(rope16, 1) if _INTERPRET else rope16) if S == 1 else 0,
-                LAZY_SUM=lazy_sum and swapped, RK_T=rk_t, RV_A=rv_a, RV_T=rv_t)
+                LAZY_SUM=lazy_sum and swapped, RK_T=rk_t, RV_A=rv_a, RV_T=rv_t, STAGE_TABLES=stage_tables)
 
 
 # decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
@@ -804,7 +819,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
             rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
-            row_splits: bool = False, split_ranks: str = SPLIT_RANKS) -> torch.Tensor:
+            row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
+            stage_tables: bool = DECODE_STAGE_TABLES) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -823,7 +839,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     :func:`_load_block`; False: in float32), ``maxnreg`` (a register cap per thread: more programs
     per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none), ``rope16`` and
     ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`), ``split_ranks`` (see
-    :data:`SPLIT_RANKS`). A setting whose
+    :data:`SPLIT_RANKS`), ``stage_tables`` (see :data:`DECODE_STAGE_TABLES`). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -850,7 +866,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     cfg = kernel_config(S=S, D=D, nrep=nrep, rk=rk, rv=rv, bits=bits, quant_group=quant_group,
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
                         cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair,
-                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum, split_ranks=split_ranks)
+                        unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum, split_ranks=split_ranks,
+                        stage_tables=stage_tables)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
