@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ort_gqa
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ort_gqa, kernel_resources
 PEAK_BW = 4.3e12
 PEAK_FLOPS = 7.9e14
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
@@ -305,16 +305,14 @@ def _resources(kernels: list) -> dict:
     """Registers, spills, shared memory and blocks per multiprocessor of a newly compiled attention kernel."""
     if not kernels:
         return {}
+    from kernel_resources import blocks_per_sm
+
     k = kernels[-1]
     k._init_handles()
-    warps = k.metadata.num_warps
-    regs_per_warp = -(-k.n_regs * 32 // 256) * 256
-    by_regs = 65536 // (regs_per_warp * warps)
     props = torch.cuda.get_device_properties(0)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-    by_smem = smem_sm // (k.metadata.shared + 1024) if k.metadata.shared else 32
     return dict(n_regs=k.n_regs, n_spills=k.n_spills, shared=k.metadata.shared,
-                blocks_per_sm=min(by_regs, by_smem, 64 // warps))
+                blocks_per_sm=blocks_per_sm(k.n_regs, k.metadata.num_warps, k.metadata.shared, smem_sm))
 
 
 def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None):

@@ -54,10 +54,12 @@ def resource_usage(cubin: bytes) -> dict:
     return dict(registers=reg, stack_bytes=stack, local_bytes=local)
 
 
-def blocks_per_sm(registers: int, warps: int, shared: int, arch: int) -> int:
+def blocks_per_sm(registers: int, warps: int, shared: int, smem_per_sm: int) -> int:
+    """Blocks of ``warps`` warps that fit one multiprocessor: 64K registers (allocated per warp in units of 256),
+    ``smem_per_sm`` bytes of shared memory with 1 KB reserved per block, at most 64 warps."""
     regs_per_warp = -(-registers * 32 // 256) * 256
     by_regs = 65536 // (regs_per_warp * warps)
-    by_smem = SMEM_PER_SM.get(arch, 102400) // (shared + 1024) if shared else 32
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32
     return min(by_regs, by_smem, 64 // warps)
 
 
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
         use = resource_usage(c.cubin)
         shared, warps = int(meta["shared"]), int(meta["warps"])
         row = dict(settings=text, block_n=int(meta["block_n"]), warps=warps, shared_bytes=shared, **use,
-                   blocks_per_sm=blocks_per_sm(use["registers"], warps, shared, args.arch),
+                   blocks_per_sm=blocks_per_sm(use["registers"], warps, shared,
+                                               SMEM_PER_SM.get(args.arch, 102400)),
                    compile_s=round(time.perf_counter() - t0, 2))
         rows.append(row)
         print(f"{text}: {row['registers']} registers, {row['local_bytes']} B spilled, {shared} B shared, "

@@ -142,6 +142,13 @@ if triton is not None:
         return sc, ze
 
     @triton.jit
+    def _rope_rows(COS, SIN, pos, pmask, d, HALF: tl.constexpr):
+        """The RoPE table rows (cos, sin) [len(pos), HALF] of positions ``pos`` (rows masked by ``pmask``)."""
+        c = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=pmask[:, None], other=0.0)
+        s = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=pmask[:, None], other=0.0)
+        return c, s
+
+    @triton.jit
     def _mma(a, b, IEEE: tl.constexpr):
         """``a @ b`` on the tensor cores; exact float32 products for float32 models."""
         if IEEE:
@@ -297,18 +304,16 @@ if triton is not None:
         first = start + tl.arange(0, BLOCK_N)
         sck, zek, scv, zev = 0.0, 0.0, 0.0, 0.0  # unused by the other unpacking paths
         sckt, zekt, scvt, zevt = 0.0, 0.0, 0.0, 0.0
+        first_pk = b * spk_b + first.to(tl.int64)[:, None] * spk_p
+        first_pv = b * spv_b + first.to(tl.int64)[:, None] * spv_p
         if PRE_K:
-            sck, zek = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end, g * RK, RK_P, RK,
-                                QG, NGK, H16)
+            sck, zek = _qparams(PK, first_pk, first < end, g * RK, RK_P, RK, QG, NGK, H16)
             if RK_T > 0:
-                sckt, zekt = _qparams(PK, b * spk_b + first.to(tl.int64)[:, None] * spk_p, first < end,
-                                      g * RK + RK_P, RK_T, RK - RK_P, QG, NGK, H16)
+                sckt, zekt = _qparams(PK, first_pk, first < end, g * RK + RK_P, RK_T, RK - RK_P, QG, NGK, H16)
         if PRE_V:
-            scv, zev = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end, g * RV, VA, RV,
-                                QG, NGV, H16)
+            scv, zev = _qparams(PV, first_pv, first < end, g * RV, VA, RV, QG, NGV, H16)
             if RV_T > 0:
-                scvt, zevt = _qparams(PV, b * spv_b + first.to(tl.int64)[:, None] * spv_p, first < end,
-                                      g * RV + VA, RV_T, RV - VA, QG, NGV, H16)
+                scvt, zevt = _qparams(PV, first_pv, first < end, g * RV + VA, RV_T, RV - VA, QG, NGV, H16)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -316,17 +321,15 @@ if triton is not None:
             pos64 = offs_n.to(tl.int64)[:, None]
             nxt = offs_n + BLOCK_N
             if PRE_K:
-                sck_n, zek_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end, g * RK, RK_P,
-                                        RK, QG, NGK, H16)
+                nxt_pk = b * spk_b + nxt.to(tl.int64)[:, None] * spk_p
+                sck_n, zek_n = _qparams(PK, nxt_pk, nxt < end, g * RK, RK_P, RK, QG, NGK, H16)
                 if RK_T > 0:
-                    sckt_n, zekt_n = _qparams(PK, b * spk_b + nxt.to(tl.int64)[:, None] * spk_p, nxt < end,
-                                              g * RK + RK_P, RK_T, RK - RK_P, QG, NGK, H16)
+                    sckt_n, zekt_n = _qparams(PK, nxt_pk, nxt < end, g * RK + RK_P, RK_T, RK - RK_P, QG, NGK, H16)
             if PRE_V:
-                scv_n, zev_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end, g * RV, VA,
-                                        RV, QG, NGV, H16)
+                nxt_pv = b * spv_b + nxt.to(tl.int64)[:, None] * spv_p
+                scv_n, zev_n = _qparams(PV, nxt_pv, nxt < end, g * RV, VA, RV, QG, NGV, H16)
                 if RV_T > 0:
-                    scvt_n, zevt_n = _qparams(PV, b * spv_b + nxt.to(tl.int64)[:, None] * spv_p, nxt < end,
-                                              g * RV + VA, RV_T, RV - VA, QG, NGV, H16)
+                    scvt_n, zevt_n = _qparams(PV, nxt_pv, nxt < end, g * RV + VA, RV_T, RV - VA, QG, NGV, H16)
             row_ck = b * sck_b + pos64 * sck_p
             row_pk = b * spk_b + pos64 * spk_p
             if HOIST:
@@ -361,13 +364,11 @@ if triton is not None:
                 k1 += tl.load(KBIAS + j * D + d).to(tl.float32)[None, :]
                 k2 += tl.load(KBIAS + j * D + HALF + d).to(tl.float32)[None, :]
             if REL_ROPE == 0 and STAGE_TABLES:  # pipelined with the latents: shared memory in every stage
-                kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-                ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+                kc, ks = _rope_rows(COS, SIN, offs_n, nmask, d, HALF)
             elif REL_ROPE == 0:  # behind a run-time condition (always true: nsplit >= 1), which the compiler's
                 # pipelining leaves alone: read when needed, no shared memory per stage
                 if nsplit > 0:
-                    kc = tl.load(COS + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-                    ks = tl.load(SIN + offs_n[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+                    kc, ks = _rope_rows(COS, SIN, offs_n, nmask, d, HALF)
                 else:
                     kc = tl.zeros([BLOCK_N, HALF], COS.dtype.element_ty)
                     ks = tl.zeros([BLOCK_N, HALF], COS.dtype.element_ty)
