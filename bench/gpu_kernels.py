@@ -48,7 +48,20 @@ PEAK_BW = 4.3e12
 PEAK_FLOPS = 7.9e14
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
 GROUP = {"M": 1, "G": 4}
-QG = 32  # quantization group of the 4-bit rows
+QG = 32  # quantization group of the 4-bit rows (halved until it divides the rank, see quant_group)
+
+
+# reduction:grouping:bits of the lrexport rows: M-LRD and G-LRD (groups of 4) at about 30% and 50%, float and 4-bit
+DEFAULT_VARIANTS = "0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.3:M:4,0.5:M:4,0.3:G:4,0.5:G:4"
+
+
+def quant_group(rank: int) -> int:
+    """The quantization group of a packed row of ``rank`` channels: :data:`QG`, halved until whole groups fill the
+    rank (down to 8), as an export must choose it (``--kv-quant-group``: ranks are whole groups)."""
+    qg = QG
+    while rank % qg and qg > 8:
+        qg //= 2
+    return qg
 
 
 def floor16(x: float) -> int:
@@ -276,8 +289,15 @@ SPLIT_RANKS_TILE_CONFIGS = [dict(split_ranks=sr, block_n=bn, num_stages=st) for 
 
 
 # the RoPE table rows staged with the latents or read outside the pipeline (less shared memory per stage), with
-# each rank split
-TABLES_CONFIGS = [dict(stage_tables=st, split_ranks=sr) for st in (True, False) for sr in ("auto", "kv")]
+# each rank split; and unstaged tables under a 128-register cap (four 4-bit blocks per multiprocessor)
+TABLES_CONFIGS = ([dict(stage_tables=st, split_ranks=sr) for st in (True, False) for sr in ("auto", "kv")]
+                  + [dict(stage_tables=False, maxnreg=128)])
+
+
+# 4-bit latents: the register cap (168 by default, 0 = none), two pipeline stages, eight warps, unsplit ranks,
+# tiles of 32 positions
+BITS4_CONFIGS = [{}, dict(maxnreg=0), dict(num_stages=2), dict(maxnreg=0, num_stages=2), dict(num_warps=8),
+                 dict(split_ranks=""), dict(block_n=32)]
 
 
 # the library's defaults only (attend_'s own settings): no tuning
@@ -289,7 +309,8 @@ def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
             "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
             "splitranks": SPLIT_RANKS_CONFIGS,
-            "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS, "default": DEFAULT_CONFIGS}[name]
+            "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS, "bits4": BITS4_CONFIGS,
+            "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
 
@@ -370,11 +391,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="llama2-7b,llama3-8b")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
-    ap.add_argument("--variants", default="0.3:M:0,0.5:M:0,0.3:G:0,0.5:G:0,0.5:M:4,0.5:G:4",
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
     ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "splitranks", "splitranks_tiles", "tables", "default"),
+                                       "splitranks", "splitranks_tiles", "tables", "bits4", "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
@@ -392,7 +413,6 @@ def main(argv=None) -> int:
         return 2
     dtype = torch.float16
     esz = 2
-    qg = QG
     rows, tuning = [], []
     ort = None if args.no_ort else ort_gqa_session()
     if ort is None and not args.no_ort:
@@ -423,6 +443,7 @@ def main(argv=None) -> int:
                 for red, gname, bits in variants:
                     s = GROUP[gname]
                     rk = rv = floor16((1 - red) * s * D)
+                    qg = quant_group(rk)
                     c = make_latent_case(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
                     key = (red, gname, bits, B)  # tuned per batch: the best split differs
                     if key not in configs:
@@ -430,7 +451,8 @@ def main(argv=None) -> int:
                         configs[key], timings = tune(tc, B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg,
                                                        grid(args.grid, [int(x) for x in args.rel_rope.split(",")]))
                         tuning.append(dict(shape=shape, kv_removed=1 - rk / (s * D), grouping=gname, bits=bits or None,
-                                           context=args.tune_context, batch=B, configs=timings))
+                                           quant_group=qg if bits else None, context=args.tune_context, batch=B,
+                                           configs=timings))
                         del tc
                     cfg = configs[key]
                     if cfg is None:
@@ -439,7 +461,8 @@ def main(argv=None) -> int:
                     tl_us, call_l = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
                     nb, fl, cache = latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz)
                     row = dict(shape=shape, batch=B, context=L, variant="lrexport", kv_removed=1 - rk / (s * D),
-                               grouping=gname, bits=bits or None, rank_k=rk, rank_v=rv, group_size=s, time_us=tl_us,
+                               grouping=gname, bits=bits or None, quant_group=qg if bits else None, rank_k=rk,
+                               rank_v=rv, group_size=s, time_us=tl_us,
                                call_us=call_l,
                                bytes=nb, flops=fl, roofline_us=roofline_us(nb, fl), kv_bytes=cache, config=cfg)
                     row.update(bw_tb_s=nb / tl_us / 1e6, of_roofline=tl_us / row["roofline_us"],
@@ -457,7 +480,8 @@ def main(argv=None) -> int:
                               f"(call {call_w:.1f}), x{t / tw:.2f} vs sdpa, x{tl_us / tw:.2f} vs Triton, "
                               f"{wrow['of_roofline']:.2f} of roofline", flush=True)
                     bound = "compute" if fl / PEAK_FLOPS > nb / PEAK_BW else "memory"
-                    print(f"  lrexport {gname} -{red:.0%} bits={bits} r={rk}: {tl_us:.1f} us (call {call_l:.1f}), "
+                    bq = f"{bits}/{qg}" if bits else "0"
+                    print(f"  lrexport {gname} -{red:.0%} bits={bq} r={rk}: {tl_us:.1f} us (call {call_l:.1f}), "
                           f"x{t / tl_us:.2f} vs sdpa, {row['of_roofline']:.2f} of roofline ({bound}-bound floor) "
                           f"cfg={cfg}", flush=True)
                     del c
@@ -467,22 +491,42 @@ def main(argv=None) -> int:
     return 0
 
 
+def _bits(row: dict) -> str:
+    qg = row.get("quant_group")
+    return f"{row['bits']}/{qg}" if row["bits"] and qg and qg != QG else str(row["bits"] or "-")
+
+
 def write_md(result: dict, path: Path) -> None:
     lines = [f"# Decode attention on the GPU ({result['date']})", "", f"Machine: {result['machine']}", "",
              f"Command: `{result['command']}`", "",
              "fp16; time = GPU time per call (summed kernel durations, median); call = event time around "
              "back-to-back calls (host included when it is the bottleneck); "
              "`x sdpa` = SDPA time / this time (same shape, batch, context, same run); "
-             "`roofline` = time / max(bytes/4.3 TB/s, FLOPs/790 TFLOP/s).", "",
+             "`roofline` = time / max(bytes/4.3 TB/s, FLOPs/790 TFLOP/s); `bits` 4/16: 4-bit codes in "
+             f"quantization groups of 16 channels (the rank is not a multiple of {QG}).", "",
              "| shape | batch | context | variant | kernel | kv_removed | grouping | bits | time_us | call_us | TB/s | "
              "roofline | x sdpa |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} | {r.get('kernel', '-')} | "
                      f"{r['kv_removed']:.3f} | "
-                     f"{r['grouping'] or '-'} | {r['bits'] or '-'} | {r['time_us']:.1f} | "
+                     f"{r['grouping'] or '-'} | {_bits(r)} | {r['time_us']:.1f} | "
                      f"{r.get('call_us') or float('nan'):.1f} | {r['bw_tb_s']:.2f} | {r['of_roofline']:.2f} | "
                      f"{r['speedup_vs_sdpa']:.2f} |")
+    tuned = [t for t in result.get("tuning", []) if len(t["configs"]) > 1]
+    if tuned:
+        lines += ["", "Kernel settings tried (time at the tuning context; registers per thread, spilled bytes, shared "
+                  "memory per block and blocks per multiprocessor of the compiled kernel):", "",
+                  "| shape | batch | context | kv_removed | grouping | bits | settings | time_us | registers | spilled "
+                  "| shared | blocks/SM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in tuned:
+            for c in t["configs"]:
+                cfg = ", ".join(f"{k}={v}" for k, v in c.items()
+                                if k not in ("time_us", "n_regs", "n_spills", "shared", "blocks_per_sm", "rel_rope"))
+                lines.append(f"| {t['shape']} | {t['batch']} | {t['context']} | {t['kv_removed']:.3f} | "
+                             f"{t['grouping']} | {_bits(t)} | {cfg or 'defaults'} | {c['time_us']:.1f} | "
+                             + " | ".join(str(c.get(k, "-")) for k in ("n_regs", "n_spills", "shared", "blocks_per_sm"))
+                             + " |")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

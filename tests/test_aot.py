@@ -281,3 +281,43 @@ def test_split_ranks_reach_the_compiled_kernel(tmp_path):
     assert unstaged["shared_bytes"] < split["shared_bytes"]
     assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in (padded, split, unstaged))
     assert "| split_ranks=k | 64 | 4 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("group_size,rank,on_chip", [(1, 64, True), (4, 352, False)])
+def test_register_cap_only_where_k_up_stays_on_chip(group_size, rank, on_chip):
+    """4-bit kernels that keep ``k_up`` on chip (M-LRD) are capped at 168 registers per thread (three blocks per
+    multiprocessor); kernels that stream it (G-LRD groups of 4, rank 352) are not: capped, they spill and run slower
+    (bench/results/gpu_kernels_bits4.md). An explicit ``maxnreg`` wins either way."""
+    G = 8 // group_size  # Llama-3-8B shapes: 8 KV heads of 128 channels
+    spec = aot.DecodeSpec(num_heads=32, num_kv_heads=8, group_size=group_size, head_dim=128, rk=rank, rv=rank,
+                          bits=4, quant_group=32, window=0, has_k_bias=False, k_width=G * rank // 2,
+                          v_width=G * rank // 2, kp_width=2 * G * rank // 32, vp_width=2 * G * rank // 32)
+    cfg = triton_latent.kernel_config(S=1, D=128, nrep=4, rk=rank, rv=rank, bits=4, quant_group=32, itemsize=2)
+    assert cfg["HOIST"] == on_chip
+    meta = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning()).meta)
+    assert meta["maxnreg"] == ("168" if on_chip else "0")
+    assert triton_latent.decode_maxnreg(4, 4, None, on_chip) == (168 if on_chip else None)
+    assert triton_latent.decode_maxnreg(4, 4, 200, on_chip) == 200 and triton_latent.decode_maxnreg(4, 4, 0) is None
+    assert triton_latent.decode_maxnreg(0, 4, None, on_chip) is None  # float latents: never capped by default
+
+
+def test_benchmark_4bit_caches_are_whole_quantization_groups():
+    """bench/gpu_kernels.py times packed caches an export can build: each rank of its default variants is whole
+    quantization groups (groups of 32, halved until they divide the rank; PaluKV accepts 8-64), which is what
+    the kernel's vector unpacking needs; the tables mark groups other than 32."""
+    gk = _bench("gpu_kernels")
+    from lrexport.allocate import Uniform
+    from lrexport.kv.palu import PaluKV
+
+    seen = set()
+    for v in gk.DEFAULT_VARIANTS.split(","):
+        red, g, bits = v.split(":")
+        if not int(bits):
+            continue
+        rank = gk.floor16((1 - float(red)) * gk.GROUP[g] * 128)
+        qg = gk.quant_group(rank)
+        assert rank % qg == 0
+        PaluKV(allocation=Uniform(ratio=float(red)), bits=int(bits), quant_group=qg)  # a group an export accepts
+        seen.add((g, rank, qg))
+    assert {("M", 80, 16), ("M", 64, 32), ("G", 352, 32), ("G", 256, 32)} <= seen
+    assert gk._bits(dict(bits=4, quant_group=16)) == "4/16" and gk._bits(dict(bits=4, quant_group=32)) == "4"

@@ -626,15 +626,19 @@ DECODE_STAGES = {False: 3, True: 3}
 # 176 registers uncapped, two blocks per multiprocessor; capped at 168 (no spills) three fit the 64K registers
 # (4-bit, Llama-3-8B shapes, batch 8 at 64K tokens on an H200: 694 -> 550 us; gpu_kernels_pair.json). Float
 # latents are held to two blocks by shared memory at 3 stages, and lose more to spills than they gain with fewer.
+# The cap is for kernels that keep k_up on chip (M-LRD): kernels that stream it (G-LRD) need more registers, and
+# capped at 168 they spill (110 bytes) and are slower (4-bit, 31% G-LRD at 64K tokens: 471 -> 347 us at batch 1,
+# 2848 -> 2741 us at batch 8 with Llama-3-8B shapes, 1567 -> 1349 / 12927 -> 10568 us with Llama-2-7B's;
+# gpu_kernels_bits4.json).
 DECODE_MAXNREG = {False: None, True: 168}
 
 
-def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None) -> int | None:
+def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None, hoist: bool = True) -> int | None:
     """The register cap of a decode kernel: ``maxnreg`` when given (0: none), else the tuned default for
-    the cache kind at 4 warps (other warp counts: none)."""
+    the cache kind at 4 warps with ``k_up`` on chip (``hoist``; other warp counts, streamed ``k_up``: none)."""
     if maxnreg is not None:
         return maxnreg or None
-    return DECODE_MAXNREG[bool(bits)] if num_warps == 4 else None
+    return DECODE_MAXNREG[bool(bits)] if num_warps == 4 and hoist else None
 
 
 def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
@@ -886,7 +890,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels_tuned_per_batch.json)
         num_stages = DECODE_STAGES[bool(bits)] if num_stages is None else num_stages
-        maxnreg = decode_maxnreg(bits, num_warps, maxnreg)
+        maxnreg = decode_maxnreg(bits, num_warps, maxnreg, cfg["HOIST"])
     else:
         maxnreg = maxnreg or None
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
