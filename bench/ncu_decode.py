@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import GROUP, QG, SHAPES, floor16, make_latent_case  # noqa: E402
+from gpu_kernels import GROUP, SHAPES, floor16, make_latent_case, quant_group  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,10 +40,11 @@ def main(argv=None) -> int:
     red, gname, bits = args.variant.split(":")
     s, bits = GROUP[gname], int(bits)
     rk = rv = floor16((1 - float(red)) * s * D)
-    c = make_latent_case(args.batch, args.context, Hq, Hkv, D, s, rk, rv, bits, QG, torch.float16)
+    qg = quant_group(rk)
+    c = make_latent_case(args.batch, args.context, Hq, Hkv, D, s, rk, rv, bits, qg, torch.float16)
     for _ in range(args.calls):
         attend_(c["q"], c["ck"], c["pk"], c["cv"], c["pv"], c["past"], c["k_up"], None, None, c["cos"], c["sin"],
-                Hq, Hkv, s, 0, D ** -0.5, bits, QG, rv=rv, kv_max=args.context, **json.loads(args.config))
+                Hq, Hkv, s, 0, D ** -0.5, bits, qg, rv=rv, kv_max=args.context, **json.loads(args.config))
     torch.cuda.synchronize()
     return 0
 
