@@ -81,6 +81,7 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     gpu = _gpu_kernels(res.model, cuda_arch, tuning)
     if gpu:
         _warn_unaligned_ranks(cm)
+        _warn_grouped_latents(cm)
     info = {
         "file": MODEL_FILE, "ir_version": IR_VERSION, "inputs": res.input_names, "outputs": res.output_names,
         "cache": [{"name": n, "width": w, "dtype": d} for n, w, d in zip(tg.cache.names, tg.cache.widths,
@@ -116,6 +117,19 @@ def _warn_unaligned_ranks(cm: CompressedModel) -> None:
         log.warning("%d of %d factorized projections have ranks that are not multiples of 8 (e.g. %s: %d); float16 "
                     "GEMMs on GPUs run much slower with them: compress with --align 16", len(odd), len(ranks),
                     odd[0], ranks[odd[0]])
+
+
+def _warn_grouped_latents(cm: CompressedModel) -> None:
+    """Latents shared by groups of KV heads (G-LRD, J-LRD) make the GPU decode kernel rebuild each head's keys from
+    the group's whole latent: say so, with what was measured, when such a model is compiled for the GPU."""
+    kv = cm.plan.kv or {}
+    s = int(kv.get("group_size", 1) or 1)
+    if s > 1:
+        log.warning("the KV latents are shared by groups of %d KV heads (%s-LRD): on the GPU each head rebuilds "
+                    "its keys from the group's whole latent, about %dx the tensor-core work per cached token of "
+                    "per-head latents; on an H200 such decode kernels ran 2.8-4.5x slower than per-head ones (M-LRD) "
+                    "at the same cache size (docs/gpu.md). Compress with --kv-group 1 where decode speed matters",
+                    s, kv.get("grouping", "G"), s)
 
 
 def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None, tuning=None) -> dict | None:

@@ -266,6 +266,25 @@ def test_unaligned_ranks_warn_at_a_gpu_export(tmp_path, caplog):
     assert "not multiples of 8" not in caplog.text
 
 
+def test_grouped_latents_warn_at_a_gpu_export(caplog):
+    """Latents shared by groups of KV heads make each head rebuild its keys from the whole group latent: a GPU
+    export says so and names the option for per-head latents; per-head latents (and no latents) say nothing."""
+    import logging
+    from types import SimpleNamespace
+
+    from lrexport.export import _warn_grouped_latents
+
+    for kv, warned in (({"grouping": "G", "group_size": 4}, True), ({"grouping": "J", "group_size": 8}, True),
+                       ({"grouping": "M", "group_size": 1}, False), (None, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lrexport.export"):
+            _warn_grouped_latents(SimpleNamespace(plan=SimpleNamespace(kv=kv)))
+        assert ("--kv-group 1" in caplog.text) == warned
+        if warned:
+            s = kv["group_size"]
+            assert f"groups of {s} KV heads ({kv['grouping']}-LRD)" in caplog.text and f"about {s}x" in caplog.text
+
+
 def test_split_ranks_reach_the_compiled_kernel(tmp_path):
     """``split_ranks`` and ``stage_tables`` in the kernel settings reach the ahead-of-time compile: at rank 80
     the split keys (64 + 16 channels) stage less shared memory than the keys padded to 128, and RoPE tables read
