@@ -300,6 +300,10 @@ BITS4_CONFIGS = [{}, dict(maxnreg=0), dict(num_stages=2), dict(maxnreg=0, num_st
                  dict(split_ranks=""), dict(block_n=32)]
 
 
+# key ranks per step of the streamed k_up's chunk loop (G-LRD): 32 (the default where it divides the rank) or 64
+RANK_CHUNK_CONFIGS = [{}, dict(rank_chunk=64)]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -310,6 +314,7 @@ def grid(name: str, rel_ropes: list[int]) -> list[dict]:
             "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
             "splitranks": SPLIT_RANKS_CONFIGS,
             "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS, "bits4": BITS4_CONFIGS,
+            "rankchunk": RANK_CHUNK_CONFIGS,
             "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
@@ -336,17 +341,18 @@ def _resources(kernels: list) -> dict:
                 blocks_per_sm=blocks_per_sm(k.n_regs, k.metadata.num_warps, k.metadata.shared, smem_sm))
 
 
-def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None):
+def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None, try_hoist=True):
     """The fastest kernel config for this variant (timed at the tuning context) and every config's time.
 
-    G-LRD variants also try keeping the whole ``k_up`` slice on chip (``hoist``), which the
-    kernel does by itself only for small slices.
+    With ``try_hoist``, G-LRD variants also try keeping the whole ``k_up`` slice on chip (``hoist``),
+    which the kernel does by itself only for small slices (``--grid default`` does not: its rows are
+    what the library picks).
     """
     best, timings = None, []
     configs = configs or CONFIGS
     configs = configs + ([dict(cfg, hoist=True) for cfg in configs
-                          if cfg.get("block_n", 64) == 64 and cfg.get("num_warps", 4) == 4]
-                         if s > 1 else [])
+                          if cfg.get("block_n", 64) == 64 and cfg.get("num_warps", 4) == 4 and "hoist" not in cfg]
+                         if s > 1 and try_hoist else [])
     for cfg in configs:
         before = set(_kernel_cache())
         try:
@@ -395,7 +401,7 @@ def main(argv=None) -> int:
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
     ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "splitranks", "splitranks_tiles", "tables", "bits4", "default"),
+                                       "splitranks", "splitranks_tiles", "tables", "bits4", "rankchunk", "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
@@ -449,7 +455,8 @@ def main(argv=None) -> int:
                     if key not in configs:
                         tc = make_latent_case(B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg, dtype)
                         configs[key], timings = tune(tc, B, args.tune_context, Hq, Hkv, D, s, rk, rv, bits, qg,
-                                                       grid(args.grid, [int(x) for x in args.rel_rope.split(",")]))
+                                                       grid(args.grid, [int(x) for x in args.rel_rope.split(",")]),
+                                                       try_hoist=args.grid != "default")
                         tuning.append(dict(shape=shape, kv_removed=1 - rk / (s * D), grouping=gname, bits=bits or None,
                                            quant_group=qg if bits else None, context=args.tune_context, batch=B,
                                            configs=timings))

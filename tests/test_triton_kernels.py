@@ -333,6 +333,39 @@ def test_split_ranks(bits, qg, rk, rv, gs, sides):
         assert rel_err(run_kernel(c5, split_ranks=sides)[0], reference(c5)[0]) < TOL
 
 
+@pytest.mark.parametrize("bits,qg", [(0, 8), (4, 16)])
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_rank_chunk(bits, qg, chunk):
+    """The streamed k_up's chunk loop takes 16-64 key ranks per step (``rank_chunk``): the same attention as the
+    float64 reference and as the default chunk (32 here); a chunk that does not divide the rank is refused."""
+    c = make_case(B=2, S=1, Hq=4, Hkv=2, gs=2, rk=128, rv=64, P=100, past=(90, 33), bits=bits, qg=qg,
+                  seed=chunk + bits)
+    cfg = dict(S=1, D=32, nrep=2, rv=64, bits=bits, quant_group=qg, itemsize=4, hoist=False)
+    assert tlk.kernel_config(rk=128, rank_chunk=chunk, **cfg)["RKB"] == chunk
+    assert tlk.kernel_config(rk=128, **cfg)["RKB"] == 32
+    ref = reference(c)
+    out = run_kernel(c, num_splits=3, block_n=32, rank_chunk=chunk)
+    assert rel_err(out[0], ref[0]) < TOL
+    assert rel_err(out[0], run_kernel(c, num_splits=3, block_n=32)[0]) < TOL
+    for bad, rk in ((48, 96), (64, 96), (128, 128)):
+        with pytest.raises(ValueError, match="rank_chunk must be 16, 32 or 64 and divide the key rank"):
+            tlk.kernel_config(rk=rk, rank_chunk=bad, **cfg)
+
+
+def test_hoist_defaults():
+    """k_up slices up to 32 KB stay on chip; float16 decode over float latents keeps them up to 64 KB (G-LRD 50%,
+    rank 256 of groups of 4 at D=128, ran faster hoisted on an H200); packed latents, prefill, float32 and larger
+    slices stream them in chunks."""
+    def hoisted(rk, bits=0, S=1, itemsize=2):
+        return tlk.kernel_config(S=S, D=128, nrep=4, rk=rk, rv=rk, bits=bits, quant_group=32,
+                                 itemsize=itemsize)["HOIST"]
+
+    assert hoisted(64) and hoisted(128) and hoisted(64, bits=4) and hoisted(128, bits=4)  # 32 KB and less
+    assert hoisted(256) and hoisted(192)  # 64 KB: float16 decode over float latents
+    assert not hoisted(256, bits=4) and not hoisted(256, S=4) and not hoisted(256, itemsize=4)
+    assert not hoisted(352) and not hoisted(512)  # padded to 512: 128 KB
+
+
 def test_split_ranks_only_where_they_save():
     cfg = dict(S=1, D=128, nrep=4, itemsize=2, split_ranks="kv")
     # a tail as wide as the padding saves nothing: 112 = 64 + 64 stays one 128-wide product

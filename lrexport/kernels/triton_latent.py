@@ -641,12 +641,22 @@ def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None, hoist:
     return DECODE_MAXNREG[bool(bits)] if num_warps == 4 and hoist else None
 
 
+# the largest k_up slice kept on chip by default (``hoist``; larger ones are streamed in chunks of RKB ranks per
+# tile): 32 KB, and 64 KB for float16 decode over float latents. Measured on an H200 (gpu_kernels_rank_chunk.md,
+# 64K tokens): G-LRD at 50% (groups of 4, rank 256: a 64 KB slice) ran 16-26% faster hoisted (Llama-3-8B 224 ->
+# 189 us at batch 1, 1679 -> 1370 us at batch 8; Llama-2-7B 844 -> 660 and 6749 -> 5007 us), while its 4-bit
+# latents ran twice as slow hoisted (522 against 269 us), and the 128 KB slice of rank 352 1.7-1.9x as slow
+# (gpu_kernels_tables.md).
+DECODE_HOIST_BYTES = 32768
+DECODE_HOIST_BYTES_F16 = 65536
+
+
 def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, quant_group: int, itemsize: int,
                   block_n: int | None = None, hoist: bool | None = None, vector_unpack: bool = True,
                   cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
                   pair: bool = DECODE_PAIR, unpack16: bool = True, rope16: int = DECODE_ROPE16,
                   lazy_sum: bool = DECODE_LAZY_SUM, split_ranks: str = SPLIT_RANKS,
-                  stage_tables: bool = DECODE_STAGE_TABLES) -> dict:
+                  stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None) -> dict:
     """The shape-dependent compile-time constants of ``_latent_attn_fwd`` for ``S`` new tokens per row.
 
     Shared by the JIT launch (:func:`attend_`) and the ahead-of-time kernels of the ONNX Runtime
@@ -657,10 +667,16 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
     cc = cuda_core_scores and S == 1 and nrep <= 8
     m_rows = _next_pow2(block_t * nrep) if cc else max(16, _next_pow2(block_t * nrep))
     rv_p = max(16, _next_pow2(rv))
-    rkb = 32 if rk % 32 == 0 else 16
+    if rank_chunk is None:  # key ranks per step of the streamed k_up's chunk loop
+        rkb = 32 if rk % 32 == 0 else 16
+    elif rank_chunk in (16, 32, 64) and rk % rank_chunk == 0:
+        rkb = rank_chunk
+    else:
+        raise ValueError(f"rank_chunk must be 16, 32 or 64 and divide the key rank {rk}, got {rank_chunk}")
     rk_p = _next_pow2(rk)
     if hoist is None:  # keep k_up on chip when its slice is small (M-LRD); stream it in chunks otherwise
-        hoist = rk_p * D * itemsize <= 32768
+        big = S == 1 and bits == 0 and itemsize == 2
+        hoist = rk_p * D * itemsize <= (DECODE_HOIST_BYTES_F16 if big else DECODE_HOIST_BYTES)
     if hoist:  # the chunk settings are unused: fix them so that they do not split the compiled kernels
         rkb = 16
 
@@ -825,7 +841,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
             rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
             row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
-            stage_tables: bool = DECODE_STAGE_TABLES) -> torch.Tensor:
+            stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -844,7 +860,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     :func:`_load_block`; False: in float32), ``maxnreg`` (a register cap per thread: more programs
     per multiprocessor; decode defaults to :data:`DECODE_MAXNREG`, 0 for none), ``rope16`` and
     ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`), ``split_ranks`` (see
-    :data:`SPLIT_RANKS`), ``stage_tables`` (see :data:`DECODE_STAGE_TABLES`). A setting whose
+    :data:`SPLIT_RANKS`), ``stage_tables`` (see :data:`DECODE_STAGE_TABLES`), ``rank_chunk`` (key ranks per
+    step when ``k_up`` is streamed: 16, 32 or 64 dividing the rank; None: 32 where it divides, else 16). A setting whose
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
     """
     B, S, Q = query_BSQ.shape
@@ -872,7 +889,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                         itemsize=k_up_GrE.element_size(), block_n=block_n, hoist=hoist, vector_unpack=vector_unpack,
                         cuda_core_scores=cuda_core_scores, swap=swap, rel_rope=rel_rope, pair=pair,
                         unpack16=unpack16, rope16=rope16, lazy_sum=lazy_sum, split_ranks=split_ranks,
-                        stage_tables=stage_tables)
+                        stage_tables=stage_tables, rank_chunk=rank_chunk)
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
