@@ -304,6 +304,12 @@ BITS4_CONFIGS = [{}, dict(maxnreg=0), dict(num_stages=2), dict(maxnreg=0, num_st
 RANK_CHUNK_CONFIGS = [{}, dict(rank_chunk=64)]
 
 
+# G-LRD with k_up on chip: as it is, without the 4-bit register cap, with two stages, and with both sides of the
+# rank split (rank 352 = 256 + 96 of a 128 tail)
+HOIST_CONFIGS = [{}, dict(hoist=True), dict(hoist=True, maxnreg=0), dict(hoist=True, maxnreg=0, num_stages=2),
+                 dict(hoist=True, maxnreg=0, split_ranks="kv")]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -314,7 +320,7 @@ def grid(name: str, rel_ropes: list[int]) -> list[dict]:
             "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
             "splitranks": SPLIT_RANKS_CONFIGS,
             "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS, "bits4": BITS4_CONFIGS,
-            "rankchunk": RANK_CHUNK_CONFIGS,
+            "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
             "default": DEFAULT_CONFIGS}[name]
     return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
 
@@ -351,7 +357,8 @@ def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None, try_hoist=True)
     best, timings = None, []
     configs = configs or CONFIGS
     configs = configs + ([dict(cfg, hoist=True) for cfg in configs
-                          if cfg.get("block_n", 64) == 64 and cfg.get("num_warps", 4) == 4 and "hoist" not in cfg]
+                          if cfg.get("block_n", 64) == 64 and cfg.get("num_warps", 4) == 4 and "hoist" not in cfg
+                          and dict(cfg, hoist=True) not in configs]
                          if s > 1 and try_hoist else [])
     for cfg in configs:
         before = set(_kernel_cache())
@@ -401,7 +408,8 @@ def main(argv=None) -> int:
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
     ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "splitranks", "splitranks_tiles", "tables", "bits4", "rankchunk", "default"),
+                                       "splitranks", "splitranks_tiles", "tables", "bits4", "rankchunk", "hoist",
+                                       "default"),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
