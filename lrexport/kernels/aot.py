@@ -54,8 +54,9 @@ class Tuning:
     (programs per multiprocessor and the fewest positions per split: how far the cached positions
     are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
     ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
-    kind, 0: none), ``split_ranks`` (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``)
-    and ``stage_tables`` (:data:`triton_latent.DECODE_STAGE_TABLES`).
+    kind where ``k_up`` stays on chip, none where it is streamed; 0: none), ``split_ranks``
+    (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``) and ``stage_tables``
+    (:data:`triton_latent.DECODE_STAGE_TABLES`).
     The defaults are the PyTorch path's.
     """
 
