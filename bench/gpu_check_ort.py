@@ -228,12 +228,9 @@ def triton_attributes(sh: Shape, arch: int, row_splits: bool = False) -> dict:
     exporter attaches them (lrexport.kernels.aot); ``row_splits``: as for LowRankKVAttentionDeviceLen."""
     from lrexport.kernels import aot
 
-    kw = sh.G * sh.rk * sh.bits // 8 if sh.bits else sh.G * sh.rk
-    vw = sh.G * sh.rv * sh.bits // 8 if sh.bits else sh.G * sh.rv
-    spec = aot.DecodeSpec(num_heads=sh.Hq, num_kv_heads=sh.Hkv, group_size=sh.s, head_dim=sh.D, rk=sh.rk, rv=sh.rv,
-                          bits=sh.bits, quant_group=sh.qg if sh.bits else 0, window=sh.window, has_k_bias=sh.k_bias,
-                          k_width=kw, v_width=vw, kp_width=2 * sh.G * sh.rk // sh.qg if sh.bits else 0,
-                          vp_width=2 * sh.G * sh.rv // sh.qg if sh.bits else 0, row_splits=row_splits)
+    spec = aot.DecodeSpec.for_caches(num_heads=sh.Hq, num_kv_heads=sh.Hkv, group_size=sh.s, head_dim=sh.D, rk=sh.rk,
+                                     rv=sh.rv, bits=sh.bits, quant_group=sh.qg, window=sh.window,
+                                     has_k_bias=sh.k_bias, row_splits=row_splits)
     c = aot.compile_decode(spec, arch)
     return {"cuda_kernel": c.meta, "cuda_cubin": c.cubin}
 

@@ -314,15 +314,15 @@ HOIST_CONFIGS = [{}, dict(hoist=True), dict(hoist=True, maxnreg=0), dict(hoist=T
 DEFAULT_CONFIGS = [{}]
 
 
+GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
+         "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
+         "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
+         "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS, "default": DEFAULT_CONFIGS}
+
+
 def grid(name: str, rel_ropes: list[int]) -> list[dict]:
     """The kernel settings to tune over: a grid times the RoPE modes of ``triton_latent.DECODE_REL_ROPE``."""
-    base = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-            "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
-            "splitranks": SPLIT_RANKS_CONFIGS,
-            "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS, "bits4": BITS4_CONFIGS,
-            "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
-            "default": DEFAULT_CONFIGS}[name]
-    return [dict(cfg, rel_rope=rr) for cfg in base for rr in rel_ropes]
+    return [dict(cfg, rel_rope=rr) for cfg in GRIDS[name] for rr in rel_ropes]
 
 
 def _kernel_cache() -> dict:
@@ -407,9 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="reduction:grouping:bits, comma separated")
     ap.add_argument("--tune-context", type=int, default=32768)
-    ap.add_argument("--grid", choices=("full", "small", "splits", "occupancy", "pair", "rope16", "rowsplits",
-                                       "splitranks", "splitranks_tiles", "tables", "bits4", "rankchunk", "hoist",
-                                       "default"),
+    ap.add_argument("--grid", choices=list(GRIDS),
                     default="full",
                     help="kernel settings to tune over")
     ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),

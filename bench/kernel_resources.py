@@ -79,16 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "kernel_resources.json"))
     args = ap.parse_args(argv)
     Hq, Hkv, D = SHAPES[args.shape]
-    G = Hkv // args.group_size
-    qg = args.quant_group if args.bits else 0
-    if args.bits:  # packed codes per row, and a float16 scale and zero point per quantization group
-        kw, vw = G * args.rk * args.bits // 8, G * args.rv * args.bits // 8
-        kpw, vpw = 2 * G * args.rk // qg, 2 * G * args.rv // qg
-    else:
-        kw, vw, kpw, vpw = G * args.rk, G * args.rv, 0, 0
-    spec = aot.DecodeSpec(num_heads=Hq, num_kv_heads=Hkv, group_size=args.group_size, head_dim=D, rk=args.rk,
-                          rv=args.rv, bits=args.bits, quant_group=qg, window=0, has_k_bias=False, k_width=kw,
-                          v_width=vw, kp_width=kpw, vp_width=vpw)
+    spec = aot.DecodeSpec.for_caches(num_heads=Hq, num_kv_heads=Hkv, group_size=args.group_size, head_dim=D,
+                                     rk=args.rk, rv=args.rv, bits=args.bits, quant_group=args.quant_group)
     rows = []
     for text in filter(None, (x.strip() for x in args.settings.split(";"))):
         tuning = aot.Tuning.parse(text)

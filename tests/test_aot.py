@@ -307,10 +307,8 @@ def test_register_cap_only_where_k_up_stays_on_chip(group_size, rank, on_chip):
     """4-bit kernels that keep ``k_up`` on chip (M-LRD) are capped at 168 registers per thread (three blocks per
     multiprocessor); kernels that stream it (G-LRD groups of 4, rank 352) are not: capped, they spill and run slower
     (bench/results/gpu_kernels_bits4.md). An explicit ``maxnreg`` wins either way."""
-    G = 8 // group_size  # Llama-3-8B shapes: 8 KV heads of 128 channels
-    spec = aot.DecodeSpec(num_heads=32, num_kv_heads=8, group_size=group_size, head_dim=128, rk=rank, rv=rank,
-                          bits=4, quant_group=32, window=0, has_k_bias=False, k_width=G * rank // 2,
-                          v_width=G * rank // 2, kp_width=2 * G * rank // 32, vp_width=2 * G * rank // 32)
+    spec = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=group_size, head_dim=128, rk=rank,
+                                     rv=rank, bits=4, quant_group=32)  # Llama-3-8B shapes
     cfg = triton_latent.kernel_config(S=1, D=128, nrep=4, rk=rank, rv=rank, bits=4, quant_group=32, itemsize=2)
     assert cfg["HOIST"] == on_chip
     meta = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning()).meta)

@@ -127,6 +127,23 @@ class DecodeSpec:
     vp_width: int
     row_splits: bool = False  # LowRankKVAttentionDeviceLen: each row splits its own length (ROW_SPLITS)
 
+    @classmethod
+    def for_caches(cls, *, num_heads: int, num_kv_heads: int, group_size: int, head_dim: int, rk: int, rv: int,
+                   bits: int = 0, quant_group: int = 0, window: int = 0, has_k_bias: bool = False,
+                   row_splits: bool = False) -> DecodeSpec:
+        """The spec of a node whose caches are laid out as the exporter lays them out: per row, ``G * rk`` key and
+        ``G * rv`` value channels (float, or ``bits``-bit codes packed into bytes with a float16 scale and zero
+        point per ``quant_group`` channels)."""
+        G = num_kv_heads // group_size
+        if bits:
+            widths = dict(k_width=G * rk * bits // 8, v_width=G * rv * bits // 8,
+                          kp_width=2 * G * rk // quant_group, vp_width=2 * G * rv // quant_group)
+        else:
+            widths = dict(k_width=G * rk, v_width=G * rv, kp_width=0, vp_width=0)
+        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, group_size=group_size, head_dim=head_dim, rk=rk,
+                   rv=rv, bits=bits, quant_group=quant_group if bits else 0, window=window, has_k_bias=has_k_bias,
+                   row_splits=row_splits, **widths)
+
 
 @dataclass
 class CompiledDecode:

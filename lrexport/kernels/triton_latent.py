@@ -615,7 +615,8 @@ SPLIT_RANKS = "auto"
 # the RoPE table rows of each tile: True = pipelined with the latents (16 KB of shared memory per stage at D = 128
 # and 64-position tiles, as much as the float16 latents at rank 64); False = read when needed, outside the pipeline
 # (bench/kernel_resources.py: rank 80 with split keys, 139264 -> 112640 bytes, two blocks per multiprocessor
-# instead of one). Not yet timed on a GPU, so not the default.
+# instead of one). Slower on an H200 except for rank 80 on Llama-2-7B shapes (1-2%): M-LRD 50%, Llama-3-8B,
+# 64K tokens, 59.7 -> 94.3 us (bench/results/gpu_kernels_tables.md), so the rows stay staged.
 DECODE_STAGE_TABLES = True
 
 # decode's pipeline stages by cache kind (float, packed), as tuned on an H200
