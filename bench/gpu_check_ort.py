@@ -730,7 +730,7 @@ def triton_grid(ck: Checker, quick: bool):
         # the device-lengths op: splits from the capacity, each row splitting its own length in the kernel
         ck.chain("triton large, device lengths", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1),
                  past_len=(0, 200), seed=16, triton=True, device_lengths=True)
-    if not ck.emulated:  # groups of 4 at rank 256: float latents keep the 64 KB k_up slice on chip, 4-bit stream it
+    if not ck.emulated:  # groups of 4 at rank 256: float and 4-bit latents keep the 64 KB k_up slice on chip
         g4 = dict(B=2, Hq=32, Hkv=8, D=128, s=4, rk=256, rv=256, P=2048, Prope=2048, qg=32)
         for bits in (0, 4):
             ck.chain("triton groups of 4, rank 256", Shape(bits=bits, **g4), np.float16, steps=(40, 1, 1),

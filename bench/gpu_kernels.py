@@ -310,6 +310,12 @@ HOIST_CONFIGS = [{}, dict(hoist=True), dict(hoist=True, maxnreg=0), dict(hoist=T
                  dict(hoist=True, maxnreg=0, split_ranks="kv")]
 
 
+# ranks just past a power of two (M-LRD at 37.5%, rank 80: one block per multiprocessor at 4 warps): eight warps
+# in that block, larger tiles, two stages
+RANK80_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(num_warps=8, block_n=128),
+                  dict(num_warps=8, block_n=128, num_stages=2), dict(block_n=128, num_stages=2)]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -317,7 +323,8 @@ DEFAULT_CONFIGS = [{}]
 GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
          "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
          "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
-         "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS, "default": DEFAULT_CONFIGS}
+         "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS, "rank80": RANK80_CONFIGS,
+         "default": DEFAULT_CONFIGS}
 
 
 def grid(name: str, rel_ropes: list[int]) -> list[dict]:
@@ -338,9 +345,16 @@ def _resources(kernels: list) -> dict:
     if not kernels:
         return {}
     from kernel_resources import blocks_per_sm
+    from triton.runtime.errors import OutOfResources
 
-    k = kernels[-1]
-    k._init_handles()
+    for k in reversed(kernels):  # the newest one that launches (a setting too large was compiled, then retried)
+        try:
+            k._init_handles()
+            break
+        except OutOfResources:
+            continue
+    else:
+        return {}
     props = torch.cuda.get_device_properties(0)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
     return dict(n_regs=k.n_regs, n_spills=k.n_spills, shared=k.metadata.shared,

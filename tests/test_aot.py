@@ -302,20 +302,25 @@ def test_split_ranks_reach_the_compiled_kernel(tmp_path):
     assert "| split_ranks=k | 64 | 4 |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize("group_size,rank,on_chip", [(1, 64, True), (4, 352, False)])
-def test_register_cap_only_where_k_up_stays_on_chip(group_size, rank, on_chip):
-    """4-bit kernels that keep ``k_up`` on chip (M-LRD) are capped at 168 registers per thread (three blocks per
-    multiprocessor); kernels that stream it (G-LRD groups of 4, rank 352) are not: capped, they spill and run slower
-    (bench/results/gpu_kernels_bits4.md). An explicit ``maxnreg`` wins either way."""
+@pytest.mark.parametrize("group_size,rank,on_chip,capped", [(1, 64, True, True), (4, 256, True, False),
+                                                           (4, 352, False, False)])
+def test_register_cap_only_for_small_k_up_slices_on_chip(group_size, rank, on_chip, capped):
+    """4-bit kernels that keep a small ``k_up`` slice on chip (M-LRD, 16 KB) are capped at 168 registers per thread
+    (three blocks per multiprocessor); those that keep a 64 KB slice (G-LRD groups of 4 at 50%, rank 256) or stream
+    it (rank 352) are not: capped, they spill and run slower (bench/results/gpu_kernels_bits4.md,
+    gpu_kernels_hoist.md). An explicit ``maxnreg`` wins either way."""
     spec = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=group_size, head_dim=128, rk=rank,
                                      rv=rank, bits=4, quant_group=32)  # Llama-3-8B shapes
     cfg = triton_latent.kernel_config(S=1, D=128, nrep=4, rk=rank, rv=rank, bits=4, quant_group=32, itemsize=2)
     assert cfg["HOIST"] == on_chip
+    kup = triton_latent.kup_on_chip(cfg, 2)
+    assert kup == (rank * 128 * 2 if on_chip else 0)
     meta = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning()).meta)
-    assert meta["maxnreg"] == ("168" if on_chip else "0")
-    assert triton_latent.decode_maxnreg(4, 4, None, on_chip) == (168 if on_chip else None)
-    assert triton_latent.decode_maxnreg(4, 4, 200, on_chip) == 200 and triton_latent.decode_maxnreg(4, 4, 0) is None
-    assert triton_latent.decode_maxnreg(0, 4, None, on_chip) is None  # float latents: never capped by default
+    assert meta["maxnreg"] == ("168" if capped else "0")
+    assert triton_latent.decode_maxnreg(4, 4, None, kup) == (168 if capped else None)
+    assert triton_latent.decode_maxnreg(4, 4, 200, kup) == 200 and triton_latent.decode_maxnreg(4, 4, 0, kup) is None
+    assert triton_latent.decode_maxnreg(0, 4, None, kup) is None  # float latents: never capped by default
+    assert triton_latent.decode_maxnreg(4, 8, None, kup) is None  # the cap was tuned at 4 warps
 
 
 def test_benchmark_4bit_caches_are_whole_quantization_groups():

@@ -353,17 +353,17 @@ def test_rank_chunk(bits, qg, chunk):
 
 
 def test_hoist_defaults():
-    """k_up slices up to 32 KB stay on chip; float16 decode over float latents keeps them up to 64 KB (G-LRD 50%,
-    rank 256 of groups of 4 at D=128, ran faster hoisted on an H200); packed latents, prefill, float32 and larger
-    slices stream them in chunks."""
+    """k_up slices up to 32 KB stay on chip; 16-bit decode keeps them up to 64 KB (G-LRD 50%, rank 256 of groups
+    of 4 at D=128, ran faster hoisted on an H200, float and 4-bit latents); prefill, float32 and larger slices
+    stream them in chunks."""
     def hoisted(rk, bits=0, S=1, itemsize=2):
         return tlk.kernel_config(S=S, D=128, nrep=4, rk=rk, rv=rk, bits=bits, quant_group=32,
                                  itemsize=itemsize)["HOIST"]
 
     assert hoisted(64) and hoisted(128) and hoisted(64, bits=4) and hoisted(128, bits=4)  # 32 KB and less
-    assert hoisted(256) and hoisted(192)  # 64 KB: float16 decode over float latents
-    assert not hoisted(256, bits=4) and not hoisted(256, S=4) and not hoisted(256, itemsize=4)
-    assert not hoisted(352) and not hoisted(512)  # padded to 512: 128 KB
+    assert hoisted(256) and hoisted(192) and hoisted(256, bits=4)  # 64 KB: 16-bit decode
+    assert not hoisted(256, S=4) and not hoisted(256, itemsize=4) and not hoisted(256, bits=4, S=4)
+    assert not hoisted(352) and not hoisted(352, bits=4) and not hoisted(512)  # padded to 512: 128 KB
 
 
 def test_split_ranks_only_where_they_save():

@@ -239,7 +239,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
     limit = SMEM_LIMIT.get(arch, min(SMEM_LIMIT.values()))
     tried = []
     stages0 = tuning.num_stages or tl_k.DECODE_STAGES[bool(spec.bits)]
-    maxnreg = tl_k.decode_maxnreg(spec.bits, tuning.num_warps, tuning.maxnreg, cfg["HOIST"])
+    maxnreg = tl_k.decode_maxnreg(spec.bits, tuning.num_warps, tuning.maxnreg, tl_k.kup_on_chip(cfg, 2))
     for block_n, stages in tl_k.fallbacks(cfg["BLOCK_N"], stages0):
         src = ASTSource(fn, sig, constexprs={**const, "BLOCK_N": block_n}, attrs=attrs)
         k = tl_k.triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -627,27 +627,35 @@ DECODE_STAGES = {False: 3, True: 3}
 # 176 registers uncapped, two blocks per multiprocessor; capped at 168 (no spills) three fit the 64K registers
 # (4-bit, Llama-3-8B shapes, batch 8 at 64K tokens on an H200: 694 -> 550 us; gpu_kernels_pair.json). Float
 # latents are held to two blocks by shared memory at 3 stages, and lose more to spills than they gain with fewer.
-# The cap is for kernels that keep k_up on chip (M-LRD): kernels that stream it (G-LRD) need more registers, and
-# capped at 168 they spill (110 bytes) and are slower (4-bit, 31% G-LRD at 64K tokens: 471 -> 347 us at batch 1,
-# 2848 -> 2741 us at batch 8 with Llama-3-8B shapes, 1567 -> 1349 / 12927 -> 10568 us with Llama-2-7B's;
-# gpu_kernels_bits4.json).
+# The cap is for kernels that keep a small k_up slice on chip (up to DECODE_HOIST_BYTES: M-LRD). Kernels that
+# stream it (G-LRD) need more registers: capped at 168 they spill (110 bytes) and are slower (4-bit, 31% G-LRD at
+# 64K tokens: 471 -> 347 us at batch 1, 2848 -> 2741 us at batch 8 with Llama-3-8B shapes, 1567 -> 1349 / 12927 ->
+# 10568 us with Llama-2-7B's; gpu_kernels_bits4.json). So do kernels that keep a 64 KB slice on chip (4-bit G-LRD
+# at 50%): capped, they spilled 88 bytes and took twice as long (gpu_kernels_hoist.json).
 DECODE_MAXNREG = {False: None, True: 168}
 
 
-def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None, hoist: bool = True) -> int | None:
+def decode_maxnreg(bits: int, num_warps: int, maxnreg: int | None = None, kup_bytes: int = 0) -> int | None:
     """The register cap of a decode kernel: ``maxnreg`` when given (0: none), else the tuned default for
-    the cache kind at 4 warps with ``k_up`` on chip (``hoist``; other warp counts, streamed ``k_up``: none)."""
+    the cache kind at 4 warps where the ``k_up`` slice on chip is ``kup_bytes`` (:func:`kup_on_chip`), at most
+    :data:`DECODE_HOIST_BYTES` (other warp counts, larger slices, streamed ``k_up``: none)."""
     if maxnreg is not None:
         return maxnreg or None
-    return DECODE_MAXNREG[bool(bits)] if num_warps == 4 and hoist else None
+    return DECODE_MAXNREG[bool(bits)] if num_warps == 4 and 0 < kup_bytes <= DECODE_HOIST_BYTES else None
+
+
+def kup_on_chip(cfg: dict, itemsize: int) -> int:
+    """Bytes of the ``k_up`` slice a kernel of :func:`kernel_config` ``cfg`` keeps on chip (0: streamed)."""
+    return (cfg["RK_P"] + cfg["RK_T"]) * cfg["D"] * itemsize if cfg["HOIST"] else 0
 
 
 # the largest k_up slice kept on chip by default (``hoist``; larger ones are streamed in chunks of RKB ranks per
-# tile): 32 KB, and 64 KB for float16 decode over float latents. Measured on an H200 (gpu_kernels_rank_chunk.md,
-# 64K tokens): G-LRD at 50% (groups of 4, rank 256: a 64 KB slice) ran 16-26% faster hoisted (Llama-3-8B 224 ->
-# 189 us at batch 1, 1679 -> 1370 us at batch 8; Llama-2-7B 844 -> 660 and 6749 -> 5007 us), while its 4-bit
-# latents ran twice as slow hoisted (522 against 269 us), and the 128 KB slice of rank 352 1.7-1.9x as slow
-# (gpu_kernels_tables.md).
+# tile): 32 KB, and 64 KB for 16-bit decode. Measured on an H200 (64K tokens): G-LRD at 50% (groups of 4, rank
+# 256: a 64 KB slice) with float latents ran 16-26% faster hoisted (gpu_kernels_rank_chunk.md: Llama-3-8B 224 ->
+# 189 us at batch 1, 1679 -> 1370 us at batch 8; Llama-2-7B 844 -> 660 and 6749 -> 5007 us), and with 4-bit
+# latents, without the register cap, 4-16% faster (gpu_kernels_hoist.md: Llama-3-8B 272 -> 244 and 2123 -> 1836 us;
+# Llama-2-7B 1070 -> 1009 and 8302 -> 8010 us). The 88 KB slice of rank 352 (31%) was 1.4-2.1x as slow hoisted
+# (same file).
 DECODE_HOIST_BYTES = 32768
 DECODE_HOIST_BYTES_F16 = 65536
 
@@ -676,7 +684,7 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
         raise ValueError(f"rank_chunk must be 16, 32 or 64 and divide the key rank {rk}, got {rank_chunk}")
     rk_p = _next_pow2(rk)
     if hoist is None:  # keep k_up on chip when its slice is small (M-LRD); stream it in chunks otherwise
-        big = S == 1 and bits == 0 and itemsize == 2
+        big = S == 1 and itemsize == 2
         hoist = rk_p * D * itemsize <= (DECODE_HOIST_BYTES_F16 if big else DECODE_HOIST_BYTES)
     if hoist:  # the chunk settings are unused: fix them so that they do not split the compiled kernels
         rkb = 16
@@ -908,7 +916,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels_tuned_per_batch.json)
         num_stages = DECODE_STAGES[bool(bits)] if num_stages is None else num_stages
-        maxnreg = decode_maxnreg(bits, num_warps, maxnreg, cfg["HOIST"])
+        maxnreg = decode_maxnreg(bits, num_warps, maxnreg, kup_on_chip(cfg, k_up.element_size()))
     else:
         maxnreg = maxnreg or None
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
