@@ -316,6 +316,11 @@ RANK80_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(n
                   dict(num_warps=8, block_n=128, num_stages=2), dict(block_n=128, num_stages=2)]
 
 
+# G-LRD at 50% with its 64 KB k_up slice on chip (one block per multiprocessor): a second warp group in that block,
+# with two stages or tiles of 128 positions
+GLRD_WARPS_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(num_warps=8, block_n=128)]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -323,7 +328,8 @@ DEFAULT_CONFIGS = [{}]
 GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
          "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
          "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
-         "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS, "rank80": RANK80_CONFIGS,
+         "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
+         "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
 
