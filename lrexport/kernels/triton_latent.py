@@ -654,8 +654,8 @@ def kup_on_chip(cfg: dict, itemsize: int) -> int:
 # 256: a 64 KB slice) with float latents ran 16-26% faster hoisted (gpu_kernels_rank_chunk.md: Llama-3-8B 224 ->
 # 189 us at batch 1, 1679 -> 1370 us at batch 8; Llama-2-7B 844 -> 660 and 6749 -> 5007 us), and with 4-bit
 # latents, without the register cap, 4-16% faster (gpu_kernels_hoist.md: Llama-3-8B 272 -> 244 and 2123 -> 1836 us;
-# Llama-2-7B 1070 -> 1009 and 8302 -> 8010 us). The 88 KB slice of rank 352 (31%) was 1.4-2.1x as slow hoisted
-# (same file).
+# Llama-2-7B 1070 -> 1009 and 8302 -> 8010 us). The slice of rank 352 (31%, 96-128 KB padded) was 1.5-3.3x as
+# slow hoisted (same file).
 DECODE_HOIST_BYTES = 32768
 DECODE_HOIST_BYTES_F16 = 65536
 
