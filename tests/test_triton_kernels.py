@@ -397,3 +397,34 @@ def test_unstaged_rope_tables(bits, qg):
     assert rel_err(unstaged[0], staged[0]) < TOL
     assert not tlk.kernel_config(S=1, D=32, nrep=2, rk=80, rv=48, bits=bits, quant_group=qg, itemsize=4,
                                  stage_tables=False)["STAGE_TABLES"]
+
+
+@pytest.mark.parametrize("mode", ["ptr", "tma", "ahead", "ahead_async"])
+def test_decode_probe_forms_match_float64(mode):
+    """Each form of bench/decode_probe.py's lean decode kernel (pointer loads, tensor descriptors whose row count
+    is the split's end, the next tile's keys rebuilt ahead) against its float64 reference, on fresh random float16
+    inputs: a length that is not a multiple of the tile, three splits, a cache longer than the length (positions
+    past it hold large values that must not leak in). Tolerance: float16 rounding of keys and probabilities."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode_probe.py"
+    spec = importlib.util.spec_from_file_location("decode_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("decode_probe", probe)
+    spec.loader.exec_module(probe)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    B, Hq, Hkv, D, R, L = 2, 8, 2, 128, 64, 203
+    ck = torch.randn(B, L + 40, Hkv * R, generator=g)
+    cv = torch.randn(B, L + 40, Hkv * R, generator=g)
+    ck[:, L:], cv[:, L:] = 3e4, 3e4
+    ang = torch.arange(L + 40.0)[:, None] * (1 / 10000 ** (torch.arange(D // 2) / (D // 2)))[None]
+    args = [t.half().to(DEVICE) for t in (torch.randn(B, Hq, D, generator=g), ck, cv,
+                                          torch.randn(Hkv, R, D, generator=g) / R ** 0.5, ang.cos(), ang.sin())]
+    ref = probe.reference(*args, L)
+    out = probe.lean_decode(mode, *args, L, nsplit=3)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 5e-3, f"{mode}: relative error {err:.2e}"

@@ -1,18 +1,22 @@
-"""How the latent tiles reach the decode kernel: pointer loads against tensor-descriptor (TMA) loads.
+"""Forms of a lean M-LRD decode kernel, to learn what moves its time before changing the library's kernel.
 
 A lean M-LRD float16 decode kernel (one new token per row, ``k_up`` on chip, keys rebuilt and RoPE'd per
-tile, swapped orientation, online softmax with lazy sums, splits combined in PyTorch) in three forms that
-differ only in how the key latents, value latents and RoPE table rows of a tile are loaded:
+tile, swapped orientation, online softmax with lazy sums, splits combined in PyTorch) in forms that differ
+only in how a tile's latents reach the products:
 
 - ``ptr``: masked pointer loads, which Triton's pipeliner turns into asynchronous copies (as the library's
   kernel, ``lrexport/kernels/triton_latent.py``, does);
 - ``tma``: device-side tensor descriptors whose row count is the split's end, so the hardware zero-fills
   positions past it and the loop needs no masks or per-thread addresses;
-- ``tma_ws``: the same loop with ``warp_specialize=True`` (a producer warp issuing the loads).
+- ``tma_ws``: the same loop with ``warp_specialize=True`` (a producer warp issuing the loads);
+- ``ahead``: the next tile's keys rebuilt one iteration ahead, before this tile's RoPE, softmax and values;
+- ``ahead_async``: the same with the rebuild written as an accumulator chain zeroed by a run-time flag, the
+  pattern Triton's Hopper pipeliner issues as an asynchronous ``wgmma`` (its second product then runs
+  under the RoPE arithmetic).
 
 It also times the library's own kernel and PyTorch SDPA on the uncompressed cache on the same shapes, and
 checks each form against a float64 reference on fresh random inputs. Usage (GPU):
-``python bench/tma_probe.py --out bench/results/tma_probe.json``.
+``python bench/decode_probe.py --modes ptr,tma,tma_ws --out bench/results/decode_probe_tma.json``.
 """
 
 from __future__ import annotations
@@ -71,22 +75,46 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
                                           block_shape=[BLOCK_N, R])
         cdesc = tl.make_tensor_descriptor(COS, shape=[end, HALF], strides=[HALF, 1], block_shape=[BLOCK_N, HALF])
         sdesc = tl.make_tensor_descriptor(SIN, shape=[end, HALF], strides=[HALF, 1], block_shape=[BLOCK_N, HALF])
+    if MODE >= 3:  # the first tile's keys, rebuilt before the loop
+        offs0 = start + tl.arange(0, BLOCK_N)
+        row0 = (b * lcap + offs0.to(tl.int64))[:, None] * (HKV * R) + j * R + rr[None, :]
+        lat0 = tl.load(CK + row0, mask=(offs0 < end)[:, None], other=0.0)
+        k1n = tl.dot(lat0, u1)
+        k2n = tl.dot(lat0, u2)
     for n0 in tl.range(start, end, BLOCK_N, warp_specialize=MODE == 2):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < end
-        if MODE > 0:
+        if MODE >= 3:  # this tile's keys were rebuilt last iteration; start the next tile's now
+            k1 = k1n
+            k2 = k2n
+            offs_nx = offs + BLOCK_N
+            row_nx = (b * lcap + offs_nx.to(tl.int64))[:, None] * (HKV * R) + j * R + rr[None, :]
+            lat_nx = tl.load(CK + row_nx, mask=(offs_nx < end)[:, None], other=0.0)
+            if MODE == 4:  # the accumulator chain the compiler makes asynchronous, zeroed by a run-time flag
+                k1n = tl.dot(lat_nx, u1, tl.where(lcap > 0, 0.0, k1n))
+                k2n = tl.dot(lat_nx, u2, tl.where(lcap > 0, 0.0, k2n))
+            else:
+                k1n = tl.dot(lat_nx, u1)
+                k2n = tl.dot(lat_nx, u2)
+            row = (b * lcap + offs.to(tl.int64))[:, None] * (HKV * R) + j * R + rr[None, :]
+            v = tl.load(CV + row, mask=nmask[:, None], other=0.0)
+            kc = tl.load(COS + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            ks = tl.load(SIN + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+        elif MODE > 0:
             lat = kdesc.load([n0, j * R])
             v = vdesc.load([n0, j * R])
             kc = cdesc.load([n0, 0])
             ks = sdesc.load([n0, 0])
+            k1 = tl.dot(lat, u1)
+            k2 = tl.dot(lat, u2)
         else:
             row = (b * lcap + offs.to(tl.int64))[:, None] * (HKV * R) + j * R + rr[None, :]
             lat = tl.load(CK + row, mask=nmask[:, None], other=0.0)
             v = tl.load(CV + row, mask=nmask[:, None], other=0.0)
             kc = tl.load(COS + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
             ks = tl.load(SIN + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-        k1 = tl.dot(lat, u1)
-        k2 = tl.dot(lat, u2)
+            k1 = tl.dot(lat, u1)
+            k2 = tl.dot(lat, u2)
         kc = kc.to(tl.float32)
         ks = ks.to(tl.float32)
         kr1 = (k1 * kc - k2 * ks).to(tl.float16)
@@ -107,7 +135,7 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
     tl.store(ACC + part[:, None] * R + rr[None, :], tl.trans(acc_t), mask=rvalid[:, None])
 
 
-MODES = {"ptr": 0, "tma": 1, "tma_ws": 2}
+MODES = {"ptr": 0, "tma": 1, "tma_ws": 2, "ahead": 3, "ahead_async": 4}
 
 
 def lean_decode(mode, q, ck, cv, kup, cos, sin, L, nsplit, block_n=64, num_stages=3):
@@ -174,13 +202,14 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--contexts", default="16384,65536")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--modes", default=",".join(MODES), help="forms to check and time (default: all)")
     args = ap.parse_args()
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     shapes = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
     D, R = 128, 64
     rows, checks = [], []
     # correctness first, on a short cache with a length that is not a multiple of the tile
-    for mode in MODES:
+    for mode in args.modes.split(","):
         c = make_latent_case(2, 3000, 32, 8, D, 1, R, R, 0, 0, torch.float16)
         args_ = (c["q"].view(2, 32, D), c["ck"], c["cv"], c["k_up"], c["cos"], c["sin"], 2999)
         try:
@@ -199,7 +228,7 @@ def main() -> int:
     res = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                machine=f"{torch.cuda.get_device_name(0)}, {platform.machine()}, torch {torch.__version__}, "
                        f"triton {triton.__version__}",
-               command="python bench/tma_probe.py " + " ".join(sys.argv[1:]), checks=checks, rows=rows)
+               command="python bench/decode_probe.py " + " ".join(sys.argv[1:]), checks=checks, rows=rows)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
@@ -211,23 +240,24 @@ def main() -> int:
 def write_md(res: dict, path: str) -> None:
     """The short table of a result: GPU time per form and each form's speed against SDPA (same run)."""
     modes = [m for m in MODES if any(f"{m}_us" in r for r in res["rows"])]
-    lines = [f"# Latent tiles by pointer loads or tensor descriptors ({res['date']})", "",
+    others = [m for m in modes if m != "ptr"] if "ptr" in modes else []  # each form's time over pointer loads'
+    cols = ["shape", "batch", "context", "sdpa", "lib", *modes, "lib x", *(f"{m} x" for m in modes),
+            *(f"{m} / ptr" for m in others)]
+    lines = [f"# Forms of a lean decode kernel ({res['date']})", "",
              f"Machine: {res['machine']}", "", f"Command: `{res['command']}`", "",
              "M-LRD 50% (rank 64), float16, one decode step; GPU time in us (CUPTI, L2 flushed, median); "
-             "`lib`: the library's kernel (`attend_` defaults); `ptr` / `tma`: the lean kernel of "
-             "`bench/tma_probe.py` with pointer loads / tensor-descriptor loads; x: SDPA time / this time.", "",
+             "`lib`: the library's kernel (`attend_` defaults); the other columns: forms of the lean kernel of "
+             "`bench/decode_probe.py` (see its docstring); x: SDPA time / this time.", "",
              "Checks against float64: " + ", ".join(
                  f"{c['mode']} " + (f"rel. error {c['rel_err']:.1e}" if "rel_err" in c else f"failed ({c['error']})")
                  for c in res["checks"]), "",
-             "| shape | batch | context | sdpa | lib | " + " | ".join(modes) + " | lib x | "
-             + " | ".join(f"{m} x" for m in modes) + " | tma / ptr |",
-             "|---" * (5 + 2 * len(modes) + 2) + "|"]
+             "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in res["rows"]:
         t = [r["lib_us"]] + [r[f"{m}_us"] for m in modes]
-        ratio = f"{r['tma_us'] / r['ptr_us']:.3f}" if "tma_us" in r and "ptr_us" in r else "-"
         lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['sdpa_us']:.1f} | "
                      + " | ".join(f"{x:.1f}" for x in t) + " | "
-                     + " | ".join(f"{r['sdpa_us'] / x:.2f}" for x in t) + f" | {ratio} |")
+                     + " | ".join(f"{r['sdpa_us'] / x:.2f}" for x in t) + " |"
+                     + "".join(f" {r[f'{m}_us'] / r['ptr_us']:.3f} |" for m in others))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
