@@ -12,7 +12,12 @@ only in how a tile's latents reach the products:
 - ``ahead``: the next tile's keys rebuilt one iteration ahead, before this tile's RoPE, softmax and values;
 - ``ahead_async``: the same with the rebuild written as an accumulator chain zeroed by a run-time flag, the
   pattern Triton's Hopper pipeliner issues as an asynchronous ``wgmma`` (its second product then runs
-  under the RoPE arithmetic).
+  under the RoPE arithmetic);
+- ablations, wrong on purpose, to see what a part of the loop costs: ``abl_tables`` rotates every tile's
+  keys with the split's first table rows (the same loads, but no new table bytes after the first tile),
+  ``abl_rope`` scales each key half by one table instead of rotating the pair (the same loads, a third of
+  the arithmetic), ``abl_rebuild`` takes the latent tile itself as both key halves (rank D / 2: the same
+  loads, no key-rebuild product).
 
 It also times the library's own kernel and PyTorch SDPA on the uncompressed cache on the same shapes, and
 checks each form against a float64 reference on fresh random inputs. Usage (GPU):
@@ -68,14 +73,14 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_t = tl.zeros([BLOCK_N, M], tl.float32)
     acc_t = tl.zeros([R, M], tl.float32)
-    if MODE > 0:
+    if MODE == 1 or MODE == 2:  # tensor descriptors
         kdesc = tl.make_tensor_descriptor(CK + b * lcap * HKV * R, shape=[end, HKV * R], strides=[HKV * R, 1],
                                           block_shape=[BLOCK_N, R])
         vdesc = tl.make_tensor_descriptor(CV + b * lcap * HKV * R, shape=[end, HKV * R], strides=[HKV * R, 1],
                                           block_shape=[BLOCK_N, R])
         cdesc = tl.make_tensor_descriptor(COS, shape=[end, HALF], strides=[HALF, 1], block_shape=[BLOCK_N, HALF])
         sdesc = tl.make_tensor_descriptor(SIN, shape=[end, HALF], strides=[HALF, 1], block_shape=[BLOCK_N, HALF])
-    if MODE >= 3:  # the first tile's keys, rebuilt before the loop
+    if MODE == 3 or MODE == 4:  # the first tile's keys, rebuilt before the loop
         offs0 = start + tl.arange(0, BLOCK_N)
         row0 = (b * lcap + offs0.to(tl.int64))[:, None] * (HKV * R) + j * R + rr[None, :]
         lat0 = tl.load(CK + row0, mask=(offs0 < end)[:, None], other=0.0)
@@ -84,7 +89,7 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
     for n0 in tl.range(start, end, BLOCK_N, warp_specialize=MODE == 2):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < end
-        if MODE >= 3:  # this tile's keys were rebuilt last iteration; start the next tile's now
+        if MODE == 3 or MODE == 4:  # this tile's keys were rebuilt last iteration; start the next tile's now
             k1 = k1n
             k2 = k2n
             offs_nx = offs + BLOCK_N
@@ -100,7 +105,7 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
             v = tl.load(CV + row, mask=nmask[:, None], other=0.0)
             kc = tl.load(COS + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
             ks = tl.load(SIN + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-        elif MODE > 0:
+        elif MODE == 1 or MODE == 2:
             lat = kdesc.load([n0, j * R])
             v = vdesc.load([n0, j * R])
             kc = cdesc.load([n0, 0])
@@ -111,14 +116,24 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
             row = (b * lcap + offs.to(tl.int64))[:, None] * (HKV * R) + j * R + rr[None, :]
             lat = tl.load(CK + row, mask=nmask[:, None], other=0.0)
             v = tl.load(CV + row, mask=nmask[:, None], other=0.0)
-            kc = tl.load(COS + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-            ks = tl.load(SIN + offs[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
-            k1 = tl.dot(lat, u1)
-            k2 = tl.dot(lat, u2)
+            # abl_tables reads the first tile's rows every time: the same loads, no new table bytes
+            trow = (start + tl.arange(0, BLOCK_N)) if MODE == 5 else offs
+            kc = tl.load(COS + trow[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            ks = tl.load(SIN + trow[:, None] * HALF + d[None, :], mask=nmask[:, None], other=0.0)
+            if MODE == 7:  # ablation: the latent tile itself as both key halves (rank = D / 2), no rebuild product
+                k1 = lat.to(tl.float32)
+                k2 = lat.to(tl.float32)
+            else:
+                k1 = tl.dot(lat, u1)
+                k2 = tl.dot(lat, u2)
         kc = kc.to(tl.float32)
         ks = ks.to(tl.float32)
-        kr1 = (k1 * kc - k2 * ks).to(tl.float16)
-        kr2 = (k2 * kc + k1 * ks).to(tl.float16)
+        if MODE == 6:  # ablation: each half scaled by one table instead of rotated (the same loads, less arithmetic)
+            kr1 = (k1 * kc).to(tl.float16)
+            kr2 = (k2 * ks).to(tl.float16)
+        else:
+            kr1 = (k1 * kc - k2 * ks).to(tl.float16)
+            kr2 = (k2 * kc + k1 * ks).to(tl.float16)
         s_t = tl.dot(kr1, q1t) + tl.dot(kr2, q2t)
         s_t = tl.where(nmask[:, None] & rvalid[None, :], s_t, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_t, 0))
@@ -135,7 +150,10 @@ def _lean_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk
     tl.store(ACC + part[:, None] * R + rr[None, :], tl.trans(acc_t), mask=rvalid[:, None])
 
 
-MODES = {"ptr": 0, "tma": 1, "tma_ws": 2, "ahead": 3, "ahead_async": 4}
+MODES = {"ptr": 0, "tma": 1, "tma_ws": 2, "ahead": 3, "ahead_async": 4, "abl_tables": 5, "abl_rope": 6,
+         "abl_rebuild": 7}
+# ablations: wrong on purpose (they measure what a part of the loop costs), so not checked against float64
+ABLATIONS = ("abl_tables", "abl_rope", "abl_rebuild")
 
 
 def lean_decode(mode, q, ck, cv, kup, cos, sin, L, nsplit, block_n=64, num_stages=3):
@@ -216,7 +234,7 @@ def main() -> int:
             out = lean_decode(mode, *args_, nsplit=5)
             ref = reference(*args_)
             err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-            checks.append(dict(mode=mode, rel_err=err, ok=err < 2e-2))
+            checks.append(dict(mode=mode, rel_err=err, ok=err < 2e-2 or mode in ABLATIONS))
         except Exception as e:  # a form that does not compile here is reported, not fatal
             checks.append(dict(mode=mode, error=f"{type(e).__name__}: {str(e)[:300]}", ok=False))
         print("check", checks[-1], flush=True)
@@ -250,6 +268,7 @@ def write_md(res: dict, path: str) -> None:
              "`bench/decode_probe.py` (see its docstring); x: SDPA time / this time.", "",
              "Checks against float64: " + ", ".join(
                  f"{c['mode']} " + (f"rel. error {c['rel_err']:.1e}" if "rel_err" in c else f"failed ({c['error']})")
+                 + (" (ablation: wrong on purpose)" if c["mode"] in ABLATIONS else "")
                  for c in res["checks"]), "",
              "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in res["rows"]:
