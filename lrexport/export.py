@@ -82,6 +82,7 @@ def export_onnx(cm: CompressedModel, out: str | Path, *, cuda_arch: int | None =
     if gpu:
         _warn_unaligned_ranks(cm)
         _warn_grouped_latents(cm)
+        _warn_padded_kv_ranks(cm)
     info = {
         "file": MODEL_FILE, "ir_version": IR_VERSION, "inputs": res.input_names, "outputs": res.output_names,
         "cache": [{"name": n, "width": w, "dtype": d} for n, w, d in zip(tg.cache.names, tg.cache.widths,
@@ -127,9 +128,28 @@ def _warn_grouped_latents(cm: CompressedModel) -> None:
     if s > 1:
         log.warning("the KV latents are shared by groups of %d KV heads (%s-LRD): on the GPU each head rebuilds "
                     "its keys from the group's whole latent, about %dx the tensor-core work per cached token of "
-                    "per-head latents; on an H200 such decode kernels ran 2.8-4.5x slower than per-head ones (M-LRD) "
+                    "per-head latents; on an H200 such decode kernels ran 2.5-4.5x slower than per-head ones (M-LRD) "
                     "at the same cache size (docs/gpu.md). Compress with --kv-group 1 where decode speed matters",
                     s, kv.get("grouping", "G"), s)
+
+
+def _warn_padded_kv_ranks(cm: CompressedModel) -> None:
+    """The GPU decode kernel's time follows each per-head latent rank padded to a power of two: on an H200 (bench/
+    results/gpu_kernels_ranks.md) ranks 80 to 128 took about 1.9x the time of rank 64, and ranks 32 to 64 the time
+    of 64. Say so when a GPU export of per-head latents (M-LRD) has ranks from 65 to 80, where a rank of 64 would
+    take about half that layer's attention time."""
+    kv = cm.plan.kv or {}
+    if int(kv.get("group_size", 1) or 1) != 1:
+        return
+    ranks = sorted((kv.get("ranks") or {}).items(), key=lambda item: int(item[0]))
+    past = [(int(layer), side, int(r)) for layer, pair in ranks for side, r in zip(("key", "value"), pair)
+            if 64 < int(r) <= 80]
+    if past:
+        layer, side, r = past[0]
+        log.warning("%d of %d KV latent ranks are just past 64 (e.g. layer %d, %s rank %d): the GPU decode kernel "
+                    "pads them to 128, and on an H200 ranks 80-128 took about 1.9x the time of rank 64 "
+                    "(docs/gpu.md). A KV allocation that keeps them at 64 or below decodes faster",
+                    len(past), 2 * len(ranks), layer, side, r)
 
 
 def _gpu_kernels(model: onnx.ModelProto, cuda_arch: int | None, tuning=None) -> dict | None:

@@ -343,3 +343,30 @@ def test_benchmark_4bit_caches_are_whole_quantization_groups():
         seen.add((g, rank, qg))
     assert {("M", 80, 16), ("M", 64, 32), ("G", 352, 32), ("G", 256, 32)} <= seen
     assert gk._bits(dict(bits=4, quant_group=16)) == "4/16" and gk._bits(dict(bits=4, quant_group=32)) == "4"
+
+
+def test_kv_ranks_just_past_64_warn_at_a_gpu_export(caplog):
+    """The decode kernel's time follows the per-head rank padded to a power of two (ranks 80-128 took about 1.9x
+    rank 64's time on an H200): a GPU export of per-head latents with ranks from 65 to 80 says so, naming a layer;
+    ranks of 64 or less, or 96 and up, and grouped latents (streamed k_up) say nothing."""
+    import logging
+    from types import SimpleNamespace
+
+    from lrexport.export import _warn_padded_kv_ranks
+
+    cases = (({"0": [64, 64], "1": [72, 64], "2": [48, 80]}, "2 of 6 KV latent ranks", "layer 1, key rank 72"),
+             ({"0": [64, 48], "1": [96, 128], "2": [32, 64]}, None, None),
+             ({"0": [65, 64]}, "1 of 2", "layer 0, key rank 65"))
+    for ranks, count, example in cases:
+        for group_size in (1, 4):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="lrexport.export"):
+                _warn_padded_kv_ranks(SimpleNamespace(plan=SimpleNamespace(kv={"ranks": ranks,
+                                                                               "group_size": group_size})))
+            if count is None or group_size > 1:
+                assert "just past 64" not in caplog.text
+            else:
+                assert count in caplog.text and example in caplog.text and "1.9x" in caplog.text
+    caplog.clear()
+    _warn_padded_kv_ranks(SimpleNamespace(plan=SimpleNamespace(kv=None)))  # no latent KV cache: nothing to say
+    assert not caplog.text
