@@ -13,6 +13,10 @@ only in how a tile's latents reach the products:
 - ``ahead_async``: the same with the rebuild written as an accumulator chain zeroed by a run-time flag, the
   pattern Triton's Hopper pipeliner issues as an asynchronous ``wgmma`` (its second product then runs
   under the RoPE arithmetic);
+- ``gluon``, ``gluon_sync``, ``gluon2``, ``gluon2_sync``: the loop in Gluon (``bench/gluon_decode.py``), its
+  products overlapped by hand or each waited for at once, with 3 or 2 pipeline stages; ``gluon_rings``:
+  overlapped, with key latents and table rows copied two tiles ahead and value latents one (two blocks
+  per multiprocessor);
 - ablations, wrong on purpose, to see what a part of the loop costs: ``abl_tables`` rotates every tile's
   keys with the split's first table rows (the same loads, but no new table bytes after the first tile),
   ``abl_rope`` scales each key half by one table instead of rotating the pair (the same loads, a third of
@@ -156,8 +160,18 @@ MODES = {"ptr": 0, "tma": 1, "tma_ws": 2, "ahead": 3, "ahead_async": 4, "abl_tab
 ABLATIONS = ("abl_tables", "abl_rope", "abl_rebuild")
 
 
+# the Gluon kernels of bench/gluon_decode.py: (pipeline stages, overlapped products, split rings)
+GLUON_FORMS = {"gluon": (3, True, False), "gluon_sync": (3, False, False), "gluon2": (2, True, False),
+               "gluon2_sync": (2, False, False), "gluon_rings": (2, True, True)}
+
+
 def lean_decode(mode, q, ck, cv, kup, cos, sin, L, nsplit, block_n=64, num_stages=3):
     """Output [B, Hq, R] (value-latent space) of the lean kernel in ``mode`` over the first ``L`` positions."""
+    if mode in GLUON_FORMS:  # Gluon needs a GPU and a Triton that has it: imported only for these forms
+        from gluon_decode import gluon_decode
+
+        stages, overlap, rings = GLUON_FORMS[mode]
+        return gluon_decode(q, ck, cv, kup, cos, sin, L, nsplit, overlap=overlap, num_stages=stages, rings=rings)
     B, Hq, D = q.shape
     Hkv, R, _ = kup.shape
     nrep = Hq // Hkv
@@ -220,7 +234,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--contexts", default="16384,65536")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--modes", default=",".join(MODES), help="forms to check and time (default: all)")
+    ap.add_argument("--modes", default=",".join(MODES), help="forms to check and time (default: all but Gluon's: "
+                    + ", ".join(GLUON_FORMS) + ")")
     args = ap.parse_args()
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     shapes = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
@@ -257,7 +272,7 @@ def main() -> int:
 
 def write_md(res: dict, path: str) -> None:
     """The short table of a result: GPU time per form and each form's speed against SDPA (same run)."""
-    modes = [m for m in MODES if any(f"{m}_us" in r for r in res["rows"])]
+    modes = [m for m in [*MODES, *GLUON_FORMS] if any(f"{m}_us" in r for r in res["rows"])]
     others = [m for m in modes if m != "ptr"] if "ptr" in modes else []  # each form's time over pointer loads'
     cols = ["shape", "batch", "context", "sdpa", "lib", *modes, "lib x", *(f"{m} x" for m in modes),
             *(f"{m} / ptr" for m in others)]
