@@ -16,7 +16,7 @@ only in how a tile's latents reach the products:
 - ``gluon``, ``gluon_sync``, ``gluon2``, ``gluon2_sync``: the loop in Gluon (``bench/gluon_decode.py``), its
   products overlapped by hand or each waited for at once, with 3 or 2 pipeline stages; ``gluon_rings``:
   overlapped, with key latents and table rows copied two tiles ahead and value latents one (two blocks
-  per multiprocessor);
+  per multiprocessor); ``gluon_rings16``: the same with the keys' RoPE in float16;
 - ablations, wrong on purpose, to see what a part of the loop costs: ``abl_tables`` rotates every tile's
   keys with the split's first table rows (the same loads, but no new table bytes after the first tile),
   ``abl_rope`` scales each key half by one table instead of rotating the pair (the same loads, a third of
@@ -160,18 +160,21 @@ MODES = {"ptr": 0, "tma": 1, "tma_ws": 2, "ahead": 3, "ahead_async": 4, "abl_tab
 ABLATIONS = ("abl_tables", "abl_rope", "abl_rebuild")
 
 
-# the Gluon kernels of bench/gluon_decode.py: (pipeline stages, overlapped products, split rings)
-GLUON_FORMS = {"gluon": (3, True, False), "gluon_sync": (3, False, False), "gluon2": (2, True, False),
-               "gluon2_sync": (2, False, False), "gluon_rings": (2, True, True)}
+# the Gluon kernels of bench/gluon_decode.py: (pipeline stages, overlapped products, split rings, float16 RoPE)
+GLUON_FORMS = {"gluon": (3, True, False, False), "gluon_sync": (3, False, False, False),
+               "gluon2": (2, True, False, False), "gluon2_sync": (2, False, False, False),
+               "gluon_rings": (2, True, True, False), "gluon_rings16": (2, True, True, True)}
 
 
 def lean_decode(mode, q, ck, cv, kup, cos, sin, L, nsplit, block_n=64, num_stages=3):
-    """Output [B, Hq, R] (value-latent space) of the lean kernel in ``mode`` over the first ``L`` positions."""
+    """Output [B, Hq, R] (value-latent space, float16) of the lean kernel in ``mode`` over the first ``L``
+    positions; the splits are combined by the library's kernel (``triton_latent._combine``), as ``attend_`` does."""
     if mode in GLUON_FORMS:  # Gluon needs a GPU and a Triton that has it: imported only for these forms
-        from gluon_decode import gluon_decode
+        from gluon_decode import gluon_partials
 
-        stages, overlap, rings = GLUON_FORMS[mode]
-        return gluon_decode(q, ck, cv, kup, cos, sin, L, nsplit, overlap=overlap, num_stages=stages, rings=rings)
+        stages, overlap, rings, rope16 = GLUON_FORMS[mode]
+        return combine_splits(*gluon_partials(q, ck, cv, kup, cos, sin, L, nsplit, overlap=overlap,
+                                              num_stages=stages, rings=rings, rope16=rope16))
     B, Hq, D = q.shape
     Hkv, R, _ = kup.shape
     nrep = Hq // Hkv
@@ -184,9 +187,18 @@ def lean_decode(mode, q, ck, cv, kup, cos, sin, L, nsplit, block_n=64, num_stage
                                     D ** -0.5 * 1.4426950408889634, HKV=Hkv, D=D, R=R, NREP=nrep,
                                     M=max(16, triton.next_power_of_2(nrep)), BLOCK_N=block_n, MODE=MODES[mode],
                                     num_warps=4, num_stages=num_stages)
-    g = mx.max(-1, keepdim=True).values
-    w = torch.exp2(mx - g)
-    return (acc * w[..., None]).sum(2) / (sm * w).sum(-1, keepdim=True)
+    return combine_splits(acc, mx, sm)
+
+
+def combine_splits(acc, mx, sm):
+    """[B, Hq, R] float16 from per-split partials, with the library's combine kernel."""
+    from lrexport.kernels import triton_latent as tlk
+
+    B, Hq, ns, R = acc.shape
+    out = torch.empty(B, Hq, R, device=acc.device, dtype=torch.float16)
+    nsp = max(2, triton.next_power_of_2(ns))
+    tlk._combine[(B * Hq,)](acc, mx, sm, out, ns, RV=R, RV_P=R, NSPLIT_P=nsp, num_warps=4 if nsp * R >= 2048 else 1)
+    return out
 
 
 def reference(q, ck, cv, kup, cos, sin, L):
@@ -281,6 +293,7 @@ def write_md(res: dict, path: str) -> None:
              "M-LRD 50% (rank 64), float16, one decode step; GPU time in us (CUPTI, L2 flushed, median); "
              "`lib`: the library's kernel (`attend_` defaults); the other columns: forms of the lean kernel of "
              "`bench/decode_probe.py` (see its docstring); x: SDPA time / this time.", "",
+             *([f"Note: {res['note']}.", ""] if res.get("note") else []),
              "Checks against float64: " + ", ".join(
                  f"{c['mode']} " + (f"rel. error {c['rel_err']:.1e}" if "rel_err" in c else f"failed ({c['error']})")
                  + (" (ablation: wrong on purpose)" if c["mode"] in ABLATIONS else "")

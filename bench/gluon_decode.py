@@ -200,9 +200,25 @@ def _issue_values(CV, v_s, n0, end, b, j, lcap, st,
 
 
 @gluon.jit
+def _rope(k1, k2, c_smem, s_smem, mma_k: gl.constexpr, a_s: gl.constexpr, ROPE16: gl.constexpr):
+    """The rebuilt key halves rotated by the tile's table rows, as the score product's register operands:
+    in float32, or (``ROPE16``) rounded to float16 once and rotated in float16 (as Hugging Face's float16 RoPE)."""
+    if ROPE16:
+        kc = c_smem.load(mma_k)
+        ks = s_smem.load(mma_k)
+        h1 = k1.to(gl.float16)
+        h2 = k2.to(gl.float16)
+        return gl.convert_layout(h1 * kc - h2 * ks, a_s), gl.convert_layout(h2 * kc + h1 * ks, a_s)
+    kc = c_smem.load(mma_k).to(gl.float32)
+    ks = s_smem.load(mma_k).to(gl.float32)
+    return (gl.convert_layout((k1 * kc - k2 * ks).to(gl.float16), a_s),
+            gl.convert_layout((k2 * kc + k1 * ks).to(gl.float16), a_s))
+
+
+@gluon.jit
 def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_scale,
                      HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
-                     BLOCK_N: gl.constexpr):
+                     BLOCK_N: gl.constexpr, ROPE16: gl.constexpr):
     """The overlapped loop with two rings of two stages: key latents and table rows are copied two tiles ahead
     (their stage frees once the tile's keys are rebuilt and RoPE'd, an iteration early), value latents one tile
     ahead (their stage frees once ``P @ V`` is done). 86 KB of shared memory: two blocks per multiprocessor."""
@@ -266,10 +282,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
     gl.thread_barrier()
     k1 = warpgroup_mma(lat_s.index(0), u1_s, zk, use_acc=False)
     k2 = warpgroup_mma(lat_s.index(0), u2_s, zk, use_acc=False)
-    kc = c_s.index(0).load(mma_k).to(gl.float32)
-    ks = s_s.index(0).load(mma_k).to(gl.float32)
-    a1 = gl.convert_layout((k1 * kc - k2 * ks).to(gl.float16), a_s)
-    a2 = gl.convert_layout((k2 * kc + k1 * ks).to(gl.float16), a_s)
+    a1, a2 = _rope(k1, k2, c_s.index(0), s_s.index(0), mma_k, a_s, ROPE16)
     gl.thread_barrier()
 
     for it in range(0, n_tiles):
@@ -301,10 +314,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
         gl.thread_barrier()
         pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
         k1, k2 = warpgroup_mma_wait(num_outstanding=1, deps=(k1_tok, k2_tok))
-        kc = c_s.index(nx).load(mma_k).to(gl.float32)
-        ks = s_s.index(nx).load(mma_k).to(gl.float32)
-        a1 = gl.convert_layout((k1 * kc - k2 * ks).to(gl.float16), a_s)
-        a2 = gl.convert_layout((k2 * kc + k1 * ks).to(gl.float16), a_s)
+        a1, a2 = _rope(k1, k2, c_s.index(nx), s_s.index(nx), mma_k, a_s, ROPE16)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
         gl.thread_barrier()
     async_copy.wait_group(0)
@@ -318,13 +328,15 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
     gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
 
 
-def gluon_decode(q, ck, cv, kup, cos, sin, L, nsplit, overlap=True, block_n=64, num_stages=3, rings=False):
-    """Output [B, Hq, R] (value-latent space) over the first ``L`` positions, as ``decode_probe.lean_decode``."""
+def gluon_partials(q, ck, cv, kup, cos, sin, L, nsplit, overlap=True, block_n=64, num_stages=3, rings=False,
+                   rope16=False):
+    """Per-split partials (acc [B, Hq, splits, R], max and sum [B, Hq, splits]) over the first ``L`` positions, in
+    the layout of the library's split combine (``triton_latent._combine``)."""
     B, Hq, D = q.shape
     Hkv, R, _ = kup.shape
     nrep = Hq // Hkv
     if D != 128 or R != 64 or nrep > 16 or q.dtype != torch.float16:
-        raise ValueError(f"gluon_decode: float16, head dim 128, rank 64, at most 16 query heads per KV head; got "
+        raise ValueError(f"gluon_partials: float16, head dim 128, rank 64, at most 16 query heads per KV head; got "
                          f"{q.dtype}, D={D}, R={R}, {nrep} query heads per KV head")
     split_len = triton.cdiv(triton.cdiv(L, nsplit), block_n) * block_n
     nsplit = triton.cdiv(L, split_len)
@@ -333,10 +345,9 @@ def gluon_decode(q, ck, cv, kup, cos, sin, L, nsplit, overlap=True, block_n=64, 
     sm = torch.empty_like(mx)
     args = (q, ck, cv, kup, cos, sin, acc, mx, sm, L, split_len, ck.shape[1], D ** -0.5 * 1.4426950408889634)
     if rings:
-        _gl_decode_rings[(B * Hkv, nsplit)](*args, HKV=Hkv, D=D, R=R, NREP=nrep, M=16, BLOCK_N=block_n, num_warps=4)
+        _gl_decode_rings[(B * Hkv, nsplit)](*args, HKV=Hkv, D=D, R=R, NREP=nrep, M=16, BLOCK_N=block_n,
+                                            ROPE16=rope16, num_warps=4)
     else:
         _gl_decode[(B * Hkv, nsplit)](*args, HKV=Hkv, D=D, R=R, NREP=nrep, M=16, BLOCK_N=block_n, NS=num_stages,
                                       OVERLAP=overlap, num_warps=4)
-    g = mx.max(-1, keepdim=True).values
-    w = torch.exp2(mx - g)
-    return (acc * w[..., None]).sum(2) / (sm * w).sum(-1, keepdim=True)
+    return acc, mx, sm
