@@ -26,6 +26,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+# Gluon's API as of Triton 3.6 (the H200's), with the names later versions gave it: a barrier across the block's
+# threads (``thread_barrier``, later ``barrier``) and the masked global-to-shared copy (later ``async_load``)
+_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_copy = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+
 
 @gluon.jit
 def _issue(CK, CV, COS, SIN, lat_s, v_s, c_s, s_s, n0, end, b, j, lcap, st,
@@ -36,11 +41,11 @@ def _issue(CK, CV, COS, SIN, lat_s, v_s, c_s, s_s, n0, end, b, j, lcap, st,
     cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
     ch = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
     row = (b * lcap + offs.to(gl.int64)) * (HKV * R) + j * R
-    async_copy.async_copy_global_to_shared(lat_s.index(st), CK + row[:, None] + cr[None, :], mask=m)
-    async_copy.async_copy_global_to_shared(v_s.index(st), CV + row[:, None] + cr[None, :], mask=m)
+    _copy(lat_s.index(st), CK + row[:, None] + cr[None, :], mask=m)
+    _copy(v_s.index(st), CV + row[:, None] + cr[None, :], mask=m)
     trow = offs.to(gl.int64) * HALF
-    async_copy.async_copy_global_to_shared(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
-    async_copy.async_copy_global_to_shared(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
+    _copy(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
+    _copy(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
     async_copy.commit_group()
 
 
@@ -86,7 +91,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
     s_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, HALF], tab_sl)
     p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, M], p_sl)
     fence_async_shared()
-    gl.thread_barrier()
+    _barrier()
 
     start = sp * split_len
     end = gl.minimum(L, start + split_len)
@@ -106,7 +111,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
     # the first tile's keys, rebuilt and RoPE'd before the loop
     async_copy.wait_group(NS - 2)
     fence_async_shared()
-    gl.thread_barrier()
+    _barrier()
     k1 = warpgroup_mma(lat_s.index(0), u1_s, zk, use_acc=False)
     k2 = warpgroup_mma(lat_s.index(0), u2_s, zk, use_acc=False)
     kc = c_s.index(0).load(mma_k).to(gl.float32)
@@ -125,7 +130,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
             s_tok = warpgroup_mma(a2, q2_s.permute((1, 0)), s_tok, is_async=True)
             async_copy.wait_group(NS - 2)  # tile it + 1 is in shared memory
             fence_async_shared()
-            gl.thread_barrier()
+            _barrier()
             k1_tok = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False, is_async=True)
             k2_tok = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
@@ -143,7 +148,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
         m_i = m_new
         p_s.store(p.to(gl.float16))
         fence_async_shared()
-        gl.thread_barrier()
+        _barrier()
         if OVERLAP:
             pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
             k1, k2 = warpgroup_mma_wait(num_outstanding=1, deps=(k1_tok, k2_tok))
@@ -151,7 +156,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
             acc = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc)
             async_copy.wait_group(NS - 2)
             fence_async_shared()
-            gl.thread_barrier()
+            _barrier()
             k1 = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False)
             k2 = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False)
         kc = c_s.index(nx).load(mma_k).to(gl.float32)
@@ -160,7 +165,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
         a2 = gl.convert_layout((k2 * kc + k1 * ks).to(gl.float16), a_s)
         if OVERLAP:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
-        gl.thread_barrier()
+        _barrier()
     async_copy.wait_group(0)
 
     l_i = gl.sum(l_t, 0)
@@ -181,10 +186,10 @@ def _issue_keys(CK, COS, SIN, lat_s, c_s, s_s, n0, end, b, j, lcap, st,
     cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
     ch = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
     row = (b * lcap + offs.to(gl.int64)) * (HKV * R) + j * R
-    async_copy.async_copy_global_to_shared(lat_s.index(st), CK + row[:, None] + cr[None, :], mask=m)
+    _copy(lat_s.index(st), CK + row[:, None] + cr[None, :], mask=m)
     trow = offs.to(gl.int64) * HALF
-    async_copy.async_copy_global_to_shared(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
-    async_copy.async_copy_global_to_shared(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
+    _copy(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
+    _copy(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
     async_copy.commit_group()
 
 
@@ -195,7 +200,7 @@ def _issue_values(CV, v_s, n0, end, b, j, lcap, st,
     offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk))
     cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
     row = (b * lcap + offs.to(gl.int64)) * (HKV * R) + j * R
-    async_copy.async_copy_global_to_shared(v_s.index(st), CV + row[:, None] + cr[None, :], mask=(offs < end)[:, None])
+    _copy(v_s.index(st), CV + row[:, None] + cr[None, :], mask=(offs < end)[:, None])
     async_copy.commit_group()
 
 
@@ -259,7 +264,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
     s_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, HALF], tab_sl)
     p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, M], p_sl)
     fence_async_shared()
-    gl.thread_barrier()
+    _barrier()
 
     start = sp * split_len
     end = gl.minimum(L, start + split_len)
@@ -279,11 +284,11 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
 
     async_copy.wait_group(2)  # K0
     fence_async_shared()
-    gl.thread_barrier()
+    _barrier()
     k1 = warpgroup_mma(lat_s.index(0), u1_s, zk, use_acc=False)
     k2 = warpgroup_mma(lat_s.index(0), u2_s, zk, use_acc=False)
     a1, a2 = _rope(k1, k2, c_s.index(0), s_s.index(0), mma_k, a_s, ROPE16)
-    gl.thread_barrier()
+    _barrier()
 
     for it in range(0, n_tiles):
         st = it % 2
@@ -295,7 +300,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
         s_tok = warpgroup_mma(a2, q2_s.permute((1, 0)), s_tok, is_async=True)
         async_copy.wait_group(3)  # K(it + 1); V(it), K(it + 2), V(it + 1) may be in flight
         fence_async_shared()
-        gl.thread_barrier()
+        _barrier()
         k1_tok = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False, is_async=True)
         k2_tok = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
@@ -311,12 +316,12 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
         p_s.store(p.to(gl.float16))
         async_copy.wait_group(2)  # V(it)
         fence_async_shared()
-        gl.thread_barrier()
+        _barrier()
         pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
         k1, k2 = warpgroup_mma_wait(num_outstanding=1, deps=(k1_tok, k2_tok))
         a1, a2 = _rope(k1, k2, c_s.index(nx), s_s.index(nx), mma_k, a_s, ROPE16)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
-        gl.thread_barrier()
+        _barrier()
     async_copy.wait_group(0)
 
     l_i = gl.sum(l_t, 0)
@@ -351,3 +356,37 @@ def gluon_partials(q, ck, cv, kup, cos, sin, L, nsplit, overlap=True, block_n=64
         _gl_decode[(B * Hkv, nsplit)](*args, HKV=Hkv, D=D, R=R, NREP=nrep, M=16, BLOCK_N=block_n, NS=num_stages,
                                       OVERLAP=overlap, num_warps=4)
     return acc, mx, sm
+
+
+def compile_report(arch: int = 90) -> dict:
+    """Compile each form for ``arch`` without a GPU (Llama-3-8B shapes: 8 KV heads, 4 query heads each) and
+    report its shared memory, its ``cp.async`` copies and the ``wgmma`` waits in its code, in order: the
+    overlapped forms wait for fewer than all outstanding products (``num_outstanding`` 2, then 1)."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    forms = {"sync": (_gl_decode, dict(NS=3, OVERLAP=False)), "overlap": (_gl_decode, dict(NS=3, OVERLAP=True)),
+             "rings": (_gl_decode_rings, dict(ROPE16=False)), "rings16": (_gl_decode_rings, dict(ROPE16=True))}
+    pointers = {"Q": "*fp16", "CK": "*fp16", "CV": "*fp16", "KUP": "*fp16", "COS": "*fp16", "SIN": "*fp16",
+                "ACC": "*fp32", "MAX": "*fp32", "SUM": "*fp32"}
+    out = {}
+    for name, (fn, extra) in forms.items():
+        const = dict(HKV=8, D=128, R=64, NREP=4, M=16, BLOCK_N=64, **extra)
+        sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
+               for n in fn.arg_names}
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+        k = triton.compile(GluonASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=4))
+        ptx = k.asm["ptx"]
+        out[name] = dict(shared=k.metadata.shared, cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)),
+                         wgmma=ptx.count("wgmma.mma_async"),
+                         waits=[int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)])
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(compile_report()))
