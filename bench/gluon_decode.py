@@ -50,27 +50,13 @@ def _issue(CK, CV, COS, SIN, lat_s, v_s, c_s, s_s, n0, end, b, j, lcap, st,
 
 
 @gluon.jit
-def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_scale,
-               HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
-               BLOCK_N: gl.constexpr, NS: gl.constexpr, OVERLAP: gl.constexpr):
+def _operands(Q, KUP, COS, SIN, L, qk_scale, b, j, HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr,
+              NREP: gl.constexpr, M: gl.constexpr, blk: gl.constexpr):
+    """The queries of KV head ``j`` RoPE'd at the last position, pre-scaled for exp2, and ``k_up``'s two halves,
+    in shared memory as the products' right-hand operands: (q1, q2, u1, u2)."""
     HALF: gl.constexpr = D // 2
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
-    a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
-    tile_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.float16)
-    tab_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], gl.float16)
-    u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
-    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, M], gl.float16)
-
-    pid_bj = gl.program_id(0)
-    sp = gl.program_id(1)
-    nsplit = gl.num_programs(1)
-    b = (pid_bj // HKV).to(gl.int64)
-    j = pid_bj % HKV
-
-    # queries RoPE'd at the last position and pre-scaled for exp2; k_up halves: both on chip for the loop
+    u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
     r = gl.arange(0, M, layout=gl.SliceLayout(1, blk))
     dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
     rvalid = r < NREP
@@ -85,6 +71,53 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
     urow = KUP + (j * R + ru) * D
     u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + dq[None, :]))
     u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + HALF + dq[None, :]))
+    return q1_s, q2_s, u1_s, u2_s
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_t, acc):
+    """One tile of the online softmax in base 2 (masked scores ``s`` [positions, rows]): the probabilities, the
+    running maximum, the per-position sums and the accumulator rescaled to the new maximum."""
+    m_new = gl.maximum(m_i, gl.max(s, 0))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - m_safe[None, :])
+    return p, m_new, l_t * alpha[None, :] + p, acc * alpha[None, :]
+
+
+@gluon.jit
+def _store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, b, j, sp, nsplit, HKV: gl.constexpr, NREP: gl.constexpr,
+                    R: gl.constexpr, mma_s: gl.constexpr):
+    """This split's maximum, sum and accumulator per query row, for the library's combine kernel."""
+    part = (b * HKV * NREP + j * NREP + rows) * nsplit + sp
+    rv = rows < NREP
+    gl.store(MAX + part, m_i, mask=rv)
+    gl.store(SUM + part, gl.sum(l_t, 0), mask=rv)
+    rr = gl.arange(0, R, layout=gl.SliceLayout(1, mma_s))
+    gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
+
+
+@gluon.jit
+def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_scale,
+               HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
+               BLOCK_N: gl.constexpr, NS: gl.constexpr, OVERLAP: gl.constexpr):
+    HALF: gl.constexpr = D // 2
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
+    a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
+    tile_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.float16)
+    tab_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], gl.float16)
+    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, M], gl.float16)
+
+    pid_bj = gl.program_id(0)
+    sp = gl.program_id(1)
+    nsplit = gl.num_programs(1)
+    b = (pid_bj // HKV).to(gl.int64)
+    j = pid_bj % HKV
+
+    # queries RoPE'd at the last position and pre-scaled for exp2; k_up halves: both on chip for the loop
+    q1_s, q2_s, u1_s, u2_s = _operands(Q, KUP, COS, SIN, L, qk_scale, b, j, HKV, D, R, NREP, M, blk)
     lat_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, R], tile_sl)
     v_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, R], tile_sl)
     c_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, HALF], tab_sl)
@@ -138,14 +171,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
             s = warpgroup_mma(a1, q1_s.permute((1, 0)), zs, use_acc=False)
             s = warpgroup_mma(a2, q2_s.permute((1, 0)), s)
         ok = ((start + it * BLOCK_N + pos) < end)[:, None] & (rows < NREP)[None, :]
-        s = gl.where(ok, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[None, :])
-        l_t = l_t * alpha[None, :] + p
-        acc = acc * alpha[None, :]
-        m_i = m_new
+        p, m_i, l_t, acc = _softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
         p_s.store(p.to(gl.float16))
         fence_async_shared()
         _barrier()
@@ -168,13 +194,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
         _barrier()
     async_copy.wait_group(0)
 
-    l_i = gl.sum(l_t, 0)
-    part = (b * HKV * NREP + j * NREP + rows) * nsplit + sp
-    rv = rows < NREP
-    gl.store(MAX + part, m_i, mask=rv)
-    gl.store(SUM + part, l_i, mask=rv)
-    rr = gl.arange(0, R, layout=gl.SliceLayout(1, mma_s))
-    gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
+    _store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, b, j, sp, nsplit, HKV, NREP, R, mma_s)
 
 
 @gluon.jit
@@ -234,8 +254,6 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
     a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
     tile_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.float16)
     tab_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], gl.float16)
-    u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
-    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
     p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, M], gl.float16)
 
     pid_bj = gl.program_id(0)
@@ -244,20 +262,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
     b = (pid_bj // HKV).to(gl.int64)
     j = pid_bj % HKV
 
-    r = gl.arange(0, M, layout=gl.SliceLayout(1, blk))
-    dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
-    rvalid = r < NREP
-    qrow = Q + (b * HKV * NREP + j * NREP + r) * D
-    q1 = gl.load(qrow[:, None] + dq[None, :], mask=rvalid[:, None], other=0.0).to(gl.float32)
-    q2 = gl.load(qrow[:, None] + HALF + dq[None, :], mask=rvalid[:, None], other=0.0).to(gl.float32)
-    qc = gl.load(COS + (L - 1) * HALF + dq).to(gl.float32)[None, :]
-    qs = gl.load(SIN + (L - 1) * HALF + dq).to(gl.float32)[None, :]
-    q1_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, ((q1 * qc - q2 * qs) * qk_scale).to(gl.float16))
-    q2_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, ((q2 * qc + q1 * qs) * qk_scale).to(gl.float16))
-    ru = gl.arange(0, R, layout=gl.SliceLayout(1, blk))
-    urow = KUP + (j * R + ru) * D
-    u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + dq[None, :]))
-    u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + HALF + dq[None, :]))
+    q1_s, q2_s, u1_s, u2_s = _operands(Q, KUP, COS, SIN, L, qk_scale, b, j, HKV, D, R, NREP, M, blk)
     lat_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], tile_sl)
     v_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], tile_sl)
     c_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, HALF], tab_sl)
@@ -305,14 +310,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
         k2_tok = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
         ok = ((start + it * BLOCK_N + pos) < end)[:, None] & (rows < NREP)[None, :]
-        s = gl.where(ok, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[None, :])
-        l_t = l_t * alpha[None, :] + p
-        acc = acc * alpha[None, :]
-        m_i = m_new
+        p, m_i, l_t, acc = _softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
         p_s.store(p.to(gl.float16))
         async_copy.wait_group(2)  # V(it)
         fence_async_shared()
@@ -324,13 +322,7 @@ def _gl_decode_rings(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap
         _barrier()
     async_copy.wait_group(0)
 
-    l_i = gl.sum(l_t, 0)
-    part = (b * HKV * NREP + j * NREP + rows) * nsplit + sp
-    rv = rows < NREP
-    gl.store(MAX + part, m_i, mask=rv)
-    gl.store(SUM + part, l_i, mask=rv)
-    rr = gl.arange(0, R, layout=gl.SliceLayout(1, mma_s))
-    gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
+    _store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, b, j, sp, nsplit, HKV, NREP, R, mma_s)
 
 
 def gluon_partials(q, ck, cv, kup, cos, sin, L, nsplit, overlap=True, block_n=64, num_stages=3, rings=False,
