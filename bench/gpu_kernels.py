@@ -321,6 +321,10 @@ RANK80_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(n
 GLRD_WARPS_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(num_warps=8, block_n=128)]
 
 
+# the Triton decode kernel against the Gluon one (lrexport/kernels/gluon_latent.py; M-LRD at rank 64 only)
+GLUON_CONFIGS = [dict(gluon=False), dict(gluon=True)]
+
+
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
 
@@ -329,7 +333,7 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "pair": PAIR_CONFIGS, "rope16": ROPE16_CONFIGS, "rowsplits": ROW_SPLITS_CONFIGS,
          "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
          "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
-         "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS,
+         "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
 

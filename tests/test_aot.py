@@ -373,16 +373,17 @@ def test_kv_ranks_just_past_64_warn_at_a_gpu_export(caplog):
 
 
 def test_gluon_decode_loop_compiles_with_its_products_overlapped():
-    """bench/gluon_decode.py (the decode loop with the wgmma waits placed by hand; on the H200 its two-ring form
-    ran 1.05-1.11x faster than the library's kernel, bench/results/decode_probe_gluon*.md) compiles for sm_90
-    without a GPU. The overlapped forms wait for fewer than all outstanding products, the other form always for
-    all; the two-ring form stages little enough shared memory for two blocks per multiprocessor, the three-stage
-    one does not. Its numerics are checked against float64 on the GPU by bench/decode_probe.py."""
+    """The Gluon decode kernels compile for sm_90 without a GPU: the library's (lrexport/kernels/gluon_latent.py,
+    the two-ring forms; on the H200 1.05-1.11x faster than the Triton kernel, bench/results/decode_probe_gluon*.md)
+    and bench/gluon_decode.py's single-ring one. The overlapped forms wait for fewer than all outstanding products,
+    the other form always for all; the two-ring form stages little enough shared memory for two blocks per
+    multiprocessor, the three-stage one does not. Numerics: tests/test_triton_kernels.py on an sm_90 GPU."""
     import os
     import subprocess
 
     pytest.importorskip("triton.experimental.gluon")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gluon_decode.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

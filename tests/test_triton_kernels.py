@@ -428,3 +428,42 @@ def test_decode_probe_forms_match_float64(mode):
     assert out.shape == ref.shape and torch.isfinite(out).all()
     err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
     assert err < 5e-3, f"{mode}: relative error {err:.2e}"
+
+
+def _gluon_ready() -> bool:
+    from lrexport.kernels import gluon_latent
+
+    return gluon_latent.supported(S=1, D=128, rk=64, rv=64, bits=0, group_size=1, nrep=4, dtype=torch.float16,
+                                  has_bias=False, window=0, device=torch.device(DEVICE))
+
+
+def test_gluon_kernel_refuses_what_it_does_not_take():
+    """``gluon=True`` asks for the Gluon decode kernel; a step it does not take (here: rank 16, head dim 32, and on
+    a machine without an sm_90 GPU every step) is an error naming its shape rules, not a silent fallback."""
+    c = make_case(S=1, bias=False)
+    with pytest.raises(ValueError, match="Gluon decode kernel takes"):
+        run_kernel(c, gluon=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("Hq,Hkv,splits", [(32, 8, None), (32, 32, 4), (16, 2, 1)])
+def test_gluon_decode_matches_reference(Hq, Hkv, splits):
+    """The Gluon decode kernel (M-LRD, rank 64, float16) against the float64 reference and the Triton kernel on
+    fresh random inputs: rows of different lengths (one shorter than a tile, one not a multiple of it), one or
+    several splits. Tolerance: float16 rounding of the keys, their RoPE and the probabilities."""
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    c = make_case(B=3, S=1, Hq=Hq, Hkv=Hkv, gs=1, D=128, rk=64, rv=64, P=2600, past=(2500, 37, 1473), bias=False,
+                  seed=seed)
+    ref = reference(c)
+
+    def run(gluon):
+        h = {k: (v.to(DEVICE, torch.float16) if torch.is_tensor(v) and v.dtype == torch.float64 else v)
+             for k, v in c.items()}
+        ck, cv = h["ck"].clone(), h["cv"].clone()
+        return tlk.latent_attention_(h["q"], h["lk"], h["lv"], ck, None, cv, None, c["past"].to(DEVICE),
+                                     h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0, 128 ** -0.5, 0, 0,
+                                     num_splits=splits, gluon=gluon).cpu()
+
+    got, triton_out = run(True), run(False)
+    assert rel_err(got, ref[0]) < 5e-3, f"seed {seed}"
+    assert rel_err(got, triton_out) < 5e-3, f"seed {seed}"

@@ -725,6 +725,11 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
 DECODE_WAVES = 8
 DECODE_MIN_SPLIT = 1024
 
+# decode steps the Gluon kernel takes (gluon_latent.supported: M-LRD at rank 64, float16, head dim 128, sm_90) run on
+# it in the PyTorch path: its products overlap on the tensor and CUDA cores, 0.90-0.95x the Triton kernel's time
+# on an H200 (bench/results/decode_probe_gluon*.md). The ahead-of-time kernels of the ONNX Runtime library are Triton.
+DECODE_GLUON = True
+
 
 def row_split_lengths(past_len_B: torch.Tensor, S: int, num_splits: int, block_n: int) -> torch.Tensor:
     """The ``PAST`` argument of the decode kernel compiled with ``ROW_SPLITS``: int32 ``(past_len, split_len)``
@@ -850,7 +855,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
             rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
             row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
-            stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None) -> torch.Tensor:
+            stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None,
+            gluon: bool | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -871,7 +877,10 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     ``lazy_sum`` (see :data:`DECODE_ROPE16`, :data:`DECODE_LAZY_SUM`), ``split_ranks`` (see
     :data:`SPLIT_RANKS`), ``stage_tables`` (see :data:`DECODE_STAGE_TABLES`), ``rank_chunk`` (key ranks per
     step when ``k_up`` is streamed: 16, 32 or 64 dividing the rank; None: 32 where it divides, else 16). A setting whose
-    shared memory does not fit is retried with fewer pipeline stages, then smaller tiles.
+    shared memory does not fit is retried with fewer pipeline stages, then smaller tiles. ``gluon``: decode steps the
+    Gluon kernel takes (:mod:`gluon_latent`: M-LRD at rank 64, float16, head dim 128, sm_90) run on it when None
+    and :data:`DECODE_GLUON` (True: required, an error otherwise; False: never); the Triton kernel's settings
+    above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``.
     """
     B, S, Q = query_BSQ.shape
     D = Q // num_heads
@@ -913,6 +922,30 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         acc = mx = sm = out
     grid = (B * num_kv_heads, n_tblocks, num_splits)
 
+    if gluon is not False and not row_splits:
+        from lrexport.kernels import gluon_latent
+
+        ok = gluon_latent.supported(S=S, D=D, rk=rk, rv=rv, bits=bits, group_size=group_size, nrep=nrep, dtype=cdt,
+                                    has_bias=k_bias is not None, window=window, device=dev) and (
+            cos.dtype == sin.dtype == torch.float16 and cache_k.stride(-1) == cache_v.stride(-1) == 1
+            and block_n == gluon_latent.BLOCK_N)
+        if gluon and not ok:
+            raise ValueError("gluon=True: the Gluon decode kernel takes one new token per row, float16 caches, "
+                             "tables and k_up, per-head latents of rank 64 at head dim 128, no k_bias or window, "
+                             "on compute capability 9.0")
+        if ok and (gluon or DECODE_GLUON):
+            if num_splits == 1:  # the Gluon kernel always writes partials
+                acc = torch.empty(B * num_heads * rv_p, dtype=torch.float32, device=dev)
+                mx = torch.empty(B * num_heads, dtype=torch.float32, device=dev)
+                sm = torch.empty_like(mx)
+            gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
+                                         num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
+                                         split_len=split_len, qk_scale=scale * LOG2E)
+            nsplit_p = max(2, _next_pow2(num_splits))
+            _combine[(B * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
+                                       num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
+            return _values_up(out, v_up_GrE, G, rv, group_size, D, nrep) if v_up_GrE is not None else out
+
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels_tuned_per_batch.json)
         num_stages = DECODE_STAGES[bool(bits)] if num_stages is None else num_stages
@@ -944,8 +977,16 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                                        num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
     if v_up_GrE is None:
         return out
-    kv = torch.arange(num_heads, device=dev) // nrep
-    up_HrD = v_up_GrE.view(G, rv, group_size, D)[kv // group_size, :, kv % group_size, :].to(out_dt)
+    return _values_up(out, v_up_GrE, G, rv, group_size, D, nrep)
+
+
+def _values_up(out: torch.Tensor, v_up_GrE: torch.Tensor, G: int, rv: int, group_size: int, D: int,
+               nrep: int) -> torch.Tensor:
+    """The attention output [B, S, Hq * rv] in the value-latent space taken up to the heads' [B, S, Hq * D]."""
+    B, S, _ = out.shape
+    num_heads = out.shape[-1] // rv
+    kv = torch.arange(num_heads, device=out.device) // nrep
+    up_HrD = v_up_GrE.view(G, rv, group_size, D)[kv // group_size, :, kv % group_size, :].to(out.dtype)
     return torch.einsum("bshr,hrd->bshd", out.view(B, S, num_heads, rv), up_HrD).reshape(B, S, num_heads * D)
 
 

@@ -1,0 +1,235 @@
+"""A Gluon decode kernel for ``LowRankKVAttention``: M-LRD, float16, with its tensor-core products overlapped.
+
+Triton places a full wait after every ``wgmma`` of the decode loop of :mod:`triton_latent`, so the key rebuild,
+the RoPE arithmetic, the scores, the softmax and ``P @ V`` of a tile run one after the other. Gluon
+(``triton.experimental.gluon``) exposes the asynchronous ``wgmma`` and its waits, so one warp group here
+
+1. issues the scores of tile ``i``, then the rebuild of tile ``i + 1``'s keys;
+2. runs the softmax of tile ``i`` while the rebuild runs (waiting for the scores only);
+3. issues ``P @ V`` of tile ``i`` and RoPEs tile ``i + 1``'s keys while it runs (waiting for the rebuild only);
+4. waits for ``P @ V`` before the next tile rescales the accumulator.
+
+Key latents and RoPE table rows are copied (``cp.async``, masked at the split's end) two tiles ahead into a ring
+of two stages, since their stage frees once a tile's keys are rebuilt and rotated; value latents one tile ahead.
+88320 bytes of shared memory: two blocks per multiprocessor on sm_90. The keys' RoPE runs in float16, the key
+halves rounded once, as Hugging Face's float16 RoPE. On an H200 it took 0.90-0.95x the Triton kernel's time for
+M-LRD at 50% (bench/results/decode_probe_gluon*.md).
+
+Shape rules (:func:`supported`): one new token per row, float16, float latents, per-head latents (M-LRD), head dim
+128, key and value rank 64, at most 16 query heads per KV head, no key bias, no window, compute capability 9.0.
+Everything else runs the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+except Exception:  # noqa: BLE001 - no triton, or one without Gluon: the Triton kernel serves every shape
+    gluon = None
+
+# rows of a tile, and the only key / value rank, head dim and query-row padding the kernel takes
+BLOCK_N = 64
+RANK = 64
+HEAD_DIM = 128
+ROWS = 16
+
+if gluon is not None:
+    # Gluon's API as of Triton 3.6, with the names later versions gave it: a barrier across the block's threads
+    # (``thread_barrier``, later ``barrier``) and the masked global-to-shared copy (later ``async_load``)
+    _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+    _copy = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+
+    @gluon.jit
+    def issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base, n0, end, st, R: gl.constexpr, HALF: gl.constexpr,
+                   BLOCK: gl.constexpr, blk: gl.constexpr, COMMIT: gl.constexpr = True):
+        """Start the copies of the key latents (``CK + base + position * sck_p``) and table rows of the tile at
+        ``n0`` into stage ``st``; rows from ``end`` on are zero-filled. ``COMMIT``: close the copy group."""
+        offs = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, blk))
+        m = (offs < end)[:, None]
+        cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
+        ch = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
+        _copy(lat_s.index(st), CK + base + offs.to(gl.int64)[:, None] * sck_p + cr[None, :], mask=m)
+        trow = offs.to(gl.int64) * HALF
+        _copy(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
+        _copy(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
+        if COMMIT:
+            async_copy.commit_group()
+
+    @gluon.jit
+    def issue_values(CV, scv_p, v_s, base, n0, end, st, R: gl.constexpr, BLOCK: gl.constexpr, blk: gl.constexpr):
+        """Start the copy of the value latents of the tile at ``n0`` into stage ``st`` and close the group."""
+        offs = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, blk))
+        cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
+        _copy(v_s.index(st), CV + base + offs.to(gl.int64)[:, None] * scv_p + cr[None, :],
+              mask=(offs < end)[:, None])
+        async_copy.commit_group()
+
+    @gluon.jit
+    def operands(Q, KUP, COS, SIN, qpos, qk_scale, j, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
+                 M: gl.constexpr, blk: gl.constexpr):
+        """KV head ``j``'s query rows (``Q`` at its first head) RoPE'd at ``qpos`` and pre-scaled for exp2, and its
+        ``k_up`` halves, in shared memory as the products' right-hand operands: (q1, q2, u1, u2)."""
+        HALF: gl.constexpr = D // 2
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
+        u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
+        r = gl.arange(0, M, layout=gl.SliceLayout(1, blk))
+        dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
+        rvalid = (r < NREP)[:, None]
+        q1 = gl.load(Q + r[:, None] * D + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
+        q2 = gl.load(Q + r[:, None] * D + HALF + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
+        qc = gl.load(COS + qpos * HALF + dq).to(gl.float32)[None, :]
+        qs = gl.load(SIN + qpos * HALF + dq).to(gl.float32)[None, :]
+        q1_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, ((q1 * qc - q2 * qs) * qk_scale).to(gl.float16))
+        q2_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, ((q2 * qc + q1 * qs) * qk_scale).to(gl.float16))
+        urow = KUP + (j * R + gl.arange(0, R, layout=gl.SliceLayout(1, blk))) * D
+        u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + dq[None, :]))
+        u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + HALF + dq[None, :]))
+        return q1_s, q2_s, u1_s, u2_s
+
+    @gluon.jit
+    def rope(k1, k2, c_smem, s_smem, mma_k: gl.constexpr, a_s: gl.constexpr, ROPE16: gl.constexpr):
+        """The rebuilt key halves rotated by the tile's table rows, as the score product's register operands: in
+        float32, or (``ROPE16``) rounded to float16 once and rotated in float16."""
+        if ROPE16:
+            kc = c_smem.load(mma_k)
+            ks = s_smem.load(mma_k)
+            h1 = k1.to(gl.float16)
+            h2 = k2.to(gl.float16)
+            return gl.convert_layout(h1 * kc - h2 * ks, a_s), gl.convert_layout(h2 * kc + h1 * ks, a_s)
+        kc = c_smem.load(mma_k).to(gl.float32)
+        ks = s_smem.load(mma_k).to(gl.float32)
+        return (gl.convert_layout((k1 * kc - k2 * ks).to(gl.float16), a_s),
+                gl.convert_layout((k2 * kc + k1 * ks).to(gl.float16), a_s))
+
+    @gluon.jit
+    def softmax_step(s, m_i, l_t, acc):
+        """One tile of the online softmax in base 2 (masked scores ``s`` [positions, rows]): the probabilities, the
+        running maximum, the per-position sums and the accumulator rescaled to the new maximum."""
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - m_safe[None, :])
+        return p, m_new, l_t * alpha[None, :] + p, acc * alpha[None, :]
+
+    @gluon.jit
+    def store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, row0, sp, nsplit, NREP: gl.constexpr, R: gl.constexpr,
+                       mma_s: gl.constexpr):
+        """This split's maximum, sum and accumulator for query rows ``row0 + rows`` (``[B, Hq]`` flattened), in
+        the layout of :func:`triton_latent._combine`."""
+        part = (row0 + rows) * nsplit + sp
+        rv = rows < NREP
+        gl.store(MAX + part, m_i, mask=rv)
+        gl.store(SUM + part, gl.sum(l_t, 0), mask=rv)
+        rr = gl.arange(0, R, layout=gl.SliceLayout(1, mma_s))
+        gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
+
+    @gluon.jit
+    def _decode(Q, sq_b, CK, sck_b, sck_p, CV, scv_b, scv_p, KUP, COS, SIN, PAST, ACC, MAX, SUM, split_len, qk_scale,
+                HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
+                BLOCK: gl.constexpr, ROPE16: gl.constexpr):
+        HALF: gl.constexpr = D // 2
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HALF, 16])
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
+        a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
+        tile_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, R], gl.float16)
+        tab_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HALF], gl.float16)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, M], gl.float16)
+
+        pid_bj = gl.program_id(0)
+        sp = gl.program_id(2)
+        nsplit = gl.num_programs(2)
+        b = (pid_bj // HKV).to(gl.int64)
+        j = pid_bj % HKV
+        qpos = gl.load(PAST + b).to(gl.int32)  # the new token's position; keys 0 .. qpos
+        start = sp * split_len
+        end = gl.minimum(qpos + 1, start + split_len)
+        base_k = b * sck_b + j * R
+        base_v = b * scv_b + j * R
+
+        q1_s, q2_s, u1_s, u2_s = operands(Q + b * sq_b + j * NREP * D, KUP, COS, SIN, qpos, qk_scale, j, D, R, NREP,
+                                          M, blk)
+        lat_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
+        v_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
+        c_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tab_sl)
+        s_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tab_sl)
+        p_s = gl.allocate_shared_memory(gl.float16, [BLOCK, M], p_sl)
+        fence_async_shared()
+        _barrier()
+
+        # copy groups, in order: K0, K1, V0, then per iteration it: K(it + 2), V(it + 1)
+        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start, end, 0, R, HALF, BLOCK, blk)
+        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + BLOCK, end, 1, R, HALF, BLOCK, blk)
+        issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk)
+
+        zk = gl.zeros([BLOCK, HALF], gl.float32, mma_k)
+        zs = gl.zeros([BLOCK, M], gl.float32, mma_s)
+        m_i = gl.full([M], float("-inf"), gl.float32, gl.SliceLayout(0, mma_s))
+        l_t = gl.zeros([BLOCK, M], gl.float32, mma_s)
+        acc = gl.zeros([R, M], gl.float32, mma_s)
+        rows = gl.arange(0, M, layout=gl.SliceLayout(0, mma_s))
+        pos = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, mma_s))
+
+        async_copy.wait_group(2)  # K0
+        fence_async_shared()
+        _barrier()
+        k1 = warpgroup_mma(lat_s.index(0), u1_s, zk, use_acc=False)
+        k2 = warpgroup_mma(lat_s.index(0), u2_s, zk, use_acc=False)
+        a1, a2 = rope(k1, k2, c_s.index(0), s_s.index(0), mma_k, a_s, ROPE16)
+        _barrier()
+
+        for it in range(0, gl.cdiv(gl.maximum(end - start, 0), BLOCK)):
+            st = it % 2
+            nx = (it + 1) % 2
+            issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + (it + 2) * BLOCK, end, st, R, HALF,
+                       BLOCK, blk)
+            issue_values(CV, scv_p, v_s, base_v, start + (it + 1) * BLOCK, end, nx, R, BLOCK, blk)
+            s_tok = warpgroup_mma(a1, q1_s.permute((1, 0)), zs, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(a2, q2_s.permute((1, 0)), s_tok, is_async=True)
+            async_copy.wait_group(3)  # K(it + 1); V(it), K(it + 2), V(it + 1) may be in flight
+            fence_async_shared()
+            _barrier()
+            k1_tok = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False, is_async=True)
+            k2_tok = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
+            ok = ((start + it * BLOCK + pos) < end)[:, None] & (rows < NREP)[None, :]
+            p, m_i, l_t, acc = softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
+            p_s.store(p.to(gl.float16))
+            async_copy.wait_group(2)  # V(it)
+            fence_async_shared()
+            _barrier()
+            pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
+            k1, k2 = warpgroup_mma_wait(num_outstanding=1, deps=(k1_tok, k2_tok))
+            a1, a2 = rope(k1, k2, c_s.index(nx), s_s.index(nx), mma_k, a_s, ROPE16)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
+            _barrier()
+        async_copy.wait_group(0)
+        store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, b * HKV * NREP + j * NREP, sp, nsplit, NREP, R, mma_s)
+
+
+def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, nrep: int, dtype: torch.dtype,
+              has_bias: bool, window: int, device: torch.device) -> bool:
+    """Whether :func:`decode_partials` takes this decode step (else the Triton kernel runs it)."""
+    if gluon is None or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return (S == 1 and D == HEAD_DIM and rk == RANK and rv == RANK and bits == 0 and group_size == 1
+            and nrep <= ROWS and dtype == torch.float16 and not has_bias and window == 0
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
+                    num_splits: int, split_len: int, qk_scale: float, rope16: bool = True) -> None:
+    """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, 64)]``, the layout
+    of ``triton_latent._combine``). ``q`` [B, 1, Hq * D]; caches [B, P, Hkv * 64] with unit stride last;
+    ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison)."""
+    B = q.shape[0]
+    _decode[(B * num_kv_heads, 1, num_splits)](
+        q, q.stride(0), cache_k, cache_k.stride(0), cache_k.stride(1), cache_v, cache_v.stride(0), cache_v.stride(1),
+        k_up, cos, sin, past, acc, mx, sm, split_len, qk_scale, HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep,
+        M=ROWS, BLOCK=BLOCK_N, ROPE16=rope16, num_warps=4)
