@@ -12,8 +12,8 @@ the RoPE arithmetic, the scores, the softmax and ``P @ V`` of a tile run one aft
 Key latents and RoPE table rows are copied (``cp.async``, masked at the split's end) two tiles ahead into a ring
 of two stages, since their stage frees once a tile's keys are rebuilt and rotated; value latents one tile ahead.
 88320 bytes of shared memory: two blocks per multiprocessor on sm_90. The keys' RoPE runs in float16, the key
-halves rounded once, as Hugging Face's float16 RoPE. On an H200 it took 0.90-0.95x the Triton kernel's time for
-M-LRD at 50% (bench/results/decode_probe_gluon*.md).
+halves rounded once, as Hugging Face's float16 RoPE. On an H200 it took 0.92-0.96x the Triton kernel's time for
+M-LRD at 50% and 64K tokens (bench/results/gpu_kernels_gluon.md).
 
 Shape rules (:func:`supported`): one new token per row, float16, float latents, per-head latents (M-LRD), head dim
 128, key and value rank 64, at most 16 query heads per KV head, no key bias, no window, compute capability 9.0.

@@ -726,8 +726,8 @@ DECODE_WAVES = 8
 DECODE_MIN_SPLIT = 1024
 
 # decode steps the Gluon kernel takes (gluon_latent.supported: M-LRD at rank 64, float16, head dim 128, sm_90) run on
-# it in the PyTorch path: its products overlap on the tensor and CUDA cores, 0.90-0.95x the Triton kernel's time
-# on an H200 (bench/results/decode_probe_gluon*.md). The ahead-of-time kernels of the ONNX Runtime library are Triton.
+# it in the PyTorch path: its products overlap on the tensor and CUDA cores, 0.92-0.96x the Triton kernel's time
+# on an H200 at 64K tokens (bench/results/gpu_kernels_gluon.md). The ONNX Runtime library's kernels are Triton's.
 DECODE_GLUON = True
 
 
