@@ -42,12 +42,11 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
                HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
                BLOCK_N: gl.constexpr, NS: gl.constexpr, OVERLAP: gl.constexpr):
     HALF: gl.constexpr = D // 2
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
-    a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
-    tile_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, R], gl.float16)
-    tab_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], gl.float16)
+    blk: gl.constexpr = glk.BLK  # the library kernel's layouts (64-position tiles, rank 64, D = 128, 16 rows)
+    mma_k: gl.constexpr = glk.MMA_K
+    mma_s: gl.constexpr = glk.MMA_S
+    a_s: gl.constexpr = glk.A_S
+    tile_sl: gl.constexpr = glk.TILE_SL
     p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, M], gl.float16)
 
     pid_bj = gl.program_id(0)
@@ -61,8 +60,8 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
                                       M, blk)
     lat_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, R], tile_sl)
     v_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, R], tile_sl)
-    c_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, HALF], tab_sl)
-    s_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, HALF], tab_sl)
+    c_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, HALF], tile_sl)
+    s_s = gl.allocate_shared_memory(gl.float16, [NS, BLOCK_N, HALF], tile_sl)
     p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, M], p_sl)
     fence_async_shared()
     _barrier()

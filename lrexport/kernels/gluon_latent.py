@@ -39,6 +39,16 @@ HEAD_DIM = 128
 ROWS = 16
 
 if gluon is not None:
+    # the layouts of the kernels' tiles (four warps, one warp group): global loads, the key rebuild's accumulator
+    # [positions, D / 2], the scores' and values' [positions or ranks, query rows], the keys as the score product's
+    # register operand, and the shared-memory tiles of latents, table rows and probabilities
+    BLK = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+    MMA_K = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                   instr_shape=[16, HEAD_DIM // 2, 16]))
+    MMA_S = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16]))
+    A_S = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA_S.value, k_width=2))
+    TILE_SL = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+
     # Gluon's API as of Triton 3.6, with the names later versions gave it: a barrier across the block's threads
     # (``thread_barrier``, later ``barrier``) and the masked global-to-shared copy (later ``async_load``)
     _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -133,13 +143,11 @@ if gluon is not None:
                 HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
                 BLOCK: gl.constexpr, ROPE16: gl.constexpr):
         HALF: gl.constexpr = D // 2
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HALF, 16])
-        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
-        a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
-        tile_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, R], gl.float16)
-        tab_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HALF], gl.float16)
+        blk: gl.constexpr = BLK
+        mma_k: gl.constexpr = MMA_K
+        mma_s: gl.constexpr = MMA_S
+        a_s: gl.constexpr = A_S
+        tile_sl: gl.constexpr = TILE_SL
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, M], gl.float16)
 
         pid_bj = gl.program_id(0)
@@ -157,8 +165,8 @@ if gluon is not None:
                                           M, blk)
         lat_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
         v_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
-        c_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tab_sl)
-        s_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tab_sl)
+        c_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tile_sl)
+        s_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tile_sl)
         p_s = gl.allocate_shared_memory(gl.float16, [BLOCK, M], p_sl)
         fence_async_shared()
         _barrier()
