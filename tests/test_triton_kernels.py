@@ -467,3 +467,40 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits):
     got, triton_out = run(True), run(False)
     assert rel_err(got, ref[0]) < 5e-3, f"seed {seed}"
     assert rel_err(got, triton_out) < 5e-3, f"seed {seed}"
+
+
+def test_gluon_kernel_failure_falls_back_to_triton(monkeypatch, caplog):
+    """Gluon is an experimental Triton API: where the Gluon kernel fails to build or launch, a decode step it would
+    take runs the Triton kernel (same result as asking for Triton) with one warning naming the error, and later
+    steps do not try again; with ``gluon=True`` the error is raised. The failure is simulated: this checks the
+    fallback, and the kernel itself is checked on an sm_90 GPU (test_gluon_decode_matches_reference)."""
+    import logging
+
+    from lrexport.kernels import gluon_latent
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no such Gluon op in this Triton")
+
+    monkeypatch.setattr(gluon_latent, "supported", lambda **kw: True)
+    monkeypatch.setattr(gluon_latent, "decode_partials", broken)
+    monkeypatch.setattr(gluon_latent, "failure", None)
+    c = make_case(S=1, bias=False, seed=int(torch.randint(0, 2 ** 31, ())))
+    h = {k: (v.to(DEVICE, torch.float16) if torch.is_tensor(v) and v.dtype == torch.float64 else v)
+         for k, v in c.items()}  # float16 throughout, tables included, as the Gluon kernel takes
+
+    def run(**kw):
+        return tlk.latent_attention_(h["q"], h["lk"], h["lv"], h["ck"].clone(), None, h["cv"].clone(), None,
+                                     c["past"].to(DEVICE), h["k_up"], None, None, h["cos"], h["sin"], c["Hq"],
+                                     c["Hkv"], 1, 0, c["D"] ** -0.5, 0, 0, **kw).cpu()
+
+    with caplog.at_level(logging.WARNING, logger="lrexport.kernels.gluon_latent"):
+        got, again = run(), run()
+    want = run(gluon=False)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert len(calls) == 1 and caplog.text.count("the Gluon decode kernel failed") == 1
+    assert "no such Gluon op" in gluon_latent.failure
+    with pytest.raises(RuntimeError, match="no such Gluon op"):
+        run(gluon=True)

@@ -32,6 +32,22 @@ try:
 except Exception:  # noqa: BLE001 - no triton, or one without Gluon: the Triton kernel serves every shape
     gluon = None
 
+# why the kernel could not run in this process (None: it can), set by :func:`fail`
+failure: str | None = None
+
+
+def fail(err: BaseException) -> None:
+    """Record that the kernel failed to build or launch here (Gluon is an experimental Triton API, and another
+    Triton version may not take this code), warn once, and leave its decode steps to the Triton kernel."""
+    global failure
+    if failure is None:
+        import logging
+
+        failure = f"{type(err).__name__}: {str(err)[:300]}"
+        logging.getLogger(__name__).warning("the Gluon decode kernel failed (%s); decode steps run the Triton kernel",
+                                            failure)
+
+
 # rows of a tile, and the only key / value rank, head dim and query-row padding the kernel takes
 BLOCK_N = 64
 RANK = 64

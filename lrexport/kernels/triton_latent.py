@@ -933,14 +933,21 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             raise ValueError("gluon=True: the Gluon decode kernel takes one new token per row, float16 caches, "
                              "tables and k_up, per-head latents of rank 64 at head dim 128, no k_bias or window, "
                              "on compute capability 9.0")
-        if ok and (gluon or DECODE_GLUON):
+        if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
             if num_splits == 1:  # the Gluon kernel always writes partials
                 acc = torch.empty(B * num_heads * rv_p, dtype=torch.float32, device=dev)
                 mx = torch.empty(B * num_heads, dtype=torch.float32, device=dev)
                 sm = torch.empty_like(mx)
-            gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
-                                         num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
-                                         split_len=split_len, qk_scale=scale * LOG2E)
+            try:
+                gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
+                                             num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
+                                             split_len=split_len, qk_scale=scale * LOG2E)
+            except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
+                if gluon:
+                    raise
+                gluon_latent.fail(e)  # says so once; from now on the Triton kernel runs these steps
+                ok = False
+        if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
             nsplit_p = max(2, _next_pow2(num_splits))
             _combine[(B * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
                                        num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
