@@ -374,7 +374,7 @@ def test_kv_ranks_just_past_64_warn_at_a_gpu_export(caplog):
 
 def test_gluon_decode_loop_compiles_with_its_products_overlapped():
     """The Gluon decode kernels compile for sm_90 without a GPU: the library's (lrexport/kernels/gluon_latent.py,
-    the two-ring forms; on the H200 1.05-1.11x faster than the Triton kernel, bench/results/decode_probe_gluon*.md)
+    the two-ring forms; on the H200 1.04-1.09x faster than the Triton kernel, bench/results/gpu_kernels_gluon.md)
     and bench/gluon_decode.py's single-ring one. The overlapped forms wait for fewer than all outstanding products,
     the other form always for all; the two-ring form stages little enough shared memory for two blocks per
     multiprocessor, the three-stage one does not. Numerics: tests/test_triton_kernels.py on an sm_90 GPU."""
