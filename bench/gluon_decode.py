@@ -171,11 +171,11 @@ def compile_report(arch: int = 90) -> dict:
     tile = dict(HKV=8, D=128, R=64, NREP=4, M=16)
     forms = {"sync": (_gl_decode, dict(tile, BLOCK_N=64, NS=3, OVERLAP=False)),
              "overlap": (_gl_decode, dict(tile, BLOCK_N=64, NS=3, OVERLAP=True)),
-             "rings": (glk._decode, dict(tile, BLOCK=64, ROPE16=False)),
-             "rings16": (glk._decode, dict(tile, BLOCK=64, ROPE16=True))}
+             "rings": (glk._decode, dict(tile, BLOCK=64, ROPE16=False, ROW_SPLITS=False)),
+             "rings16": (glk._decode, dict(tile, BLOCK=64, ROPE16=True, ROW_SPLITS=False))}
     out = {}
     for name, (fn, const) in forms.items():
-        pointers = {n: "*fp16" for n in ("Q", "CK", "CV", "KUP", "COS", "SIN")}
+        pointers = {n: "*fp16" for n in ("Q", "CK", "CV", "KUP", "COS", "SIN", "PK", "PV", "KBIAS", "OUT")}
         pointers |= {"ACC": "*fp32", "MAX": "*fp32", "SUM": "*fp32", "PAST": "*i32"}
         sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
                for n in fn.arg_names}

@@ -91,7 +91,7 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
                                "swap": True, "maxnreg": None, "split_ranks": "auto",
-                               "stage_tables": True}}
+                               "stage_tables": True, "gluon": False}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -123,7 +123,7 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
                             "block_n=32,num_warps=8,waves=6,min_split=512,swap=0,maxnreg=96")
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
                                  "swap": False, "maxnreg": 96, "split_ranks": "auto",
-                                 "stage_tables": True}
+                                 "stage_tables": True, "gluon": False}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -394,3 +394,29 @@ def test_gluon_decode_loop_compiles_with_its_products_overlapped():
         assert rep[form]["cp_async"] > 0 and rep[form]["wgmma"] > 0
     per_sm = aot.SMEM_LIMIT[90]  # shared memory a block may take on sm_90; two blocks share the multiprocessor's
     assert 2 * rep["rings"]["shared"] <= per_sm < 2 * rep["sync"]["shared"]
+
+
+def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
+    """``--cuda-tuning gluon=1`` compiles the Gluon decode kernel (lrexport/kernels/gluon_latent.py) for the nodes
+    it takes, with the Triton kernel's launcher arguments (aot.ABI_ARGS) and metadata, so the library launches it
+    unchanged; other nodes (here rank 80, groups of 4, 4-bit latents) and other architectures keep the Triton
+    kernel. Opt-in: the kernel's numerics through the library are to be checked on an sm_90 GPU
+    (bench/gpu_check_ort.py); those of its PyTorch path are (test_triton_kernels.py, test_gluon_decode_*)."""
+    pytest.importorskip("triton.experimental.gluon")
+    assert aot.Tuning.parse("gluon=1").gluon and not aot.Tuning().gluon
+    gluon = aot.Tuning(gluon=True)
+    for row_splits in (False, True):
+        spec = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=64, rv=64,
+                                         row_splits=row_splits)
+        assert aot.gluon_spec(spec)
+        meta = aot.parse_meta(aot.compile_decode(spec, 90, gluon).meta)
+        assert meta["kernel"] == "gluon" and meta["name"] == "_decode" and meta["row_splits"] == str(int(row_splits))
+        assert int(meta["shared"]) <= aot.SMEM_LIMIT[90] // 2  # two blocks per multiprocessor
+        assert (meta["block_n"], meta["rv_p"], meta["warps"], meta["abi"]) == ("64", "64", "4", str(aot.ABI))
+    others = [dict(rk=80, rv=80), dict(group_size=4, rk=256, rv=256), dict(rk=64, rv=64, bits=4, quant_group=32)]
+    for kw in others:
+        spec = aot.DecodeSpec.for_caches(**{**dict(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128), **kw})
+        assert not aot.gluon_spec(spec)
+        assert aot.parse_meta(aot.compile_decode(spec, 90, gluon).meta)["name"] == "_latent_attn_fwd"
+    spec = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=64, rv=64)
+    assert aot.parse_meta(aot.compile_decode(spec, 80, gluon).meta)["name"] == "_latent_attn_fwd"

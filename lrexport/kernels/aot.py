@@ -55,9 +55,11 @@ class Tuning:
     are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
     ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
     kind where ``k_up`` stays on chip, none where it is streamed; 0: none), ``split_ranks``
-    (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``) and ``stage_tables``
-    (:data:`triton_latent.DECODE_STAGE_TABLES`).
-    The defaults are the PyTorch path's.
+    (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``), ``stage_tables``
+    (:data:`triton_latent.DECODE_STAGE_TABLES`) and ``gluon`` (1: compile the Gluon decode kernel of
+    :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; opt-in until it is checked on a
+    GPU through the library).
+    The defaults are the PyTorch path's, except ``gluon``.
     """
 
     block_n: int = 64
@@ -69,6 +71,7 @@ class Tuning:
     maxnreg: int | None = None
     split_ranks: str = tl_k.SPLIT_RANKS
     stage_tables: bool = tl_k.DECODE_STAGE_TABLES
+    gluon: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
@@ -88,7 +91,7 @@ class Tuning:
             if key not in fields or not val.lstrip("-").isdigit():
                 raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields - {'split_ranks'})} "
                                  "= an integer, or split_ranks = auto|k|v|kv|none")
-            kw[key] = bool(int(val)) if key in ("swap", "stage_tables") else int(val)
+            kw[key] = bool(int(val)) if key in ("swap", "stage_tables", "gluon") else int(val)
         t = cls(**kw)
         if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
@@ -219,6 +222,8 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
         return _compile_in_child(spec, arch, tuning)
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
+    if tuning.gluon and arch == 90 and gluon_spec(spec):  # other nodes and architectures: the Triton kernel
+        return _compile_gluon(spec, arch)
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2,
@@ -258,6 +263,50 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
                        f"({'; '.join(tried)})")
+
+
+def gluon_spec(spec: DecodeSpec) -> bool:
+    """Whether the Gluon decode kernel (:mod:`gluon_latent`) takes the nodes of ``spec``: per-head latents of its
+    rank at its head dim, float caches laid out as the exporter lays them out, no key bias or window, at most
+    :data:`gluon_latent.ROWS` query heads per KV head."""
+    from lrexport.kernels import gluon_latent as glk
+
+    return (glk.gluon is not None and spec.group_size == 1 and spec.head_dim == glk.HEAD_DIM and spec.bits == 0
+            and spec.rk == spec.rv == glk.RANK and spec.k_width == spec.v_width == spec.num_kv_heads * glk.RANK
+            and not spec.has_k_bias and spec.window == 0 and spec.num_heads // spec.num_kv_heads <= glk.ROWS)
+
+
+def _compile_gluon(spec: DecodeSpec, arch: int) -> CompiledDecode:
+    """The Gluon decode kernel for ``spec`` (see :func:`gluon_spec`), with the launcher arguments of the Triton one
+    (:data:`ABI_ARGS`) and the same metadata."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from lrexport.kernels import gluon_latent as glk
+
+    if arch != 90:
+        raise ValueError(f"the Gluon decode kernel is for compute capability 9.0 (wgmma), not {arch}")
+    fn = glk._decode
+    const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=spec.num_heads // spec.num_kv_heads,
+                 M=glk.ROWS, BLOCK=glk.BLOCK_N, ROPE16=True, ROW_SPLITS=spec.row_splits)
+    args = [n for n in fn.arg_names if n not in const]
+    if tuple(args) != ABI_ARGS:
+        raise RuntimeError(f"gluon_latent._decode's run-time arguments ({args}) are not the launcher's {ABI_ARGS}")
+    types = _arg_types(0)
+    ints = _int_args(spec)
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+    d16 = [n for n in args if n in ints and n != "nsplit" and ints[n] % 16 == 0]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in args if sig[n].startswith("*") or n in d16}
+    k = tl_k.triton.compile(GluonASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=4))
+    md = k.metadata
+    if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
+        raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
+    tuning = Tuning()
+    meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
+            f"rv_p={glk.RANK} waves={tuning.waves} min_split={tuning.min_split} maxnreg=0 "
+            f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
+    return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
 
 
 def parse_meta(meta: str) -> dict[str, str]:

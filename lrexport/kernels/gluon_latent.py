@@ -155,9 +155,14 @@ if gluon is not None:
         gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
 
     @gluon.jit
-    def _decode(Q, sq_b, CK, sck_b, sck_p, CV, scv_b, scv_p, KUP, COS, SIN, PAST, ACC, MAX, SUM, split_len, qk_scale,
+    def _decode(Q, sq_b, sq_s, CK, sck_b, sck_p, PK, spk_b, spk_p, CV, scv_b, scv_p, PV, spv_b, spv_p, KUP, KBIAS,
+                COS, SIN, PAST, OUT, so_b, so_s, ACC, MAX, SUM, split_len, nsplit, qk_scale, RK, RV,
                 HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
-                BLOCK: gl.constexpr, ROPE16: gl.constexpr):
+                BLOCK: gl.constexpr, ROPE16: gl.constexpr, ROW_SPLITS: gl.constexpr = False):
+        # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
+        # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
+        # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
+        # shapes have none, writes partials, takes one new token per row and ranks of R)
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -168,10 +173,13 @@ if gluon is not None:
 
         pid_bj = gl.program_id(0)
         sp = gl.program_id(2)
-        nsplit = gl.num_programs(2)
         b = (pid_bj // HKV).to(gl.int64)
         j = pid_bj % HKV
-        qpos = gl.load(PAST + b).to(gl.int32)  # the new token's position; keys 0 .. qpos
+        if ROW_SPLITS:  # LowRankKVAttentionDeviceLen: (past_len, split_len) per row, planned by the launcher
+            qpos = gl.load(PAST + 2 * b).to(gl.int32)
+            split_len = gl.load(PAST + 2 * b + 1)
+        else:
+            qpos = gl.load(PAST + b).to(gl.int32)  # the new token's position; keys 0 .. qpos
         start = sp * split_len
         end = gl.minimum(qpos + 1, start + split_len)
         base_k = b * sck_b + j * R
@@ -253,7 +261,9 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
     of ``triton_latent._combine``). ``q`` [B, 1, Hq * D]; caches [B, P, Hkv * 64] with unit stride last;
     ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison)."""
     B = q.shape[0]
+    ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
+    cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
     _decode[(B * num_kv_heads, 1, num_splits)](
-        q, q.stride(0), cache_k, cache_k.stride(0), cache_k.stride(1), cache_v, cache_v.stride(0), cache_v.stride(1),
-        k_up, cos, sin, past, acc, mx, sm, split_len, qk_scale, HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep,
-        M=ROWS, BLOCK=BLOCK_N, ROPE16=rope16, num_warps=4)
+        q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
+        cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, RANK, RANK,
+        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=ROWS, BLOCK=BLOCK_N, ROPE16=rope16, num_warps=4)
