@@ -496,6 +496,9 @@ def main(argv=None) -> int:
                         print(f"  lrexport {gname} -{red:.0%} bits={bits}: no kernel config fits", flush=True)
                         continue
                     tl_us, call_l = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
+                    from lrexport.kernels import triton_latent as tlk  # which kernel ran it
+
+                    kernel = tlk.last_kernel
                     nb, fl, cache = latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz)
                     row = dict(shape=shape, batch=B, context=L, variant="lrexport", kv_removed=1 - rk / (s * D),
                                grouping=gname, bits=bits or None, quant_group=qg if bits else None, rank_k=rk,
@@ -504,7 +507,7 @@ def main(argv=None) -> int:
                                bytes=nb, flops=fl, roofline_us=roofline_us(nb, fl), kv_bytes=cache, config=cfg)
                     row.update(bw_tb_s=nb / tl_us / 1e6, of_roofline=tl_us / row["roofline_us"],
                                speedup_vs_sdpa=t / tl_us)
-                    row["kernel"] = "triton"
+                    row["kernel"] = kernel
                     rows.append(row)
                     if ort is not None and args.lib:
                         tw, call_w = bench_latent_ort(ort, args.lib, c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg)

@@ -464,7 +464,10 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits):
                                      h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0, 128 ** -0.5, 0, 0,
                                      num_splits=splits, gluon=gluon).cpu()
 
-    got, triton_out = run(True), run(False)
+    got = run(True)
+    assert tlk.last_kernel == "gluon"
+    triton_out = run(False)
+    assert tlk.last_kernel == "triton"
     assert rel_err(got, ref[0]) < 5e-3, f"seed {seed}"
     assert rel_err(got, triton_out) < 5e-3, f"seed {seed}"
 
@@ -498,6 +501,7 @@ def test_gluon_kernel_failure_falls_back_to_triton(monkeypatch, caplog):
 
     with caplog.at_level(logging.WARNING, logger="lrexport.kernels.gluon_latent"):
         got, again = run(), run()
+    assert tlk.last_kernel == "triton"
     want = run(gluon=False)
     assert torch.equal(got, want) and torch.equal(again, want)
     assert len(calls) == 1 and caplog.text.count("the Gluon decode kernel failed") == 1

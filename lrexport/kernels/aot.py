@@ -286,12 +286,13 @@ def _compile_gluon(spec: DecodeSpec, arch: int) -> CompiledDecode:
 
     if arch != 90:
         raise ValueError(f"the Gluon decode kernel is for compute capability 9.0 (wgmma), not {arch}")
-    fn = glk._decode
+    fn = glk._latent_attn_gluon
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=spec.num_heads // spec.num_kv_heads,
                  M=glk.ROWS, BLOCK=glk.BLOCK_N, ROPE16=True, ROW_SPLITS=spec.row_splits)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
-        raise RuntimeError(f"gluon_latent._decode's run-time arguments ({args}) are not the launcher's {ABI_ARGS}")
+        raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "
+                           f"{ABI_ARGS}")
     types = _arg_types(0)
     ints = _int_args(spec)
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}

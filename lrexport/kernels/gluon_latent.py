@@ -155,10 +155,11 @@ if gluon is not None:
         gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
 
     @gluon.jit
-    def _decode(Q, sq_b, sq_s, CK, sck_b, sck_p, PK, spk_b, spk_p, CV, scv_b, scv_p, PV, spv_b, spv_p, KUP, KBIAS,
-                COS, SIN, PAST, OUT, so_b, so_s, ACC, MAX, SUM, split_len, nsplit, qk_scale, RK, RV,
-                HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
-                BLOCK: gl.constexpr, ROPE16: gl.constexpr, ROW_SPLITS: gl.constexpr = False):
+    def _latent_attn_gluon(Q, sq_b, sq_s, CK, sck_b, sck_p, PK, spk_b, spk_p, CV, scv_b, scv_p, PV, spv_b, spv_p,
+                           KUP, KBIAS, COS, SIN, PAST, OUT, so_b, so_s, ACC, MAX, SUM, split_len, nsplit, qk_scale,
+                           RK, RV, HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
+                           M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
+                           ROW_SPLITS: gl.constexpr = False):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
@@ -263,7 +264,7 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
     B = q.shape[0]
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
     cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
-    _decode[(B * num_kv_heads, 1, num_splits)](
+    _latent_attn_gluon[(B * num_kv_heads, 1, num_splits)](
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, RANK, RANK,
         HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=ROWS, BLOCK=BLOCK_N, ROPE16=rope16, num_warps=4)

@@ -730,6 +730,9 @@ DECODE_MIN_SPLIT = 1024
 # on an H200 at 64K tokens (bench/results/gpu_kernels_gluon.md). The ONNX Runtime library's kernels are Triton's.
 DECODE_GLUON = True
 
+# which kernel ran the last attend_ call ("triton" or "gluon"), for benchmarks that report it
+last_kernel = ""
+
 
 def row_split_lengths(past_len_B: torch.Tensor, S: int, num_splits: int, block_n: int) -> torch.Tensor:
     """The ``PAST`` argument of the decode kernel compiled with ``ROW_SPLITS``: int32 ``(past_len, split_len)``
@@ -882,6 +885,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     and :data:`DECODE_GLUON` (True: required, an error otherwise; False: never); the Triton kernel's settings
     above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``.
     """
+    global last_kernel
     B, S, Q = query_BSQ.shape
     D = Q // num_heads
     G = num_kv_heads // group_size
@@ -948,6 +952,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 gluon_latent.fail(e)  # says so once; from now on the Triton kernel runs these steps
                 ok = False
         if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
+            last_kernel = "gluon"
             nsplit_p = max(2, _next_pow2(num_splits))
             _combine[(B * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
                                        num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
@@ -959,6 +964,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         maxnreg = decode_maxnreg(bits, num_warps, maxnreg, kup_on_chip(cfg, k_up.element_size()))
     else:
         maxnreg = maxnreg or None
+    last_kernel = "triton"
     for i, (bn, st) in enumerate(fallbacks(block_n, num_stages)):
         stage = ({} if st is None else {"num_stages": st}) | ({} if maxnreg is None else {"maxnreg": maxnreg})
         past_arg = row_split_lengths(past, S, num_splits, bn) if row_splits else past
