@@ -8,7 +8,8 @@ float16 decode kernel of ``lrexport.kernels.aot`` for one attention shape and re
 how many blocks share a multiprocessor: registers per thread and spilled bytes (``cuobjdump
 --dump-resource-usage``, from Triton's CUDA tools), shared memory, and the resulting blocks per
 multiprocessor (64K registers, the architecture's shared memory with 1 KB reserved per block, 64
-warps). Speed is not measured here: that is ``bench/gpu_kernels.py`` on a GPU. Writes a JSON and a
+warps), and the SASS of its main loop (the tiles of a split): instructions per tile and warp, barriers,
+shared-memory operations and the most frequent opcodes. Speed is not measured here: that is ``bench/gpu_kernels.py`` on a GPU. Writes a JSON and a
 ``.md`` table next to it.
 """
 
@@ -54,6 +55,46 @@ def resource_usage(cubin: bytes) -> dict:
     return dict(registers=reg, stack_bytes=stack, local_bytes=local)
 
 
+def sass(cubin: bytes) -> str:
+    """The cubin's SASS, as ``cuobjdump -sass`` prints it."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(text: str) -> list[str]:
+    """The instructions of the longest loop in ``text`` (SASS): from the target of a backward branch to the branch.
+
+    For the decode kernel this is the loop over a split's tiles, so its length is the instructions each warp issues
+    per tile (predicated-off instructions included)."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in
+           (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line) for line in text.splitlines()) if m]
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best: list[str] = []
+    for i, (a, op) in enumerate(ins):
+        t = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
+        if t and int(t.group(1), 16) < a and int(t.group(1), 16) in index:
+            body = [o for _, o in ins[index[int(t.group(1), 16)]: i + 1]]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+def opcode(instruction: str) -> str:
+    """``@P0 FFMA.FTZ R1, ...`` -> ``FFMA``."""
+    words = instruction.split()
+    return (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
+
+
+def loop_stats(cubin: bytes, top: int = 12) -> dict:
+    """The main loop's instruction count, its barriers, shared-memory traffic and most frequent opcodes."""
+    from collections import Counter
+
+    ops = Counter(opcode(i) for i in main_loop(sass(cubin)))
+    return dict(loop_instructions=sum(ops.values()), loop_barriers=ops["BAR"],
+                loop_shared=ops["STS"] + ops["LDS"] + ops["LDSM"], loop_top=dict(ops.most_common(top)))
+
+
 def blocks_per_sm(registers: int, warps: int, shared: int, smem_per_sm: int) -> int:
     """Blocks of ``warps`` warps that fit one multiprocessor: 64K registers (allocated per warp in units of 256),
     ``smem_per_sm`` bytes of shared memory with 1 KB reserved per block, at most 64 warps."""
@@ -97,10 +138,12 @@ def main(argv=None) -> int:
         row = dict(settings=text, block_n=int(meta["block_n"]), warps=warps, shared_bytes=shared, **use,
                    blocks_per_sm=blocks_per_sm(use["registers"], warps, shared,
                                                SMEM_PER_SM.get(args.arch, 102400)),
-                   compile_s=round(time.perf_counter() - t0, 2))
+                   **loop_stats(c.cubin), compile_s=round(time.perf_counter() - t0, 2))
         rows.append(row)
         print(f"{text}: {row['registers']} registers, {row['local_bytes']} B spilled, {shared} B shared, "
-              f"{row['blocks_per_sm']} block(s) per SM (tile {row['block_n']})", flush=True)
+              f"{row['blocks_per_sm']} block(s) per SM (tile {row['block_n']}); main loop "
+              f"{row['loop_instructions']} instructions, {row['loop_barriers']} barriers: {row['loop_top']}",
+              flush=True)
     import triton
 
     argv_used = argv if argv is not None else sys.argv[1:]
@@ -117,14 +160,18 @@ def main(argv=None) -> int:
              f"Command: `{result['command']}`", "",
              f"{args.shape}, group size {args.group_size}, rk {args.rk}, rv {args.rv}, bits {args.bits or '-'}: "
              "static resources of the compiled kernel (no timing).", "",
-             "| settings | tile | warps | registers | spilled bytes | shared bytes | blocks per SM |",
-             "|---|---|---|---|---|---|---|"]
+             "| settings | tile | warps | registers | spilled bytes | shared bytes | blocks per SM | loop instructions "
+             "| loop barriers | loop shared-memory ops |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['settings']} | - | - | - | - | - | does not compile: {r['error'][:80]} |")
+            lines.append(f"| {r['settings']} | - | - | - | - | - | does not compile: {r['error'][:80]} | | | |")
         else:
             lines.append(f"| {r['settings']} | {r['block_n']} | {r['warps']} | {r['registers']} | {r['local_bytes']} | "
-                         f"{r['shared_bytes']} | {r['blocks_per_sm']} |")
+                         f"{r['shared_bytes']} | {r['blocks_per_sm']} | {r['loop_instructions']} | "
+                         f"{r['loop_barriers']} | {r['loop_shared']} |")
+    lines += ["", "Loop instructions: SASS instructions of the kernel's longest loop (the tiles of a split), issued by "
+              "each warp per tile of positions."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 

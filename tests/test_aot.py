@@ -288,8 +288,8 @@ def test_grouped_latents_warn_at_a_gpu_export(caplog):
 def test_split_ranks_reach_the_compiled_kernel(tmp_path):
     """``split_ranks`` and ``stage_tables`` in the kernel settings reach the ahead-of-time compile: at rank 80
     the split keys (64 + 16 channels) stage less shared memory than the keys padded to 128, and RoPE tables read
-    outside the pipeline less again; bench/kernel_resources.py reads registers and shared memory from the cubins
-    (no GPU)."""
+    outside the pipeline less again; bench/kernel_resources.py reads registers and shared memory from the cubins,
+    and the instructions of their loop over tiles (no GPU)."""
     res = _bench("kernel_resources")
     out = tmp_path / "res.json"
     assert res.main(["--rk", "80", "--rv", "80", "--settings",
@@ -300,6 +300,12 @@ def test_split_ranks_reach_the_compiled_kernel(tmp_path):
     assert unstaged["shared_bytes"] < split["shared_bytes"]
     assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in (padded, split, unstaged))
     assert "| split_ranks=k | 64 | 4 |" in out.with_suffix(".md").read_text()
+    # the SASS of the loop over tiles: the key rebuild, scores and P @ V are Hopper wgmma (HGMMA) instructions, its
+    # copies asynchronous (LDGSTS), and the pipeline's stages are joined by barriers
+    for r in (padded, split, unstaged):
+        assert r["loop_instructions"] > 100 and r["loop_barriers"] >= 1
+        assert r["loop_top"]["HGMMA"] >= 8 and sum(r["loop_top"].values()) <= r["loop_instructions"]
+    assert "LDGSTS" in split["loop_top"]
 
 
 @pytest.mark.parametrize("group_size,rank,on_chip,capped", [(1, 64, True, True), (4, 256, True, False),
