@@ -9,8 +9,8 @@ how many blocks share a multiprocessor: registers per thread and spilled bytes (
 --dump-resource-usage``, from Triton's CUDA tools), shared memory, and the resulting blocks per
 multiprocessor (64K registers, the architecture's shared memory with 1 KB reserved per block, 64
 warps), and the SASS of its main loop (the tiles of a split): instructions per tile and warp, barriers,
-shared-memory operations and the most frequent opcodes. Speed is not measured here: that is ``bench/gpu_kernels.py`` on a GPU. Writes a JSON and a
-``.md`` table next to it.
+shared-memory operations and the most frequent opcodes. Speed is not measured here: that is
+``bench/gpu_kernels.py`` on a GPU. Writes a JSON and a ``.md`` table next to it.
 """
 
 from __future__ import annotations
