@@ -321,8 +321,9 @@ RANK80_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(n
 GLRD_WARPS_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), dict(num_warps=8, block_n=128)]
 
 
-# the Triton decode kernel against the Gluon one (lrexport/kernels/gluon_latent.py; M-LRD at rank 64 only)
-GLUON_CONFIGS = [dict(gluon=False), dict(gluon=True)]
+# the Triton decode kernel against the Gluon one (lrexport/kernels/gluon_latent.py; M-LRD at rank 64 only), with its
+# query rows padded to 16 or to 8 (gluon_latent.rows)
+GLUON_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=False), dict(gluon=True, gluon_narrow=True)]
 
 
 # the library's defaults only (attend_'s own settings): no tuning

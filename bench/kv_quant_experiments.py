@@ -31,6 +31,14 @@ so they measure quality, not a deployable layout:
   keeps; an average of 3 bits per channel, the same bytes as 3 bits when packed). This
   measures what a per-group bit allocation would gain before any cache layout supports it.
 
+* ``fp8``: keys rebuilt from FP8 (e4m3) operands, as an FP8 tensor-core product would rebuild them (twice
+  the bfloat16/float16 rate on an H100/H200): ``k_up`` in e4m3 with one scale per RoPE pair of columns
+  (columns ``d`` and ``d + D/2`` of a head share it, so the scale commutes with RoPE and folds into the
+  query), and the key latents as cached, in e4m3 either raw (no scale: what a kernel can convert on the fly)
+  or with one scale per token and latent group (an upper bound). With 4-bit latents the codes are exact in
+  e4m3 and the groups' scales and zero points apply after the product, so only ``k_up``'s rounding counts.
+  Rows for M-LRD and J-LRD at 50% (float caches) and J-LRD with 4-bit latents. The values are untouched.
+
 Writes ``bench/results/kv_quant_experiments_<experiment>.{json,md}``.
 """
 
@@ -149,9 +157,28 @@ SEARCHES = {"none": (functools.partial(quant.quantize, search=False), ""), "shri
             "product": (functools.partial(quant.quantize, search=True), ", the product's search")}
 
 
+E4M3_MAX = 448.0
+
+
+def e4m3(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` rounded to float8 e4m3 (saturating at +-448) after division by ``scale`` (broadcast), then scaled back."""
+    y = x.float() if scale is None else x.float() / scale
+    y = y.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return (y if scale is None else y * scale).to(x.dtype)
+
+
+def pair_scales(k_up: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """One e4m3 scale per RoPE pair of ``k_up``'s columns ([G, rk, s*D] -> broadcastable [G, 1, s*D]): the
+    largest magnitude of columns ``d`` and ``d + D/2`` of each head over the ranks, over 448."""
+    G, _, E = k_up.shape
+    amax = k_up.abs().amax(1).view(G, E // head_dim, 2, head_dim // 2).amax(2, keepdim=True)
+    amax = amax.expand(G, E // head_dim, 2, head_dim // 2).reshape(G, 1, E)
+    return (amax / E4M3_MAX).clamp_min(1e-12)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", choices=("split", "clip", "rotation", "mixed"), required=True)
+    ap.add_argument("--experiment", choices=("split", "clip", "rotation", "mixed", "fp8"), required=True)
     ap.add_argument("--bits", default=None, help="rotation, clip: latent bits to run (default 3; clip: 3,2)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--groups", default="32", help="clip: quantization group sizes to run (e.g. 32,16)")
@@ -207,6 +234,44 @@ def main(argv=None) -> int:
             state["plan"] = plan
             record(f"8bit-cache, {plan}", PaluKV(**best, bits=8), fake_bits=plan)
         op._store = plain_store
+    elif args.experiment == "fp8":
+        plain_store, plain_ref = op._store, op.latent_attention_reference
+        state = {"latents": None, "k_up": False, "calls": 0}
+
+        def store(cache, params, new, pos, bits, quant_group, width):  # the op stores K, then V
+            cache, params, full = plain_store(cache, params, new, pos, bits, quant_group, width)
+            which = "k" if state["calls"] % 2 == 0 else "v"
+            state["calls"] += 1
+            if which == "k" and state["latents"] == "raw":
+                full = e4m3(full)
+            elif which == "k" and state["latents"] == "token":
+                G = state["groups"]
+                rows = full.view(*full.shape[:-1], G, full.shape[-1] // G)
+                scale = (rows.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp_min(1e-12)
+                full = e4m3(rows, scale).view(full.shape)
+            return cache, params, full
+
+        def reference(query, lk, lv, ck, pk, cv, pv, past, k_up, *rest):
+            if state["k_up"]:
+                num_heads = rest[4]
+                k_up = e4m3(k_up, pair_scales(k_up, query.shape[-1] // num_heads))
+            return plain_ref(query, lk, lv, ck, pk, cv, pv, past, k_up, *rest)
+
+        op._store, op.latent_attention_reference = store, reference
+        Hkv = bench.lm.spec.num_kv_heads
+        settings = [("M", 1, 0), ("J", Hkv, 0), ("J", Hkv, 4)]
+        modes = [("float", None, False), ("k_up e4m3", None, True), ("k_up + latents e4m3 (raw)", "raw", True),
+                 ("k_up + latents e4m3 (per-token scales)", "token", True)]
+        for grouping, gs, bits in settings:
+            for label, latents, kup in modes:
+                if bits and latents:  # 4-bit codes are exact in e4m3
+                    continue
+                state.update(latents=latents, k_up=kup, calls=0, groups=Hkv // gs)
+                tag = f"-{bits}bit" if bits else ""
+                name = f"kv-{grouping}-flrc-50%{tag}, {label.replace('float', 'as cached') if bits else label}"
+                record(name, PaluKV(allocation=Flrc(0.5), group_size=gs, bits=bits), grouping=grouping, bits=bits,
+                       fp8_k_up=kup, fp8_latents=latents)
+        op._store, op.latent_attention_reference = plain_store, plain_ref
     elif args.experiment == "rotation":
         from lrexport.kv import palu
 
@@ -232,7 +297,8 @@ def write(out: str, args, rows: list[dict]) -> None:
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": quality.machine("cpu"),
            "command": " ".join(["python", "bench/kv_quant_experiments.py", *sys.argv[1:]]),
-           "setting": "kv-J-flrc-50% (J-LRD, FLRC ranks, 50% of K/V dims removed, Hadamard on); "
+           "setting": ("M-LRD and J-LRD (kv-M/J-flrc-50%)" if args.experiment == "fp8" else "kv-J-flrc-50% (J-LRD)")
+                      + ", FLRC ranks, 50% of K/V dims removed, Hadamard on; "
                       f"WikiText-2 test, {args.ppl_windows} windows of 512 tokens (quality_smollm2.md uses 40: "
                       "base 28.69, this setting in float 32.87)",
            "rows": rows}

@@ -91,7 +91,7 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
                                "swap": True, "maxnreg": None, "split_ranks": "auto",
-                               "stage_tables": True, "gluon": False}}
+                               "stage_tables": True, "gluon": False, "gluon_narrow": False}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -123,7 +123,7 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
                             "block_n=32,num_warps=8,waves=6,min_split=512,swap=0,maxnreg=96")
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
                                  "swap": False, "maxnreg": 96, "split_ranks": "auto",
-                                 "stage_tables": True, "gluon": False}
+                                 "stage_tables": True, "gluon": False, "gluon_narrow": False}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -427,3 +427,9 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
         assert aot.parse_meta(aot.compile_decode(spec, 90, gluon).meta)["name"] == "_latent_attn_fwd"
     spec = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=64, rv=64)
     assert aot.parse_meta(aot.compile_decode(spec, 80, gluon).meta)["name"] == "_latent_attn_fwd"
+    # query rows padded to 8 (gluon_narrow=1): a smaller probability tile and query operands in shared memory, and
+    # the tuning's split settings in the metadata the launcher plans from
+    narrow = aot.Tuning.parse("gluon=1,gluon_narrow=1,waves=6")
+    wide = aot.parse_meta(aot.compile_decode(spec, 90, gluon).meta)
+    meta = aot.parse_meta(aot.compile_decode(spec, 90, narrow).meta)
+    assert meta["kernel"] == "gluon" and int(meta["shared"]) < int(wide["shared"]) and meta["waves"] == "6"

@@ -437,6 +437,16 @@ def _gluon_ready() -> bool:
                                   has_bias=False, window=0, device=torch.device(DEVICE))
 
 
+def test_gluon_query_row_padding():
+    """The Gluon kernel pads a KV head's query rows to 8 only when asked (``narrow`` or ``NARROW_ROWS``, off until
+    timed on a GPU) and when they fit; otherwise to 16, the most it takes."""
+    from lrexport.kernels import gluon_latent
+
+    assert [gluon_latent.rows(n, True) for n in (1, 4, 8, 9, 16)] == [8, 8, 8, 16, 16]
+    assert [gluon_latent.rows(n, False) for n in (1, 8, 16)] == [16, 16, 16]
+    assert gluon_latent.rows(4) == (8 if gluon_latent.NARROW_ROWS else 16)
+
+
 def test_gluon_kernel_refuses_what_it_does_not_take():
     """``gluon=True`` asks for the Gluon decode kernel; a step it does not take (here: rank 16, head dim 32, and on
     a machine without an sm_90 GPU every step) is an error naming its shape rules, not a silent fallback."""
@@ -446,11 +456,13 @@ def test_gluon_kernel_refuses_what_it_does_not_take():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("narrow", [False, True], ids=["rows16", "rows8"])
 @pytest.mark.parametrize("Hq,Hkv,splits", [(32, 8, None), (32, 32, 4), (16, 2, 1)])
-def test_gluon_decode_matches_reference(Hq, Hkv, splits):
+def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow):
     """The Gluon decode kernel (M-LRD, rank 64, float16) against the float64 reference and the Triton kernel on
     fresh random inputs: rows of different lengths (one shorter than a tile, one not a multiple of it), one or
-    several splits. Tolerance: float16 rounding of the keys, their RoPE and the probabilities."""
+    several splits, query rows padded to 16 or to 8 (where they fit: 8 query heads per KV head pad to 16).
+    Tolerance: float16 rounding of the keys, their RoPE and the probabilities."""
     seed = int(torch.randint(0, 2 ** 31, ()))
     c = make_case(B=3, S=1, Hq=Hq, Hkv=Hkv, gs=1, D=128, rk=64, rv=64, P=2600, past=(2500, 37, 1473), bias=False,
                   seed=seed)
@@ -462,7 +474,7 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits):
         ck, cv = h["ck"].clone(), h["cv"].clone()
         return tlk.latent_attention_(h["q"], h["lk"], h["lv"], ck, None, cv, None, c["past"].to(DEVICE),
                                      h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0, 128 ** -0.5, 0, 0,
-                                     num_splits=splits, gluon=gluon).cpu()
+                                     num_splits=splits, gluon=gluon, gluon_narrow=narrow).cpu()
 
     got = run(True)
     assert tlk.last_kernel == "gluon"

@@ -58,7 +58,8 @@ class Tuning:
     (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``), ``stage_tables``
     (:data:`triton_latent.DECODE_STAGE_TABLES`) and ``gluon`` (1: compile the Gluon decode kernel of
     :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; opt-in until it is checked on a
-    GPU through the library).
+    GPU through the library) and ``gluon_narrow`` (1: its query rows padded to 8 where they fit,
+    :func:`gluon_latent.rows`).
     The defaults are the PyTorch path's, except ``gluon``.
     """
 
@@ -72,6 +73,7 @@ class Tuning:
     split_ranks: str = tl_k.SPLIT_RANKS
     stage_tables: bool = tl_k.DECODE_STAGE_TABLES
     gluon: bool = False
+    gluon_narrow: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
@@ -91,7 +93,7 @@ class Tuning:
             if key not in fields or not val.lstrip("-").isdigit():
                 raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields - {'split_ranks'})} "
                                  "= an integer, or split_ranks = auto|k|v|kv|none")
-            kw[key] = bool(int(val)) if key in ("swap", "stage_tables", "gluon") else int(val)
+            kw[key] = bool(int(val)) if key in ("swap", "stage_tables", "gluon", "gluon_narrow") else int(val)
         t = cls(**kw)
         if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
@@ -223,7 +225,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
     if tuning.gluon and arch == 90 and gluon_spec(spec):  # other nodes and architectures: the Triton kernel
-        return _compile_gluon(spec, arch)
+        return _compile_gluon(spec, arch, tuning)
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
                              rv=spec.rv, bits=spec.bits, quant_group=spec.quant_group, itemsize=2,
@@ -276,7 +278,7 @@ def gluon_spec(spec: DecodeSpec) -> bool:
             and not spec.has_k_bias and spec.window == 0 and spec.num_heads // spec.num_kv_heads <= glk.ROWS)
 
 
-def _compile_gluon(spec: DecodeSpec, arch: int) -> CompiledDecode:
+def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecode:
     """The Gluon decode kernel for ``spec`` (see :func:`gluon_spec`), with the launcher arguments of the Triton one
     (:data:`ABI_ARGS`) and the same metadata."""
     from triton.backends.compiler import GPUTarget
@@ -287,8 +289,9 @@ def _compile_gluon(spec: DecodeSpec, arch: int) -> CompiledDecode:
     if arch != 90:
         raise ValueError(f"the Gluon decode kernel is for compute capability 9.0 (wgmma), not {arch}")
     fn = glk._latent_attn_gluon
-    const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=spec.num_heads // spec.num_kv_heads,
-                 M=glk.ROWS, BLOCK=glk.BLOCK_N, ROPE16=True, ROW_SPLITS=spec.row_splits)
+    nrep = spec.num_heads // spec.num_kv_heads
+    const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep, M=glk.rows(nrep, tuning.gluon_narrow),
+                 BLOCK=glk.BLOCK_N, ROPE16=True, ROW_SPLITS=spec.row_splits)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "
@@ -303,7 +306,6 @@ def _compile_gluon(spec: DecodeSpec, arch: int) -> CompiledDecode:
     md = k.metadata
     if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
         raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
-    tuning = Tuning()
     meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
             f"rv_p={glk.RANK} waves={tuning.waves} min_split={tuning.min_split} maxnreg=0 "
             f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")

@@ -54,10 +54,23 @@ RANK = 64
 HEAD_DIM = 128
 ROWS = 16
 
+# query rows padded to 8 instead of 16 (the N of the score and P @ V products, wgmma n8) where a KV head has at most
+# 8 query heads: half the softmax work on padding rows. Compiled for sm_90 with Triton 3.6 (Llama-3-8B shapes) the
+# loop over tiles takes 401 instead of 435 instructions per warp, 164 instead of 184 registers and 85120 instead of
+# 88320 bytes of shared memory (bench/results/kernel_loop_gluon_llama3-8b.md). Off until checked and timed on a GPU.
+NARROW_ROWS = False
+
+
+def rows(nrep: int, narrow: bool | None = None) -> int:
+    """The query-row padding ``M`` of the kernel for ``nrep`` query heads per KV head: 8 with ``narrow`` (default
+    :data:`NARROW_ROWS`) where they fit, else :data:`ROWS`."""
+    return 8 if (NARROW_ROWS if narrow is None else narrow) and nrep <= 8 else ROWS
+
 if gluon is not None:
     # the layouts of the kernels' tiles (four warps, one warp group): global loads, the key rebuild's accumulator
-    # [positions, D / 2], the scores' and values' [positions or ranks, query rows], the keys as the score product's
-    # register operand, and the shared-memory tiles of latents, table rows and probabilities
+    # [positions, D / 2], the scores' and values' [positions or ranks, query rows] (for ROWS query rows; the decode
+    # kernel builds them for its M), the keys as the score product's register operand, and the shared-memory tiles
+    # of latents, table rows and probabilities
     BLK = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
     MMA_K = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                    instr_shape=[16, HEAD_DIM // 2, 16]))
@@ -167,8 +180,8 @@ if gluon is not None:
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
-        mma_s: gl.constexpr = MMA_S
-        a_s: gl.constexpr = A_S
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
+        a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
         tile_sl: gl.constexpr = TILE_SL
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, M], gl.float16)
 
@@ -257,14 +270,17 @@ def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, n
 
 
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
-                    num_splits: int, split_len: int, qk_scale: float, rope16: bool = True) -> None:
+                    num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
+                    narrow: bool | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, 64)]``, the layout
     of ``triton_latent._combine``). ``q`` [B, 1, Hq * D]; caches [B, P, Hkv * 64] with unit stride last;
-    ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison)."""
+    ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison);
+    ``narrow``: query rows padded to 8 (see :func:`rows`)."""
     B = q.shape[0]
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
     cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
     _latent_attn_gluon[(B * num_kv_heads, 1, num_splits)](
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, RANK, RANK,
-        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=ROWS, BLOCK=BLOCK_N, ROPE16=rope16, num_warps=4)
+        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
+        num_warps=4)

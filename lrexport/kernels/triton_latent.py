@@ -859,7 +859,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
             row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
             stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None,
-            gluon: bool | None = None) -> torch.Tensor:
+            gluon: bool | None = None, gluon_narrow: bool | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -883,7 +883,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     shared memory does not fit is retried with fewer pipeline stages, then smaller tiles. ``gluon``: decode steps the
     Gluon kernel takes (:mod:`gluon_latent`: M-LRD at rank 64, float16, head dim 128, sm_90) run on it when None
     and :data:`DECODE_GLUON` (True: required, an error otherwise; False: never); the Triton kernel's settings
-    above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``.
+    above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``; ``gluon_narrow``: its query rows
+    padded to 8 (:func:`gluon_latent.rows`; None: :data:`gluon_latent.NARROW_ROWS`).
     """
     global last_kernel
     B, S, Q = query_BSQ.shape
@@ -945,7 +946,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             try:
                 gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
                                              num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
-                                             split_len=split_len, qk_scale=scale * LOG2E)
+                                             split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow)
             except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
                 if gluon:
                     raise
