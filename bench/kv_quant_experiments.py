@@ -269,8 +269,8 @@ def main(argv=None) -> int:
                 state.update(latents=latents, k_up=kup, calls=0, groups=Hkv // gs)
                 tag = f"-{bits}bit" if bits else ""
                 name = f"kv-{grouping}-flrc-50%{tag}, {label.replace('float', 'as cached') if bits else label}"
-                record(name, PaluKV(allocation=Flrc(0.5), group_size=gs, bits=bits), grouping=grouping, bits=bits,
-                       fp8_k_up=kup, fp8_latents=latents)
+                record(name, PaluKV(allocation=Flrc(0.5), group_size=gs, bits=bits or None), grouping=grouping,
+                       bits=bits, fp8_k_up=kup, fp8_latents=latents)
         op._store, op.latent_attention_reference = plain_store, plain_ref
     elif args.experiment == "rotation":
         from lrexport.kv import palu
@@ -297,8 +297,9 @@ def write(out: str, args, rows: list[dict]) -> None:
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": quality.machine("cpu"),
            "command": " ".join(["python", "bench/kv_quant_experiments.py", *sys.argv[1:]]),
-           "setting": ("M-LRD and J-LRD (kv-M/J-flrc-50%)" if args.experiment == "fp8" else "kv-J-flrc-50% (J-LRD)")
-                      + ", FLRC ranks, 50% of K/V dims removed, Hadamard on; "
+           "setting": ("M-LRD and J-LRD (kv-M/J-flrc-50%), FLRC ranks, 50% of K/V dims removed, Hadamard on for the "
+                       "4-bit rows" if args.experiment == "fp8" else
+                       "kv-J-flrc-50% (J-LRD, FLRC ranks, 50% of K/V dims removed, Hadamard on)") + "; "
                       f"WikiText-2 test, {args.ppl_windows} windows of 512 tokens (quality_smollm2.md uses 40: "
                       "base 28.69, this setting in float 32.87)",
            "rows": rows}
