@@ -30,6 +30,7 @@ from lrexport.kernels.gluon_latent import (
     _barrier,
     issue_keys,
     issue_values,
+    loop_state,
     operands,
     rope,
     softmax_step,
@@ -73,13 +74,7 @@ def _gl_decode(Q, CK, CV, KUP, COS, SIN, ACC, MAX, SUM, L, split_len, lcap, qk_s
                    False)
         issue_values(CV, HKV * R, v_s, base, start + i * BLOCK_N, end, i, R, BLOCK_N, blk)
 
-    zk = gl.zeros([BLOCK_N, HALF], gl.float32, mma_k)
-    zs = gl.zeros([BLOCK_N, M], gl.float32, mma_s)
-    m_i = gl.full([M], float("-inf"), gl.float32, gl.SliceLayout(0, mma_s))
-    l_t = gl.zeros([BLOCK_N, M], gl.float32, mma_s)
-    acc = gl.zeros([R, M], gl.float32, mma_s)
-    rows = gl.arange(0, M, layout=gl.SliceLayout(0, mma_s))
-    pos = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_s))
+    zk, zs, m_i, l_t, acc, rows, pos = loop_state(BLOCK_N, HALF, M, R, mma_k, mma_s)
 
     # the first tile's keys, rebuilt and RoPE'd before the loop
     async_copy.wait_group(NS - 2)

@@ -322,7 +322,7 @@ GLRD_WARPS_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), di
 
 
 # the Triton decode kernel against the Gluon one (lrexport/kernels/gluon_latent.py; M-LRD at rank 64 only), with its
-# query rows padded to 16 or to 8 (gluon_latent.rows)
+# query rows padded to 16 or to 8 (gluon_latent.query_rows)
 GLUON_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=False), dict(gluon=True, gluon_narrow=True)]
 
 

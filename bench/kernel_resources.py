@@ -41,13 +41,17 @@ def cuobjdump() -> str:
     return str(tool)
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local (spill) bytes of the cubin's kernel, as cuobjdump reports them."""
+def dump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of the cubin (e.g. ``-sass``, ``--dump-resource-usage``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local (spill) bytes of the cubin's kernel, as cuobjdump reports them."""
+    out = dump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if not m:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-500:]}")
@@ -57,10 +61,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def sass(cubin: bytes) -> str:
     """The cubin's SASS, as ``cuobjdump -sass`` prints it."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return dump(cubin, "-sass")
 
 
 def main_loop(text: str) -> list[str]:

@@ -442,9 +442,9 @@ def test_gluon_query_row_padding():
     timed on a GPU) and when they fit; otherwise to 16, the most it takes."""
     from lrexport.kernels import gluon_latent
 
-    assert [gluon_latent.rows(n, True) for n in (1, 4, 8, 9, 16)] == [8, 8, 8, 16, 16]
-    assert [gluon_latent.rows(n, False) for n in (1, 8, 16)] == [16, 16, 16]
-    assert gluon_latent.rows(4) == (8 if gluon_latent.NARROW_ROWS else 16)
+    assert [gluon_latent.query_rows(n, True) for n in (1, 4, 8, 9, 16)] == [8, 8, 8, 16, 16]
+    assert [gluon_latent.query_rows(n, False) for n in (1, 8, 16)] == [16, 16, 16]
+    assert gluon_latent.query_rows(4) == (8 if gluon_latent.NARROW_ROWS else 16)
 
 
 def test_gluon_kernel_refuses_what_it_does_not_take():

@@ -59,7 +59,7 @@ class Tuning:
     (:data:`triton_latent.DECODE_STAGE_TABLES`) and ``gluon`` (1: compile the Gluon decode kernel of
     :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; opt-in until it is checked on a
     GPU through the library) and ``gluon_narrow`` (1: its query rows padded to 8 where they fit,
-    :func:`gluon_latent.rows`).
+    :func:`gluon_latent.query_rows`).
     The defaults are the PyTorch path's, except ``gluon``.
     """
 
@@ -290,8 +290,9 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
         raise ValueError(f"the Gluon decode kernel is for compute capability 9.0 (wgmma), not {arch}")
     fn = glk._latent_attn_gluon
     nrep = spec.num_heads // spec.num_kv_heads
-    const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep, M=glk.rows(nrep, tuning.gluon_narrow),
-                 BLOCK=glk.BLOCK_N, ROPE16=True, ROW_SPLITS=spec.row_splits)
+    const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
+                 M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
+                 ROW_SPLITS=spec.row_splits)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "

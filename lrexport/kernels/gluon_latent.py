@@ -61,7 +61,7 @@ ROWS = 16
 NARROW_ROWS = False
 
 
-def rows(nrep: int, narrow: bool | None = None) -> int:
+def query_rows(nrep: int, narrow: bool | None = None) -> int:
     """The query-row padding ``M`` of the kernel for ``nrep`` query heads per KV head: 8 with ``narrow`` (default
     :data:`NARROW_ROWS`) where they fit, else :data:`ROWS`."""
     return 8 if (NARROW_ROWS if narrow is None else narrow) and nrep <= 8 else ROWS
@@ -146,6 +146,20 @@ if gluon is not None:
                 gl.convert_layout((k2 * kc + k1 * ks).to(gl.float16), a_s))
 
     @gluon.jit
+    def loop_state(BLOCK: gl.constexpr, HALF: gl.constexpr, M: gl.constexpr, R: gl.constexpr, mma_k: gl.constexpr,
+                   mma_s: gl.constexpr):
+        """The decode loop's starting state: zero accumulators of the key rebuild and the scores, the running
+        maximum, the per-position sums, the value accumulator, and the query-row and position indices."""
+        zk = gl.zeros([BLOCK, HALF], gl.float32, mma_k)
+        zs = gl.zeros([BLOCK, M], gl.float32, mma_s)
+        m_i = gl.full([M], float("-inf"), gl.float32, gl.SliceLayout(0, mma_s))
+        l_t = gl.zeros([BLOCK, M], gl.float32, mma_s)
+        acc = gl.zeros([R, M], gl.float32, mma_s)
+        rows = gl.arange(0, M, layout=gl.SliceLayout(0, mma_s))
+        pos = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, mma_s))
+        return zk, zs, m_i, l_t, acc, rows, pos
+
+    @gluon.jit
     def softmax_step(s, m_i, l_t, acc):
         """One tile of the online softmax in base 2 (masked scores ``s`` [positions, rows]): the probabilities, the
         running maximum, the per-position sums and the accumulator rescaled to the new maximum."""
@@ -214,13 +228,7 @@ if gluon is not None:
         issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + BLOCK, end, 1, R, HALF, BLOCK, blk)
         issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk)
 
-        zk = gl.zeros([BLOCK, HALF], gl.float32, mma_k)
-        zs = gl.zeros([BLOCK, M], gl.float32, mma_s)
-        m_i = gl.full([M], float("-inf"), gl.float32, gl.SliceLayout(0, mma_s))
-        l_t = gl.zeros([BLOCK, M], gl.float32, mma_s)
-        acc = gl.zeros([R, M], gl.float32, mma_s)
-        rows = gl.arange(0, M, layout=gl.SliceLayout(0, mma_s))
-        pos = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, mma_s))
+        zk, zs, m_i, l_t, acc, rows, pos = loop_state(BLOCK, HALF, M, R, mma_k, mma_s)
 
         async_copy.wait_group(2)  # K0
         fence_async_shared()
@@ -275,12 +283,12 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, 64)]``, the layout
     of ``triton_latent._combine``). ``q`` [B, 1, Hq * D]; caches [B, P, Hkv * 64] with unit stride last;
     ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison);
-    ``narrow``: query rows padded to 8 (see :func:`rows`)."""
+    ``narrow``: query rows padded to 8 (see :func:`query_rows`)."""
     B = q.shape[0]
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
     cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
     _latent_attn_gluon[(B * num_kv_heads, 1, num_splits)](
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, RANK, RANK,
-        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
+        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
         num_warps=4)

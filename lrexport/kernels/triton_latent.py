@@ -884,7 +884,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     Gluon kernel takes (:mod:`gluon_latent`: M-LRD at rank 64, float16, head dim 128, sm_90) run on it when None
     and :data:`DECODE_GLUON` (True: required, an error otherwise; False: never); the Triton kernel's settings
     above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``; ``gluon_narrow``: its query rows
-    padded to 8 (:func:`gluon_latent.rows`; None: :data:`gluon_latent.NARROW_ROWS`).
+    padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`).
     """
     global last_kernel
     B, S, Q = query_BSQ.shape
