@@ -324,7 +324,17 @@ GLRD_WARPS_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), di
 # the Triton decode kernel against the Gluon one (lrexport/kernels/gluon_latent.py; M-LRD at rank 64 only), with its
 # query rows padded to 16 or to 8 (gluon_latent.query_rows)
 GLUON_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=False), dict(gluon=True, gluon_narrow=True)]
+# the Gluon kernel's RoPE by table row per key against by relative position (gluon_latent.RELATIVE_ROPE)
+GLUON_REL_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=True), dict(gluon=True, gluon_narrow=True,
+                     gluon_rel=True), dict(gluon=True, gluon_narrow=False, gluon_rel=True)]
 
+# the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
+GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)
+                                                               for n in (4, 8, 16, 32)]
+
+# the split rule's programs per multiprocessor (rounded down: whole waves of two resident blocks at 2) and shortest
+# split, for every kernel
+WAVES_CONFIGS = [dict(waves=w, min_split=m) for w in (2, 4, 8) for m in (512, 1024)]
 
 # the library's defaults only (attend_'s own settings): no tuning
 DEFAULT_CONFIGS = [{}]
@@ -335,6 +345,7 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
          "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
          "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
+         "gluon_rel": GLUON_REL_CONFIGS, "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
 

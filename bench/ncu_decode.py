@@ -5,7 +5,9 @@
         python bench/ncu_decode.py --batch 1 --context 65536 --variant 0.5:M:0
 
 The case is that of ``bench/gpu_kernels.py`` (Llama-3-8B shapes by default, random fp16
-latents, the cache full to ``--context``); ``--config`` passes kernel settings as JSON.
+latents, the cache full to ``--context``); ``--config`` passes kernel settings as JSON (e.g.
+``'{"gluon": false}'`` for the Triton kernel where the Gluon one would run). ``--sdpa`` runs PyTorch's SDPA on
+the uncompressed cache of the same shape instead (profile it with ``--kernel-name regex:flash``).
 """
 
 from __future__ import annotations
@@ -30,10 +32,20 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default="0.5:M:0", help="reduction:grouping:bits")
     ap.add_argument("--config", default="{}", help="kernel settings (JSON), as attend_ takes them")
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--sdpa", action="store_true", help="SDPA on the uncompressed cache instead")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("ncu_decode: no CUDA device", file=sys.stderr)
         return 2
+    if args.sdpa:
+        Hq, Hkv, D = SHAPES[args.shape]
+        q = torch.randn(args.batch, Hq, 1, D, dtype=torch.float16, device="cuda")
+        k = torch.randn(args.batch, Hkv, args.context, D, dtype=torch.float16, device="cuda")
+        v = torch.randn_like(k)
+        for _ in range(args.calls):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+        torch.cuda.synchronize()
+        return 0
     from lrexport.kernels.triton_latent import attend_
 
     Hq, Hkv, D = SHAPES[args.shape]

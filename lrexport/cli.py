@@ -283,10 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the GPU decode kernels of a float16 model for this compute capability "
                         "(e.g. 90 = H100/H200; default: 90 for float16 models; 0: none)")
     x.add_argument("--cuda-tuning", default=None, metavar="SETTINGS",
-                   help="decode kernel settings, e.g. 'waves=8,min_split=1024,num_warps=4,block_n=64,swap=1,"
-                        "split_ranks=auto'; 'gluon=1': the Gluon decode kernel where it applies (M-LRD rank 64, "
-                        "sm_90; opt-in; 'gluon_narrow=1': its query rows padded to 8) (default: the tuned ones, or "
-                        "LREXPORT_CUDA_TUNING)")
+                   help="decode kernel settings, e.g. 'waves=8,min_split=512,num_warps=4,block_n=64,swap=1,"
+                        "split_ranks=auto'; 'gluon=0': the Triton decode kernel also where the Gluon one applies "
+                        "(M-LRD rank 64, sm_90); 'gluon_narrow=0': the Gluon kernel's query rows padded to 16 "
+                        "(default: the tuned ones, or LREXPORT_CUDA_TUNING)")
     x.add_argument("--no-fused-norms", action="store_true",
                    help="keep residual Adds and RMSNorms as standard ONNX ops instead of ONNX Runtime's "
                         "SkipSimplifiedLayerNormalization (for runtimes without its com.microsoft ops)")

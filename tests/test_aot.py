@@ -85,13 +85,15 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
         # packed latents: capped at 168 registers per thread (three 4-warp blocks per multiprocessor)
         assert meta["maxnreg"] == ("168" if bits else "0")
         assert _regcount(attrs["cuda_cubin"]) <= (168 if bits else 255)
+        # the split rule's programs per multiprocessor for the cache kind (triton_latent.decode_waves)
+        assert (meta["waves"], meta["min_split"]) == ("8" if bits else "2", "512")
         spec = aot.node_spec(model, n)
         assert (spec.bits, spec.head_dim, spec.rk, spec.rv) == (bits, 32, 16, 16)  # smoke: D=32, M-LRD 50%
     info = json.loads((folder / "lrexport.json").read_text())["onnx"]["cuda_kernels"]
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
-                    "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 8, "min_split": 1024,
-                               "swap": True, "maxnreg": None, "split_ranks": "auto",
-                               "stage_tables": True, "gluon": False, "gluon_narrow": False}}
+                    "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": None, "min_split": 512,
+                               "swap": True, "maxnreg": None, "split_ranks": "auto", "stage_tables": True,
+                               "gluon": True, "gluon_narrow": True, "gluon_rel": False}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -122,8 +124,8 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     summary = retune.retune(exported["lrexport"], dst,
                             "block_n=32,num_warps=8,waves=6,min_split=512,swap=0,maxnreg=96")
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
-                                 "swap": False, "maxnreg": 96, "split_ranks": "auto",
-                                 "stage_tables": True, "gluon": False, "gluon_narrow": False}
+                                 "swap": False, "maxnreg": 96, "split_ranks": "auto", "stage_tables": True,
+                                 "gluon": True, "gluon_narrow": True, "gluon_rel": False}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -380,7 +382,8 @@ def test_kv_ranks_just_past_64_warn_at_a_gpu_export(caplog):
 
 def test_gluon_decode_loop_compiles_with_its_products_overlapped():
     """The Gluon decode kernels compile for sm_90 without a GPU: the library's (lrexport/kernels/gluon_latent.py,
-    the two-ring forms; on the H200 1.04-1.09x faster than the Triton kernel, bench/results/gpu_kernels_gluon.md)
+    the two-ring forms; on the H200 1.07-1.17x faster than the Triton kernel with query rows padded to 8,
+    bench/results/gpu_kernels_gluon.md)
     and bench/gluon_decode.py's single-ring one. The overlapped forms wait for fewer than all outstanding products,
     the other form always for all; the two-ring form stages little enough shared memory for two blocks per
     multiprocessor, the three-stage one does not. Numerics: tests/test_triton_kernels.py on an sm_90 GPU."""
@@ -403,14 +406,15 @@ def test_gluon_decode_loop_compiles_with_its_products_overlapped():
 
 
 def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
-    """``--cuda-tuning gluon=1`` compiles the Gluon decode kernel (lrexport/kernels/gluon_latent.py) for the nodes
-    it takes, with the Triton kernel's launcher arguments (aot.ABI_ARGS) and metadata, so the library launches it
-    unchanged; other nodes (here rank 80, groups of 4, 4-bit latents) and other architectures keep the Triton
-    kernel. Opt-in: the kernel's numerics through the library are to be checked on an sm_90 GPU
-    (bench/gpu_check_ort.py); those of its PyTorch path are (test_triton_kernels.py, test_gluon_decode_*)."""
+    """By default (``--cuda-tuning gluon=0`` turns it off) the export compiles the Gluon decode kernel
+    (lrexport/kernels/gluon_latent.py) for the nodes it takes, with the Triton kernel's launcher arguments
+    (aot.ABI_ARGS) and metadata, so the library launches it unchanged; other nodes (here rank 80, groups of 4,
+    4-bit latents) and other architectures keep the Triton kernel. Its numerics through the library are checked
+    on an sm_90 GPU (bench/gpu_check_ort.py), those of its PyTorch path by test_triton_kernels.py
+    (test_gluon_decode_*)."""
     pytest.importorskip("triton.experimental.gluon")
-    assert aot.Tuning.parse("gluon=1").gluon and not aot.Tuning().gluon
-    gluon = aot.Tuning(gluon=True)
+    assert aot.Tuning().gluon and aot.Tuning().gluon_narrow and not aot.Tuning.parse("gluon=0").gluon
+    gluon = aot.Tuning(gluon=True, gluon_narrow=False)
     for row_splits in (False, True):
         spec = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=64, rv=64,
                                          row_splits=row_splits)
@@ -433,3 +437,7 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
     wide = aot.parse_meta(aot.compile_decode(spec, 90, gluon).meta)
     meta = aot.parse_meta(aot.compile_decode(spec, 90, narrow).meta)
     assert meta["kernel"] == "gluon" and int(meta["shared"]) < int(wide["shared"]) and meta["waves"] == "6"
+    assert aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning()).meta)["waves"] == "2"  # float M-LRD's default
+    # RoPE by relative position (gluon_rel=1): no table stages, three blocks per multiprocessor
+    rel = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning.parse("gluon_rel=1")).meta)
+    assert rel["kernel"] == "gluon" and int(rel["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024

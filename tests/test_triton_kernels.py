@@ -7,6 +7,7 @@ of the same comparisons, in fp16/bf16, is ``bench/gpu_check.py``.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -437,6 +438,28 @@ def _gluon_ready() -> bool:
                                   has_bias=False, window=0, device=torch.device(DEVICE))
 
 
+def test_decode_splits_fill_whole_waves():
+    """The decode split rule (the C++ launcher's plan_triton computes the same): at most ``waves`` programs per
+    multiprocessor, rounded down, splits of whole tiles and at least ``min_split`` positions, at least one split per
+    row; float per-head latents default to 2 per multiprocessor (one wave of two resident blocks), packed and
+    grouped latents to 8."""
+    plan = functools.partial(tlk.split_plan, S=1, kv_max=65536, block_n=64, num_sms=132)
+    assert plan(batch=8, num_kv_heads=8, waves=2) == (4, 16384)  # 256 programs: one wave of 264
+    assert plan(batch=1, num_kv_heads=8, waves=2) == (32, 2048)  # 33 rounded to whole tiles
+    assert plan(batch=8, num_kv_heads=8, waves=8) == (16, 4096)
+    assert plan(batch=8, num_kv_heads=32, waves=2) == (1, 65536)  # more rows than a wave holds: no split
+    assert plan(batch=1, num_kv_heads=8, waves=2, kv_max=16384) == (32, 512)  # the shortest split
+    assert plan(batch=1, num_kv_heads=8, waves=2, kv_max=16384, min_split=1024) == (16, 1024)
+    for _ in range(200):
+        B, Hkv = int(torch.randint(1, 33, ())), int(torch.randint(1, 33, ()))
+        kv, waves = int(torch.randint(1, 200000, ())), int(torch.randint(1, 17, ()))
+        n, length = plan(batch=B, num_kv_heads=Hkv, waves=waves, kv_max=kv, min_split=512)
+        assert length % 64 == 0 and (n - 1) * length < kv <= n * length
+        assert n == 1 or B * Hkv * n <= waves * 132
+    assert (tlk.decode_waves(1, 0), tlk.decode_waves(1, 4), tlk.decode_waves(4, 0)) == (2, 8, 8)
+    assert tlk.split_plan(S=7, batch=1, num_kv_heads=8, kv_max=65536, block_n=32, num_sms=132) == (1, 65536)
+
+
 def test_gluon_query_row_padding():
     """The Gluon kernel pads a KV head's query rows to 8 only when asked (``narrow`` or ``NARROW_ROWS``, off until
     timed on a GPU) and when they fit; otherwise to 16, the most it takes."""
@@ -456,12 +479,14 @@ def test_gluon_kernel_refuses_what_it_does_not_take():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("narrow", [False, True], ids=["rows16", "rows8"])
+@pytest.mark.parametrize("narrow,rel", [(False, False), (True, False), (True, True), (False, True)],
+                         ids=["rows16", "rows8", "rows8-rel", "rows16-rel"])
 @pytest.mark.parametrize("Hq,Hkv,splits", [(32, 8, None), (32, 32, 4), (16, 2, 1)])
-def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow):
+def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel):
     """The Gluon decode kernel (M-LRD, rank 64, float16) against the float64 reference and the Triton kernel on
     fresh random inputs: rows of different lengths (one shorter than a tile, one not a multiple of it), one or
-    several splits, query rows padded to 16 or to 8 (where they fit: 8 query heads per KV head pad to 16).
+    several splits, query rows padded to 16 or to 8 (where they fit: 8 query heads per KV head pad to 16), RoPE
+    by table row per key or by relative position (the tables are rotary embeddings').
     Tolerance: float16 rounding of the keys, their RoPE and the probabilities."""
     seed = int(torch.randint(0, 2 ** 31, ()))
     c = make_case(B=3, S=1, Hq=Hq, Hkv=Hkv, gs=1, D=128, rk=64, rv=64, P=2600, past=(2500, 37, 1473), bias=False,
@@ -474,7 +499,7 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow):
         ck, cv = h["ck"].clone(), h["cv"].clone()
         return tlk.latent_attention_(h["q"], h["lk"], h["lv"], ck, None, cv, None, c["past"].to(DEVICE),
                                      h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0, 128 ** -0.5, 0, 0,
-                                     num_splits=splits, gluon=gluon, gluon_narrow=narrow).cpu()
+                                     num_splits=splits, gluon=gluon, gluon_narrow=narrow, gluon_rel=rel).cpu()
 
     got = run(True)
     assert tlk.last_kernel == "gluon"

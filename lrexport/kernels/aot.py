@@ -45,35 +45,45 @@ TUNING_ENV = "LREXPORT_CUDA_TUNING"
 SPLIT_RANKS_CHOICES = ("auto", "k", "v", "kv", "none")
 
 
+# the tuning items that are switches (0 or 1)
+BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel")
+
+
 @dataclass(frozen=True)
 class Tuning:
     """The decode kernel's settings that change its speed, not its results.
 
     ``block_n`` cached positions per tile, ``num_warps``, ``num_stages`` (None: the tuned default
     of :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` and ``min_split``
-    (programs per multiprocessor and the fewest positions per split: how far the cached positions
-    are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
+    (programs per multiprocessor, None: :func:`triton_latent.decode_waves` for the cache kind, and the fewest
+    positions per split: how far the cached positions are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
     ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
     kind where ``k_up`` stays on chip, none where it is streamed; 0: none), ``split_ranks``
     (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``), ``stage_tables``
     (:data:`triton_latent.DECODE_STAGE_TABLES`) and ``gluon`` (1: compile the Gluon decode kernel of
-    :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; opt-in until it is checked on a
-    GPU through the library) and ``gluon_narrow`` (1: its query rows padded to 8 where they fit,
-    :func:`gluon_latent.query_rows`).
-    The defaults are the PyTorch path's, except ``gluon``.
+    :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; 0: the Triton kernel for all),
+    ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`) and
+    ``gluon_rel`` (1: its RoPE by relative position, :data:`gluon_latent.RELATIVE_ROPE`; for tables of rotary
+    embeddings only). The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int | None = None
-    waves: int = tl_k.DECODE_WAVES
+    waves: int | None = None
     min_split: int = tl_k.DECODE_MIN_SPLIT
     swap: bool = True
     maxnreg: int | None = None
     split_ranks: str = tl_k.SPLIT_RANKS
     stage_tables: bool = tl_k.DECODE_STAGE_TABLES
-    gluon: bool = False
-    gluon_narrow: bool = False
+    gluon: bool = True
+    gluon_narrow: bool = True
+    gluon_rel: bool = False
+
+    def waves_for(self, spec: DecodeSpec) -> int:
+        """The split rule's programs per multiprocessor for the nodes of ``spec``: ``waves``, or the PyTorch path's
+        default for their cache kind (:func:`triton_latent.decode_waves`)."""
+        return self.waves or tl_k.decode_waves(spec.group_size, spec.bits)
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
@@ -93,9 +103,9 @@ class Tuning:
             if key not in fields or not val.lstrip("-").isdigit():
                 raise ValueError(f"bad kernel tuning item {item!r}: expected one of {sorted(fields - {'split_ranks'})} "
                                  "= an integer, or split_ranks = auto|k|v|kv|none")
-            kw[key] = bool(int(val)) if key in ("swap", "stage_tables", "gluon", "gluon_narrow") else int(val)
+            kw[key] = bool(int(val)) if key in BOOL_TUNINGS else int(val)
         t = cls(**kw)
-        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or t.waves < 1 or t.min_split < 1 or (
+        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or (t.waves or 1) < 1 or t.min_split < 1 or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
                 t.maxnreg is not None and t.maxnreg != 0 and not 24 <= t.maxnreg <= 255):
             raise ValueError(f"kernel tuning out of range: {t} (block_n 16/32/64/128, num_warps 1/2/4/8, "
@@ -260,7 +270,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
             raise RuntimeError(f"the compiled decode kernel needs global scratch memory or clusters ({md}); the "
                                "launcher passes none")
         meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
-                f"rv_p={cfg['RV_P']} waves={tuning.waves} min_split={tuning.min_split} maxnreg={maxnreg or 0} "
+                f"rv_p={cfg['RV_P']} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg={maxnreg or 0} "
                 f"row_splits={int(spec.row_splits)} d16={','.join(d16)}")
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "
@@ -292,7 +302,7 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     nrep = spec.num_heads // spec.num_kv_heads
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
                  M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
-                 ROW_SPLITS=spec.row_splits)
+                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "
@@ -308,7 +318,7 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
         raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
     meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
-            f"rv_p={glk.RANK} waves={tuning.waves} min_split={tuning.min_split} maxnreg=0 "
+            f"rv_p={glk.RANK} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg=0 "
             f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
     return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
 

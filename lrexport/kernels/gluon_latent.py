@@ -11,9 +11,9 @@ the RoPE arithmetic, the scores, the softmax and ``P @ V`` of a tile run one aft
 
 Key latents and RoPE table rows are copied (``cp.async``, masked at the split's end) two tiles ahead into a ring
 of two stages, since their stage frees once a tile's keys are rebuilt and rotated; value latents one tile ahead.
-88320 bytes of shared memory: two blocks per multiprocessor on sm_90. The keys' RoPE runs in float16, the key
-halves rounded once, as Hugging Face's float16 RoPE. On an H200 it took 0.92-0.96x the Triton kernel's time for
-M-LRD at 50% and 64K tokens (bench/results/gpu_kernels_gluon.md).
+88320 bytes of shared memory (85120 with query rows padded to 8): two blocks per multiprocessor on sm_90. The keys'
+RoPE runs in float16, the key halves rounded once, as Hugging Face's float16 RoPE. On an H200 it took 0.86-0.93x
+the Triton kernel's time for M-LRD at 50% and 64K tokens, query rows padded to 8 (bench/results/gpu_kernels_gluon.md).
 
 Shape rules (:func:`supported`): one new token per row, float16, float latents, per-head latents (M-LRD), head dim
 128, key and value rank 64, at most 16 query heads per KV head, no key bias, no window, compute capability 9.0.
@@ -57,8 +57,22 @@ ROWS = 16
 # query rows padded to 8 instead of 16 (the N of the score and P @ V products, wgmma n8) where a KV head has at most
 # 8 query heads: half the softmax work on padding rows. Compiled for sm_90 with Triton 3.6 (Llama-3-8B shapes) the
 # loop over tiles takes 401 instead of 435 instructions per warp, 164 instead of 184 registers and 85120 instead of
-# 88320 bytes of shared memory (bench/results/kernel_loop_gluon_llama3-8b.md). Off until checked and timed on a GPU.
-NARROW_ROWS = False
+# 88320 bytes of shared memory (bench/results/kernel_loop_gluon_llama3-8b.md); on an H200 at 64K tokens 349.5
+# against 364.2 us at batch 8 with Llama-3-8B shapes, 1244.8 against 1292.4 with Llama-2-7B's
+# (bench/results/gpu_kernels_gluon.md).
+NARROW_ROWS = True
+
+# RoPE by relative position: a score needs the query and key rotations only through their difference,
+# R(qpos)q . R(n0 + t)k = R(qpos - n0)q . R(t)k, so the keys of every tile are rotated by the same table rows
+# 0 .. BLOCK_N - 1 (copied into shared memory once) and the queries by one row per tile, instead of a table row
+# copied per key. This needs the tables of rotary embeddings: row p = a * (cos(p * theta), sin(p * theta)) with the
+# same theta and factor a for every row (Hugging Face's default, linear, dynamic, YaRN and Llama-3 RoPE all build
+# them so); a table of any other form gives other scores. It frees the tables' pipeline stages (70784 instead of
+# 85120 bytes of shared memory: three blocks per multiprocessor) and halves the bytes each tile reads, but the
+# per-tile query rotation adds 75 instructions per tile and warp (476 against 401) and a dependent load: on an H200
+# at 64K tokens it took 379.3 against 357.7 us (Llama-3-8B shapes, batch 8) and 76.1 against 55.6 us (batch 1)
+# (bench/results/gpu_kernels_gluon_rel.md). Off: the table reads are not what the kernel waits on.
+RELATIVE_ROPE = False
 
 
 def query_rows(nrep: int, narrow: bool | None = None) -> int:
@@ -85,17 +99,21 @@ if gluon is not None:
 
     @gluon.jit
     def issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base, n0, end, st, R: gl.constexpr, HALF: gl.constexpr,
-                   BLOCK: gl.constexpr, blk: gl.constexpr, COMMIT: gl.constexpr = True):
-        """Start the copies of the key latents (``CK + base + position * sck_p``) and table rows of the tile at
-        ``n0`` into stage ``st``; rows from ``end`` on are zero-filled. ``COMMIT``: close the copy group."""
+                   BLOCK: gl.constexpr, blk: gl.constexpr, COMMIT: gl.constexpr = True, TABLES: gl.constexpr = True,
+                   LATENTS: gl.constexpr = True):
+        """Start the copies of the key latents (``CK + base + position * sck_p``; ``LATENTS``) and table rows
+        (``TABLES``) of the tile at ``n0`` into stage ``st``; rows from ``end`` on are zero-filled. ``COMMIT``:
+        close the copy group."""
         offs = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, blk))
         m = (offs < end)[:, None]
-        cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
-        ch = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
-        _copy(lat_s.index(st), CK + base + offs.to(gl.int64)[:, None] * sck_p + cr[None, :], mask=m)
-        trow = offs.to(gl.int64) * HALF
-        _copy(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
-        _copy(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
+        if LATENTS:
+            cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
+            _copy(lat_s.index(st), CK + base + offs.to(gl.int64)[:, None] * sck_p + cr[None, :], mask=m)
+        if TABLES:
+            ch = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
+            trow = offs.to(gl.int64) * HALF
+            _copy(c_s.index(st), COS + trow[:, None] + ch[None, :], mask=m)
+            _copy(s_s.index(st), SIN + trow[:, None] + ch[None, :], mask=m)
         if COMMIT:
             async_copy.commit_group()
 
@@ -109,25 +127,42 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
+    def queries(Q, COS, SIN, ang, qk_scale, D: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
+                blk: gl.constexpr):
+        """The KV head's query rows (``Q`` at its first head; rows from ``NREP`` on zero) RoPE'd by table row
+        ``ang`` and pre-scaled for exp2, as float16 halves [M, D / 2]."""
+        HALF: gl.constexpr = D // 2
+        r = gl.arange(0, M, layout=gl.SliceLayout(1, blk))
+        dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
+        rvalid = (r < NREP)[:, None]
+        q1 = gl.load(Q + r[:, None] * D + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
+        q2 = gl.load(Q + r[:, None] * D + HALF + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
+        qc = gl.load(COS + ang * HALF + dq).to(gl.float32)[None, :]
+        qs = gl.load(SIN + ang * HALF + dq).to(gl.float32)[None, :]
+        return ((q1 * qc - q2 * qs) * qk_scale).to(gl.float16), ((q2 * qc + q1 * qs) * qk_scale).to(gl.float16)
+
+    @gluon.jit
+    def up_operands(KUP, j, D: gl.constexpr, R: gl.constexpr, blk: gl.constexpr):
+        """KV head ``j``'s ``k_up`` halves in shared memory, the key rebuild's right-hand operands: (u1, u2)."""
+        HALF: gl.constexpr = D // 2
+        u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
+        dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
+        urow = KUP + (j * R + gl.arange(0, R, layout=gl.SliceLayout(1, blk))) * D
+        u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + dq[None, :]))
+        u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + HALF + dq[None, :]))
+        return u1_s, u2_s
+
+    @gluon.jit
     def operands(Q, KUP, COS, SIN, qpos, qk_scale, j, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
                  M: gl.constexpr, blk: gl.constexpr):
         """KV head ``j``'s query rows (``Q`` at its first head) RoPE'd at ``qpos`` and pre-scaled for exp2, and its
         ``k_up`` halves, in shared memory as the products' right-hand operands: (q1, q2, u1, u2)."""
         HALF: gl.constexpr = D // 2
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
-        u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
-        r = gl.arange(0, M, layout=gl.SliceLayout(1, blk))
-        dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
-        rvalid = (r < NREP)[:, None]
-        q1 = gl.load(Q + r[:, None] * D + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
-        q2 = gl.load(Q + r[:, None] * D + HALF + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
-        qc = gl.load(COS + qpos * HALF + dq).to(gl.float32)[None, :]
-        qs = gl.load(SIN + qpos * HALF + dq).to(gl.float32)[None, :]
-        q1_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, ((q1 * qc - q2 * qs) * qk_scale).to(gl.float16))
-        q2_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, ((q2 * qc + q1 * qs) * qk_scale).to(gl.float16))
-        urow = KUP + (j * R + gl.arange(0, R, layout=gl.SliceLayout(1, blk))) * D
-        u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + dq[None, :]))
-        u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + HALF + dq[None, :]))
+        q1, q2 = queries(Q, COS, SIN, qpos, qk_scale, D, NREP, M, blk)
+        q1_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, q1)
+        q2_s = gl.allocate_shared_memory(gl.float16, [M, HALF], q_sl, q2)
+        u1_s, u2_s = up_operands(KUP, j, D, R, blk)
         return q1_s, q2_s, u1_s, u2_s
 
     @gluon.jit
@@ -186,11 +221,13 @@ if gluon is not None:
                            KUP, KBIAS, COS, SIN, PAST, OUT, so_b, so_s, ACC, MAX, SUM, split_len, nsplit, qk_scale,
                            RK, RV, HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
                            M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
-                           ROW_SPLITS: gl.constexpr = False):
+                           ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
-        # shapes have none, writes partials, takes one new token per row and ranks of R)
+        # shapes have none, writes partials, takes one new token per row and ranks of R).
+        # REL: RoPE by relative position (see RELATIVE_ROPE): the keys of every tile rotated by the table rows
+        # 0 .. BLOCK - 1 (copied once), the queries by the row qpos - n0 of each tile at n0.
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -198,6 +235,9 @@ if gluon is not None:
         a_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_s, k_width=2)
         tile_sl: gl.constexpr = TILE_SL
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, M], gl.float16)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
+        NT: gl.constexpr = 1 if REL else 2  # stages of table rows
+        NQ: gl.constexpr = 2 if REL else 1  # buffers of query rows
 
         pid_bj = gl.program_id(0)
         sp = gl.program_id(2)
@@ -212,20 +252,32 @@ if gluon is not None:
         end = gl.minimum(qpos + 1, start + split_len)
         base_k = b * sck_b + j * R
         base_v = b * scv_b + j * R
+        Qj = Q + b * sq_b + j * NREP * D
 
-        q1_s, q2_s, u1_s, u2_s = operands(Q + b * sq_b + j * NREP * D, KUP, COS, SIN, qpos, qk_scale, j, D, R, NREP,
-                                          M, blk)
+        ang = qpos
+        if REL:
+            ang = gl.maximum(qpos - start, 0)
+        q_a, q_b = queries(Qj, COS, SIN, ang, qk_scale, D, NREP, M, blk)
+        q1_s = gl.allocate_shared_memory(gl.float16, [NQ, M, HALF], q_sl)
+        q2_s = gl.allocate_shared_memory(gl.float16, [NQ, M, HALF], q_sl)
+        q1_s.index(0).store(q_a)
+        q2_s.index(0).store(q_b)
+        u1_s, u2_s = up_operands(KUP, j, D, R, blk)
         lat_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
         v_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
-        c_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tile_sl)
-        s_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, HALF], tile_sl)
+        c_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
+        s_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         p_s = gl.allocate_shared_memory(gl.float16, [BLOCK, M], p_sl)
         fence_async_shared()
         _barrier()
 
         # copy groups, in order: K0, K1, V0, then per iteration it: K(it + 2), V(it + 1)
-        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start, end, 0, R, HALF, BLOCK, blk)
-        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + BLOCK, end, 1, R, HALF, BLOCK, blk)
+        if REL:  # the offset rows 0 .. BLOCK - 1 (those past qpos zero-filled), with K0
+            issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, 0, qpos + 1, 0, R, HALF, BLOCK, blk, COMMIT=False,
+                       LATENTS=False)
+        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start, end, 0, R, HALF, BLOCK, blk, TABLES=not REL)
+        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + BLOCK, end, 1, R, HALF, BLOCK, blk,
+                   TABLES=not REL)
         issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk)
 
         zk, zs, m_i, l_t, acc, rows, pos = loop_state(BLOCK, HALF, M, R, mma_k, mma_s)
@@ -242,10 +294,15 @@ if gluon is not None:
             st = it % 2
             nx = (it + 1) % 2
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + (it + 2) * BLOCK, end, st, R, HALF,
-                       BLOCK, blk)
+                       BLOCK, blk, TABLES=not REL)
             issue_values(CV, scv_p, v_s, base_v, start + (it + 1) * BLOCK, end, nx, R, BLOCK, blk)
-            s_tok = warpgroup_mma(a1, q1_s.permute((1, 0)), zs, use_acc=False, is_async=True)
-            s_tok = warpgroup_mma(a2, q2_s.permute((1, 0)), s_tok, is_async=True)
+            s_tok = warpgroup_mma(a1, q1_s.index(it % NQ).permute((1, 0)), zs, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(a2, q2_s.index(it % NQ).permute((1, 0)), s_tok, is_async=True)
+            if REL:  # the next tile's queries, into the buffer the scores of tile it - 1 read (waited for)
+                q_a, q_b = queries(Qj, COS, SIN, gl.maximum(qpos - start - (it + 1) * BLOCK, 0), qk_scale, D, NREP,
+                                   M, blk)
+                q1_s.index(nx).store(q_a)
+                q2_s.index(nx).store(q_b)
             async_copy.wait_group(3)  # K(it + 1); V(it), K(it + 2), V(it + 1) may be in flight
             fence_async_shared()
             _barrier()
@@ -260,7 +317,7 @@ if gluon is not None:
             _barrier()
             pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
             k1, k2 = warpgroup_mma_wait(num_outstanding=1, deps=(k1_tok, k2_tok))
-            a1, a2 = rope(k1, k2, c_s.index(nx), s_s.index(nx), mma_k, a_s, ROPE16)
+            a1, a2 = rope(k1, k2, c_s.index(nx % NT), s_s.index(nx % NT), mma_k, a_s, ROPE16)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
             _barrier()
         async_copy.wait_group(0)
@@ -279,11 +336,12 @@ def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, n
 
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
-                    narrow: bool | None = None) -> None:
+                    narrow: bool | None = None, rel: bool | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, 64)]``, the layout
     of ``triton_latent._combine``). ``q`` [B, 1, Hq * D]; caches [B, P, Hkv * 64] with unit stride last;
     ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison);
-    ``narrow``: query rows padded to 8 (see :func:`query_rows`)."""
+    ``narrow``: query rows padded to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default
+    :data:`RELATIVE_ROPE`)."""
     B = q.shape[0]
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
     cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
@@ -291,4 +349,4 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, RANK, RANK,
         HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
-        num_warps=4)
+        REL=RELATIVE_ROPE if rel is None else rel, num_warps=4)

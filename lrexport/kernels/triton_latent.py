@@ -719,15 +719,28 @@ def kernel_config(*, S: int, D: int, nrep: int, rk: int, rv: int, bits: int, qua
                 LAZY_SUM=lazy_sum and swapped, RK_T=rk_t, RV_A=rv_a, RV_T=rv_t, STAGE_TABLES=stage_tables)
 
 
-# decode's split rule, as measured on an H200 (bench/results/gpu_e2e_tuning.md): about 8 programs per
-# multiprocessor, but no split shorter than 1024 positions (batch 1 at 32K: 32 splits beat 66 and 132;
-# batch 8: 16 splits beat 8 and 4)
+# decode's split rule: at most ``waves`` programs per multiprocessor, rounded down so that the splits fill whole waves
+# of resident blocks, and no split shorter than ``min_split`` positions. Measured on an H200 (64K and 16K tokens,
+# both shapes, batch 1 and 8; bench/results/gpu_kernels_waves_*.md): float per-head latents (the Gluon kernel at
+# rank 64, the Triton one at rank 80) were fastest at 2 per multiprocessor (their two or one resident blocks: one
+# wave), 3-8% ahead of 8; 4-bit and G-LRD latents at 8 (up to 12% ahead of 2). Rounding up instead (17 splits at
+# batch 8 with 8 KV heads: 4.1 waves of two blocks per multiprocessor) left the last wave a quarter full: at 64K
+# tokens 4 splits took 333.5 us against 370.6 (Gluon kernel, Llama-3-8B shapes, batch 8;
+# gpu_kernels_gluon_splits.md). Splits of at least 512 positions rather than 1024 took 19.3 against 21.7 us (M-LRD)
+# and 55.6 against 86.7 us (G-LRD) at 16K tokens and batch 1.
+DECODE_WAVES_FLOAT = 2
 DECODE_WAVES = 8
-DECODE_MIN_SPLIT = 1024
+DECODE_MIN_SPLIT = 512
+
+
+def decode_waves(group_size: int, bits: int) -> int:
+    """The split rule's programs per multiprocessor for a cache kind (see :data:`DECODE_WAVES_FLOAT`)."""
+    return DECODE_WAVES_FLOAT if group_size == 1 and not bits else DECODE_WAVES
 
 # decode steps the Gluon kernel takes (gluon_latent.supported: M-LRD at rank 64, float16, head dim 128, sm_90) run on
-# it in the PyTorch path: its products overlap on the tensor and CUDA cores, 0.92-0.96x the Triton kernel's time
-# on an H200 at 64K tokens (bench/results/gpu_kernels_gluon.md). The ONNX Runtime library's kernels are Triton's.
+# it in the PyTorch path: its products overlap on the tensor and CUDA cores; with its query rows padded to 8 it took
+# 0.86-0.93x the Triton kernel's time on an H200 at 64K tokens (bench/results/gpu_kernels_gluon.md). The ONNX
+# Runtime library compiles it for the same nodes (aot.Tuning.gluon).
 DECODE_GLUON = True
 
 # which kernel ran the last attend_ call ("triton" or "gluon"), for benchmarks that report it
@@ -749,12 +762,12 @@ def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: i
                min_split: int = DECODE_MIN_SPLIT) -> tuple[int, int]:
     """(splits, positions per split) of the cached positions: flash-decoding for decode.
 
-    Decode aims at about ``waves`` programs per multiprocessor with splits of at least
-    ``min_split`` positions; prefill does not split. The C++ launcher of the ahead-of-time
+    Decode aims at no more than ``waves`` programs per multiprocessor (at least one split per row) with splits of
+    at least ``min_split`` positions; prefill does not split. The C++ launcher of the ahead-of-time
     kernels (``plan_triton`` in custom_ops/src/cuda/lowrank_kv_attention.cu) computes the same.
     """
     if num_splits is None:
-        num_splits = (max(1, min(_cdiv(waves * num_sms, batch * num_kv_heads), _cdiv(kv_max, min_split)))
+        num_splits = (max(1, min(waves * num_sms // (batch * num_kv_heads), _cdiv(kv_max, min_split)))
                       if S == 1 else 1)
     split_len = _cdiv(_cdiv(kv_max, num_splits), block_n) * block_n
     return _cdiv(kv_max, split_len), split_len
@@ -852,14 +865,15 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             sin_Pd: torch.Tensor, num_heads: int, num_kv_heads: int, group_size: int, window: int, scale: float,
             bits: int, quant_group: int, *, rv: int, block_n: int | None = None, num_warps: int = 4,
             num_stages: int | None = None, num_splits: int | None = None, kv_max: int | None = None,
-            waves: int = DECODE_WAVES, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
+            waves: int | None = None, min_split: int = DECODE_MIN_SPLIT, hoist: bool | None = None,
             vector_unpack: bool = True,
             cuda_core_scores: bool = False, swap: bool = True, rel_rope: int = DECODE_REL_ROPE,
             pair: bool = DECODE_PAIR, unpack16: bool = True, maxnreg: int | None = None,
             rope16: int = DECODE_ROPE16, lazy_sum: bool = DECODE_LAZY_SUM,
             row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
             stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None,
-            gluon: bool | None = None, gluon_narrow: bool | None = None) -> torch.Tensor:
+            gluon: bool | None = None, gluon_narrow: bool | None = None,
+            gluon_rel: bool | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -867,8 +881,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     each row divides its own length among them in the kernel (as the ahead-of-time kernels of
     ``LowRankKVAttentionDeviceLen`` do).
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
-    ``num_splits`` (or ``waves`` programs per multiprocessor and splits of at least ``min_split``
-    positions), ``hoist`` (keep ``k_up`` on
+    ``num_splits`` (or ``waves`` programs per multiprocessor, None: :func:`decode_waves`, and splits of at least
+    ``min_split`` positions), ``hoist`` (keep ``k_up`` on
     chip), ``vector_unpack`` (False: per-channel code gathers, for testing),
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
     multiply-and-reduce on the CUDA cores instead of MMAs padded to 16 rows), ``swap`` (decode:
@@ -884,7 +898,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     Gluon kernel takes (:mod:`gluon_latent`: M-LRD at rank 64, float16, head dim 128, sm_90) run on it when None
     and :data:`DECODE_GLUON` (True: required, an error otherwise; False: never); the Triton kernel's settings
     above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``; ``gluon_narrow``: its query rows
-    padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`).
+    padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`); ``gluon_rel``: its
+    RoPE by relative position (None: :data:`gluon_latent.RELATIVE_ROPE`; only for tables of rotary embeddings).
     """
     global last_kernel
     B, S, Q = query_BSQ.shape
@@ -917,7 +932,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
     num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
-                                       num_sms=_num_sms(dev), waves=waves, num_splits=num_splits,
+                                       num_sms=_num_sms(dev), num_splits=num_splits,
+                                       waves=decode_waves(group_size, bits) if waves is None else waves,
                                        min_split=min_split)
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
@@ -946,7 +962,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             try:
                 gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
                                              num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
-                                             split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow)
+                                             split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow,
+                                             rel=gluon_rel)
             except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
                 if gluon:
                     raise

@@ -749,7 +749,7 @@ std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t
   if (p.S != 1) return "more than one new token per row (prefill)";
   if (!p.f16) return "float32 activations";
   const int64_t programs = p.B * p.Hkv;
-  int64_t ns = std::max<int64_t>(1, std::min((t.waves * static_cast<int64_t>(sms) + programs - 1) / programs,
+  int64_t ns = std::max<int64_t>(1, std::min(t.waves * static_cast<int64_t>(sms) / programs,
                                              (kv_max + t.min_split - 1) / t.min_split));
   const int64_t split_len = ((kv_max + ns - 1) / ns + t.block_n - 1) / t.block_n * t.block_n;
   ns = (kv_max + split_len - 1) / split_len;
