@@ -471,8 +471,14 @@ def test_gluon_query_row_padding():
 
 
 def test_gluon_kernel_refuses_what_it_does_not_take():
-    """``gluon=True`` asks for the Gluon decode kernel; a step it does not take (here: rank 16, head dim 32, and on
-    a machine without an sm_90 GPU every step) is an error naming its shape rules, not a silent fallback."""
+    """``gluon=True`` asks for the Gluon decode kernel; a step it does not take (here: value rank 12, head dim 32,
+    and on a machine without an sm_90 GPU every step) is an error naming its shape rules, not a silent fallback.
+    Its ranks: 16 to 128 in steps of 16; by default only rank 64 runs it."""
+    from lrexport.kernels import gluon_latent
+
+    assert [r for r in range(8, 145, 8) if gluon_latent.rank_ok(r)] == list(range(16, 129, 16))
+    assert gluon_latent.preferred(64, 64) and not gluon_latent.preferred(80, 80)
+    assert not gluon_latent.preferred(64, 48)
     c = make_case(S=1, bias=False)
     with pytest.raises(ValueError, match="Gluon decode kernel takes"):
         run_kernel(c, gluon=True)
@@ -509,6 +515,33 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel):
     assert rel_err(got, triton_out) < 5e-3, f"seed {seed}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("rk,rv", [(80, 80), (48, 48), (128, 128), (80, 64), (64, 96), (32, 16)])
+def test_gluon_decode_other_ranks(rk, rv):
+    """The Gluon decode kernel at key / value ranks other than 64 (``gluon=True``; by default they run the Triton
+    kernel): ranks below 64 as zero-padded tiles of 64 channels, ranks above as a tile and a tail (keys: a second
+    rebuild product of 16, 32 or 64 channels; values: a second P @ V product), against the float64 reference and
+    the Triton kernel on fresh random inputs, rows of different lengths over several splits. Tolerance as
+    test_gluon_decode_matches_reference."""
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    c = make_case(B=3, S=1, Hq=32, Hkv=8, gs=1, D=128, rk=rk, rv=rv, P=2600, past=(2500, 37, 1473), bias=False,
+                  seed=seed)
+    ref = reference(c)
+
+    def run(gluon):
+        h = {k: (v.to(DEVICE, torch.float16) if torch.is_tensor(v) and v.dtype == torch.float64 else v)
+             for k, v in c.items()}
+        return tlk.latent_attention_(h["q"], h["lk"], h["lv"], h["ck"].clone(), None, h["cv"].clone(), None,
+                                     c["past"].to(DEVICE), h["k_up"], None, None, h["cos"], h["sin"], 32, 8, 1, 0,
+                                     128 ** -0.5, 0, 0, num_splits=3, gluon=gluon).cpu()
+
+    got = run(True)
+    assert tlk.last_kernel == "gluon"
+    triton_out = run(False)
+    assert rel_err(got, ref[0]) < 5e-3, f"seed {seed}"
+    assert rel_err(got, triton_out) < 5e-3, f"seed {seed}"
+
+
 def test_gluon_kernel_failure_falls_back_to_triton(monkeypatch, caplog):
     """Gluon is an experimental Triton API: where the Gluon kernel fails to build or launch, a decode step it would
     take runs the Triton kernel (same result as asking for Triton) with one warning naming the error, and later
@@ -525,6 +558,7 @@ def test_gluon_kernel_failure_falls_back_to_triton(monkeypatch, caplog):
         raise RuntimeError("no such Gluon op in this Triton")
 
     monkeypatch.setattr(gluon_latent, "supported", lambda **kw: True)
+    monkeypatch.setattr(gluon_latent, "preferred", lambda rk, rv: True)
     monkeypatch.setattr(gluon_latent, "decode_partials", broken)
     monkeypatch.setattr(gluon_latent, "failure", None)
     c = make_case(S=1, bias=False, seed=int(torch.randint(0, 2 ** 31, ())))

@@ -53,12 +53,12 @@ BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel")
 class Tuning:
     """The decode kernel's settings that change its speed, not its results.
 
-    ``block_n`` cached positions per tile, ``num_warps``, ``num_stages`` (None: the tuned default
-    of :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` and ``min_split``
-    (programs per multiprocessor, None: :func:`triton_latent.decode_waves` for the cache kind, and the fewest
-    positions per split: how far the cached positions are split; read by the launcher at run time), ``swap`` (the positions as the MMA rows) and
-    ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache
-    kind where ``k_up`` stays on chip, none where it is streamed; 0: none), ``split_ranks``
+    ``block_n`` cached positions per tile, ``num_warps``, ``num_stages`` (None: the tuned default of
+    :data:`triton_latent.DECODE_STAGES` for the cache kind), ``waves`` and ``min_split`` (programs per
+    multiprocessor, None: :func:`triton_latent.decode_waves` for the cache kind, and the fewest positions per split:
+    how far the cached positions are split; read by the launcher at run time), ``swap`` (the positions as the MMA
+    rows) and ``maxnreg`` (a register cap per thread; None: :data:`triton_latent.DECODE_MAXNREG` for the cache kind
+    where ``k_up`` stays on chip, none where it is streamed; 0: none), ``split_ranks``
     (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``), ``stage_tables``
     (:data:`triton_latent.DECODE_STAGE_TABLES`) and ``gluon`` (1: compile the Gluon decode kernel of
     :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; 0: the Triton kernel for all),
@@ -105,7 +105,8 @@ class Tuning:
                                  "= an integer, or split_ranks = auto|k|v|kv|none")
             kw[key] = bool(int(val)) if key in BOOL_TUNINGS else int(val)
         t = cls(**kw)
-        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or (t.waves or 1) < 1 or t.min_split < 1 or (
+        if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or (t.waves or 1) < 1 or (
+                t.min_split < 1) or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
                 t.maxnreg is not None and t.maxnreg != 0 and not 24 <= t.maxnreg <= 255):
             raise ValueError(f"kernel tuning out of range: {t} (block_n 16/32/64/128, num_warps 1/2/4/8, "
@@ -270,7 +271,8 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
             raise RuntimeError(f"the compiled decode kernel needs global scratch memory or clusters ({md}); the "
                                "launcher passes none")
         meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={block_n} "
-                f"rv_p={cfg['RV_P']} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg={maxnreg or 0} "
+                f"rv_p={cfg['RV_P']} waves={tuning.waves_for(spec)} min_split={tuning.min_split} "
+                f"maxnreg={maxnreg or 0} "
                 f"row_splits={int(spec.row_splits)} d16={','.join(d16)}")
         return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
     raise RuntimeError(f"the decode kernel does not fit the {limit} bytes of shared memory of sm_{arch} "

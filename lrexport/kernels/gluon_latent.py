@@ -16,8 +16,9 @@ RoPE runs in float16, the key halves rounded once, as Hugging Face's float16 RoP
 the Triton kernel's time for M-LRD at 50% and 64K tokens, query rows padded to 8 (bench/results/gpu_kernels_gluon.md).
 
 Shape rules (:func:`supported`): one new token per row, float16, float latents, per-head latents (M-LRD), head dim
-128, key and value rank 64, at most 16 query heads per KV head, no key bias, no window, compute capability 9.0.
-Everything else runs the Triton kernel.
+128, key and value ranks of 16 to 128 in steps of 16, at most 16 query heads per KV head, no key bias, no window,
+compute capability 9.0; by default only rank 64 runs it (:func:`preferred`). Everything else runs the Triton
+kernel.
 """
 
 from __future__ import annotations
@@ -48,11 +49,16 @@ def fail(err: BaseException) -> None:
                                             failure)
 
 
-# rows of a tile, and the only key / value rank, head dim and query-row padding the kernel takes
+# rows of a tile, the channels of a latent tile (ranks up to 64 take one, up to 128 one and a tail), the only head
+# dim the kernel takes and its query-row padding
 BLOCK_N = 64
 RANK = 64
 HEAD_DIM = 128
 ROWS = 16
+
+# the ranks per head whose decode steps run the kernel by default: where it was timed faster than the Triton
+# kernel on an H200 (bench/results/gpu_kernels_gluon.md)
+DEFAULT_RANKS = (64,)
 
 # query rows padded to 8 instead of 16 (the N of the score and P @ V products, wgmma n8) where a KV head has at most
 # 8 query heads: half the softmax work on padding rows. Compiled for sm_90 with Triton 3.6 (Llama-3-8B shapes) the
@@ -100,15 +106,18 @@ if gluon is not None:
     @gluon.jit
     def issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base, n0, end, st, R: gl.constexpr, HALF: gl.constexpr,
                    BLOCK: gl.constexpr, blk: gl.constexpr, COMMIT: gl.constexpr = True, TABLES: gl.constexpr = True,
-                   LATENTS: gl.constexpr = True):
+                   LATENTS: gl.constexpr = True, RANK: gl.constexpr = 0):
         """Start the copies of the key latents (``CK + base + position * sck_p``; ``LATENTS``) and table rows
-        (``TABLES``) of the tile at ``n0`` into stage ``st``; rows from ``end`` on are zero-filled. ``COMMIT``:
-        close the copy group."""
+        (``TABLES``) of the tile at ``n0`` into stage ``st``; rows from ``end`` on are zero-filled, and with
+        ``RANK`` < ``R`` the latents' channels from ``RANK`` on. ``COMMIT``: close the copy group."""
         offs = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, blk))
         m = (offs < end)[:, None]
         if LATENTS:
-            cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
-            _copy(lat_s.index(st), CK + base + offs.to(gl.int64)[:, None] * sck_p + cr[None, :], mask=m)
+            if RANK > 0 and RANK < R:
+                copy_rows(lat_s.index(st), CK, base, sck_p, n0, end, 0, R, RANK, BLOCK, blk)
+            else:
+                cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
+                _copy(lat_s.index(st), CK + base + offs.to(gl.int64)[:, None] * sck_p + cr[None, :], mask=m)
         if TABLES:
             ch = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
             trow = offs.to(gl.int64) * HALF
@@ -118,13 +127,29 @@ if gluon is not None:
             async_copy.commit_group()
 
     @gluon.jit
-    def issue_values(CV, scv_p, v_s, base, n0, end, st, R: gl.constexpr, BLOCK: gl.constexpr, blk: gl.constexpr):
-        """Start the copy of the value latents of the tile at ``n0`` into stage ``st`` and close the group."""
+    def copy_rows(dst, SRC, base, stride, n0, end, C0: gl.constexpr, W: gl.constexpr, RANK: gl.constexpr,
+                  BLOCK: gl.constexpr, blk: gl.constexpr):
+        """Start the copy of channels ``C0 .. C0 + W`` of the latents of the tile at ``n0`` (``SRC + base + position
+        * stride``) into ``dst`` [BLOCK, W]; rows from ``end`` on and channels from ``RANK`` on are zero-filled."""
         offs = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, blk))
-        cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
-        _copy(v_s.index(st), CV + base + offs.to(gl.int64)[:, None] * scv_p + cr[None, :],
-              mask=(offs < end)[:, None])
-        async_copy.commit_group()
+        c = C0 + gl.arange(0, W, layout=gl.SliceLayout(0, blk))
+        _copy(dst, SRC + base + offs.to(gl.int64)[:, None] * stride + c[None, :],
+              mask=(offs < end)[:, None] & (c < RANK)[None, :])
+
+    @gluon.jit
+    def issue_values(CV, scv_p, v_s, base, n0, end, st, R: gl.constexpr, BLOCK: gl.constexpr, blk: gl.constexpr,
+                     RANK: gl.constexpr = 0, COMMIT: gl.constexpr = True):
+        """Start the copy of the value latents of the tile at ``n0`` into stage ``st`` (channels from ``RANK`` on
+        zero-filled where ``RANK`` < ``R``) and (``COMMIT``) close the group."""
+        if RANK > 0 and RANK < R:
+            copy_rows(v_s.index(st), CV, base, scv_p, n0, end, 0, R, RANK, BLOCK, blk)
+        else:
+            offs = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, blk))
+            cr = gl.arange(0, R, layout=gl.SliceLayout(0, blk))
+            _copy(v_s.index(st), CV + base + offs.to(gl.int64)[:, None] * scv_p + cr[None, :],
+                  mask=(offs < end)[:, None])
+        if COMMIT:
+            async_copy.commit_group()
 
     @gluon.jit
     def queries(Q, COS, SIN, ang, qk_scale, D: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
@@ -142,14 +167,25 @@ if gluon is not None:
         return ((q1 * qc - q2 * qs) * qk_scale).to(gl.float16), ((q2 * qc + q1 * qs) * qk_scale).to(gl.float16)
 
     @gluon.jit
-    def up_operands(KUP, j, D: gl.constexpr, R: gl.constexpr, blk: gl.constexpr):
-        """KV head ``j``'s ``k_up`` halves in shared memory, the key rebuild's right-hand operands: (u1, u2)."""
+    def up_operands(KUP, j, D: gl.constexpr, R: gl.constexpr, blk: gl.constexpr, RANK: gl.constexpr = 0,
+                    R0: gl.constexpr = 0):
+        """KV head ``j``'s ``k_up`` halves in shared memory, the key rebuild's right-hand operands: (u1, u2). With
+        ``RANK`` (the head's rank; 0: ``R``), rows ``R0 .. R0 + R`` of the head's ``RANK``, those past it zero."""
         HALF: gl.constexpr = D // 2
+        RH: gl.constexpr = RANK if RANK > 0 else R
         u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, HALF], gl.float16)
         dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
-        urow = KUP + (j * R + gl.arange(0, R, layout=gl.SliceLayout(1, blk))) * D
-        u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + dq[None, :]))
-        u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, gl.load(urow[:, None] + HALF + dq[None, :]))
+        r = R0 + gl.arange(0, R, layout=gl.SliceLayout(1, blk))
+        urow = KUP + (j * RH + r) * D
+        if RH < R0 + R:
+            um = (r < RH)[:, None]
+            u1 = gl.load(urow[:, None] + dq[None, :], mask=um, other=0.0)
+            u2 = gl.load(urow[:, None] + HALF + dq[None, :], mask=um, other=0.0)
+        else:
+            u1 = gl.load(urow[:, None] + dq[None, :])
+            u2 = gl.load(urow[:, None] + HALF + dq[None, :])
+        u1_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, u1)
+        u2_s = gl.allocate_shared_memory(gl.float16, [R, HALF], u_sl, u2)
         return u1_s, u2_s
 
     @gluon.jit
@@ -195,39 +231,63 @@ if gluon is not None:
         return zk, zs, m_i, l_t, acc, rows, pos
 
     @gluon.jit
-    def softmax_step(s, m_i, l_t, acc):
+    def softmax_alpha(s, m_i, l_t):
         """One tile of the online softmax in base 2 (masked scores ``s`` [positions, rows]): the probabilities, the
-        running maximum, the per-position sums and the accumulator rescaled to the new maximum."""
+        running maximum, the per-position sums, and the factor [rows] that rescales accumulators to the new
+        maximum."""
         m_new = gl.maximum(m_i, gl.max(s, 0))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
         p = gl.exp2(s - m_safe[None, :])
-        return p, m_new, l_t * alpha[None, :] + p, acc * alpha[None, :]
+        return p, m_new, l_t * alpha[None, :] + p, alpha
+
+    @gluon.jit
+    def softmax_step(s, m_i, l_t, acc):
+        """:func:`softmax_alpha`, with the accumulator rescaled: (probabilities, maximum, sums, accumulator)."""
+        p, m_new, l_new, alpha = softmax_alpha(s, m_i, l_t)
+        return p, m_new, l_new, acc * alpha[None, :]
 
     @gluon.jit
     def store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, row0, sp, nsplit, NREP: gl.constexpr, R: gl.constexpr,
-                       mma_s: gl.constexpr):
+                       mma_s: gl.constexpr, RP: gl.constexpr = 0):
         """This split's maximum, sum and accumulator for query rows ``row0 + rows`` (``[B, Hq]`` flattened), in
-        the layout of :func:`triton_latent._combine`."""
+        the layout of :func:`triton_latent._combine` (accumulator rows of ``RP`` values; 0: ``R``)."""
+        RS: gl.constexpr = RP if RP > 0 else R
         part = (row0 + rows) * nsplit + sp
         rv = rows < NREP
         gl.store(MAX + part, m_i, mask=rv)
         gl.store(SUM + part, gl.sum(l_t, 0), mask=rv)
         rr = gl.arange(0, R, layout=gl.SliceLayout(1, mma_s))
-        gl.store(ACC + part[None, :] * R + rr[:, None], acc, mask=rv[None, :])
+        if RS < R:  # value ranks below R: their rows of zeros are not stored
+            gl.store(ACC + part[None, :] * RS + rr[:, None], acc, mask=rv[None, :] & (rr < RS)[:, None])
+        else:
+            gl.store(ACC + part[None, :] * RS + rr[:, None], acc, mask=rv[None, :])
+
+    @gluon.jit
+    def store_tail(ACC, acc_t, rows, row0, sp, nsplit, NREP: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
+                   mma_s: gl.constexpr):
+        """The value ranks ``R .. 2R`` of this split's accumulator (rows of ``RP`` values)."""
+        part = (row0 + rows) * nsplit + sp
+        rr = R + gl.arange(0, R, layout=gl.SliceLayout(1, mma_s))
+        gl.store(ACC + part[None, :] * RP + rr[:, None], acc_t, mask=(rows < NREP)[None, :])
 
     @gluon.jit
     def _latent_attn_gluon(Q, sq_b, sq_s, CK, sck_b, sck_p, PK, spk_b, spk_p, CV, scv_b, scv_p, PV, spv_b, spv_p,
                            KUP, KBIAS, COS, SIN, PAST, OUT, so_b, so_s, ACC, MAX, SUM, split_len, nsplit, qk_scale,
                            RK, RV, HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
                            M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
-                           ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False):
+                           ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False,
+                           RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
-        # shapes have none, writes partials, takes one new token per row and ranks of R).
+        # shapes have none, writes partials, takes one new token per row and its ranks as constants).
         # REL: RoPE by relative position (see RELATIVE_ROPE): the keys of every tile rotated by the table rows
         # 0 .. BLOCK - 1 (copied once), the queries by the row qpos - n0 of each tile at n0.
+        # RANK_K, RANK_V: the key and value ranks per head, 16 to 128. Ranks up to R (64) take tiles of R channels
+        # (those past the rank zero); larger ones a tile of R and a tail: keys a tail of 16, 32 or 64 channels (a
+        # second product of the rebuild), values one of R channels (wgmma's M is 64: a second P @ V product).
+        # RV_P: the accumulator rows' stride in ACC (triton_latent's RV_P: the value rank's power of two, >= 16).
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -238,6 +298,12 @@ if gluon is not None:
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
         NT: gl.constexpr = 1 if REL else 2  # stages of table rows
         NQ: gl.constexpr = 2 if REL else 1  # buffers of query rows
+        KT: gl.constexpr = 0 if RANK_K <= R else (16 if RANK_K <= R + 16 else (32 if RANK_K <= R + 32 else R))
+        VT: gl.constexpr = 0 if RANK_V <= R else R
+        kt_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // max(KT // 8, 1), max(KT // 8, 1)], [4, 1], [1, 0])
+        kt_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, max(KT, 16)], gl.float16)
+        NKG: gl.constexpr = 4 if KT > 0 else 2  # wgmma groups of a tile's key rebuild
+        NVG: gl.constexpr = 2 if VT > 0 else 1  # of its P @ V
 
         pid_bj = gl.program_id(0)
         sp = gl.program_id(2)
@@ -250,8 +316,8 @@ if gluon is not None:
             qpos = gl.load(PAST + b).to(gl.int32)  # the new token's position; keys 0 .. qpos
         start = sp * split_len
         end = gl.minimum(qpos + 1, start + split_len)
-        base_k = b * sck_b + j * R
-        base_v = b * scv_b + j * R
+        base_k = b * sck_b + j * RANK_K
+        base_v = b * scv_b + j * RANK_V
         Qj = Q + b * sq_b + j * NREP * D
 
         ang = qpos
@@ -262,12 +328,17 @@ if gluon is not None:
         q2_s = gl.allocate_shared_memory(gl.float16, [NQ, M, HALF], q_sl)
         q1_s.index(0).store(q_a)
         q2_s.index(0).store(q_b)
-        u1_s, u2_s = up_operands(KUP, j, D, R, blk)
+        u1_s, u2_s = up_operands(KUP, j, D, R, blk, RANK_K)
         lat_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
         v_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
         c_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         s_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         p_s = gl.allocate_shared_memory(gl.float16, [BLOCK, M], p_sl)
+        if KT > 0:  # the keys' rank tail: its k_up rows and a ring of latent tiles
+            u1_t, u2_t = up_operands(KUP, j, D, KT, blk, RANK_K, R)
+            lat_t = gl.allocate_shared_memory(gl.float16, [2, BLOCK, KT], kt_sl)
+        if VT > 0:  # the values' rank tail: a ring of latent tiles
+            v_t = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
         fence_async_shared()
         _barrier()
 
@@ -275,18 +346,29 @@ if gluon is not None:
         if REL:  # the offset rows 0 .. BLOCK - 1 (those past qpos zero-filled), with K0
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, 0, qpos + 1, 0, R, HALF, BLOCK, blk, COMMIT=False,
                        LATENTS=False)
-        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start, end, 0, R, HALF, BLOCK, blk, TABLES=not REL)
-        issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + BLOCK, end, 1, R, HALF, BLOCK, blk,
-                   TABLES=not REL)
-        issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk)
+        for i in gl.static_range(2):
+            issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + i * BLOCK, end, i, R, HALF, BLOCK, blk,
+                       COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K)
+            if KT > 0:
+                copy_rows(lat_t.index(i), CK, base_k, sck_p, start + i * BLOCK, end, R, KT, RANK_K, BLOCK, kt_blk)
+                async_copy.commit_group()
+        issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk, RANK_V, COMMIT=VT == 0)
+        if VT > 0:
+            copy_rows(v_t.index(0), CV, base_v, scv_p, start, end, R, R, RANK_V, BLOCK, blk)
+            async_copy.commit_group()
 
         zk, zs, m_i, l_t, acc, rows, pos = loop_state(BLOCK, HALF, M, R, mma_k, mma_s)
+        if VT > 0:
+            acc_t = gl.zeros([R, M], gl.float32, mma_s)
 
         async_copy.wait_group(2)  # K0
         fence_async_shared()
         _barrier()
         k1 = warpgroup_mma(lat_s.index(0), u1_s, zk, use_acc=False)
         k2 = warpgroup_mma(lat_s.index(0), u2_s, zk, use_acc=False)
+        if KT > 0:
+            k1 = warpgroup_mma(lat_t.index(0), u1_t, k1)
+            k2 = warpgroup_mma(lat_t.index(0), u2_t, k2)
         a1, a2 = rope(k1, k2, c_s.index(0), s_s.index(0), mma_k, a_s, ROPE16)
         _barrier()
 
@@ -294,8 +376,16 @@ if gluon is not None:
             st = it % 2
             nx = (it + 1) % 2
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + (it + 2) * BLOCK, end, st, R, HALF,
-                       BLOCK, blk, TABLES=not REL)
-            issue_values(CV, scv_p, v_s, base_v, start + (it + 1) * BLOCK, end, nx, R, BLOCK, blk)
+                       BLOCK, blk, COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K)
+            if KT > 0:
+                copy_rows(lat_t.index(st), CK, base_k, sck_p, start + (it + 2) * BLOCK, end, R, KT, RANK_K, BLOCK,
+                          kt_blk)
+                async_copy.commit_group()
+            issue_values(CV, scv_p, v_s, base_v, start + (it + 1) * BLOCK, end, nx, R, BLOCK, blk, RANK_V,
+                         COMMIT=VT == 0)
+            if VT > 0:
+                copy_rows(v_t.index(nx), CV, base_v, scv_p, start + (it + 1) * BLOCK, end, R, R, RANK_V, BLOCK, blk)
+                async_copy.commit_group()
             s_tok = warpgroup_mma(a1, q1_s.index(it % NQ).permute((1, 0)), zs, use_acc=False, is_async=True)
             s_tok = warpgroup_mma(a2, q2_s.index(it % NQ).permute((1, 0)), s_tok, is_async=True)
             if REL:  # the next tile's queries, into the buffer the scores of tile it - 1 read (waited for)
@@ -307,21 +397,44 @@ if gluon is not None:
             fence_async_shared()
             _barrier()
             k1_tok = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False, is_async=True)
+            if KT > 0:
+                k1_tok = warpgroup_mma(lat_t.index(nx), u1_t, k1_tok, is_async=True)
             k2_tok = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
+            if KT > 0:
+                k2_tok = warpgroup_mma(lat_t.index(nx), u2_t, k2_tok, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=NKG, deps=(s_tok, ))
             ok = ((start + it * BLOCK + pos) < end)[:, None] & (rows < NREP)[None, :]
-            p, m_i, l_t, acc = softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
+            if VT > 0:
+                p, m_i, l_t, alpha = softmax_alpha(gl.where(ok, s, float("-inf")), m_i, l_t)
+                acc = acc * alpha[None, :]
+                acc_t = acc_t * alpha[None, :]
+            else:
+                p, m_i, l_t, acc = softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
             p_s.store(p.to(gl.float16))
             async_copy.wait_group(2)  # V(it)
             fence_async_shared()
             _barrier()
             pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
-            k1, k2 = warpgroup_mma_wait(num_outstanding=1, deps=(k1_tok, k2_tok))
+            if VT > 0:
+                pvt_tok = warpgroup_mma(v_t.index(st).permute((1, 0)), p_s, acc_t, is_async=True)
+            k1, k2 = warpgroup_mma_wait(num_outstanding=NVG, deps=(k1_tok, k2_tok))
             a1, a2 = rope(k1, k2, c_s.index(nx % NT), s_s.index(nx % NT), mma_k, a_s, ROPE16)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
+            if VT > 0:
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(pv_tok, ))
+                acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(pvt_tok, ))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv_tok, ))
             _barrier()
         async_copy.wait_group(0)
-        store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, b * HKV * NREP + j * NREP, sp, nsplit, NREP, R, mma_s)
+        row0 = b * HKV * NREP + j * NREP
+        store_partials(ACC, MAX, SUM, m_i, l_t, acc, rows, row0, sp, nsplit, NREP, R, mma_s, RV_P)
+        if VT > 0:
+            store_tail(ACC, acc_t, rows, row0, sp, nsplit, NREP, R, RV_P, mma_s)
+
+
+def rank_ok(rank: int) -> bool:
+    """Whether the kernel takes this key or value rank per head: 16 to 128, a multiple of 16."""
+    return 16 <= rank <= 2 * RANK and rank % 16 == 0
 
 
 def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, nrep: int, dtype: torch.dtype,
@@ -329,24 +442,32 @@ def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, n
     """Whether :func:`decode_partials` takes this decode step (else the Triton kernel runs it)."""
     if gluon is None or device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return (S == 1 and D == HEAD_DIM and rk == RANK and rv == RANK and bits == 0 and group_size == 1
+    return (S == 1 and D == HEAD_DIM and rank_ok(rk) and rank_ok(rv) and bits == 0 and group_size == 1
             and nrep <= ROWS and dtype == torch.float16 and not has_bias and window == 0
             and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def preferred(rk: int, rv: int) -> bool:
+    """Whether decode steps at these ranks run the kernel by default (where :func:`supported`): the ranks it was
+    timed faster than the Triton kernel at (:data:`DEFAULT_RANKS`). Others run it on request (``gluon=True``)."""
+    return rk in DEFAULT_RANKS and rv in DEFAULT_RANKS
 
 
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
                     narrow: bool | None = None, rel: bool | None = None) -> None:
-    """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, 64)]``, the layout
-    of ``triton_latent._combine``). ``q`` [B, 1, Hq * D]; caches [B, P, Hkv * 64] with unit stride last;
-    ``split_len`` a multiple of :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison);
-    ``narrow``: query rows padded to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default
-    :data:`RELATIVE_ROPE`)."""
+    """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, RV_P)]``, the
+    layout of ``triton_latent._combine``; ``RV_P`` 64 for value ranks up to 64, else 128). ``q`` [B, 1, Hq * D];
+    caches [B, P, Hkv * rank] with unit stride last; ``k_up`` [Hkv, rk, D]; ``split_len`` a multiple of
+    :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison); ``narrow``: query rows padded
+    to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`)."""
     B = q.shape[0]
+    rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
     cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
     _latent_attn_gluon[(B * num_kv_heads, 1, num_splits)](
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
-        cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, RANK, RANK,
+        cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv,
         HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
-        REL=RELATIVE_ROPE if rel is None else rel, num_warps=4)
+        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=max(16, 1 << (rv - 1).bit_length()),
+        num_warps=4)

@@ -952,8 +952,9 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             and block_n == gluon_latent.BLOCK_N)
         if gluon and not ok:
             raise ValueError("gluon=True: the Gluon decode kernel takes one new token per row, float16 caches, "
-                             "tables and k_up, per-head latents of rank 64 at head dim 128, no k_bias or window, "
-                             "on compute capability 9.0")
+                             "tables and k_up, per-head latents of ranks 16-128 (multiples of 16) at head dim 128, "
+                             "no k_bias or window, on compute capability 9.0")
+        ok = ok and (gluon or gluon_latent.preferred(rk, rv))
         if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
             if num_splits == 1:  # the Gluon kernel always writes partials
                 acc = torch.empty(B * num_heads * rv_p, dtype=torch.float32, device=dev)
