@@ -479,6 +479,9 @@ def test_gluon_kernel_refuses_what_it_does_not_take():
     assert [r for r in range(8, 145, 8) if gluon_latent.rank_ok(r)] == list(range(16, 129, 16))
     assert gluon_latent.preferred(64, 64) and not gluon_latent.preferred(80, 80)
     assert not gluon_latent.preferred(64, 48)
+    for r in range(16, 129, 16):  # the partials' rows, as the combine kernel reads them
+        assert gluon_latent.acc_rows(r) == tlk.kernel_config(S=1, D=128, nrep=4, rk=r, rv=r, bits=0, quant_group=1,
+                                                             itemsize=2)["RV_P"]
     c = make_case(S=1, bias=False)
     with pytest.raises(ValueError, match="Gluon decode kernel takes"):
         run_kernel(c, gluon=True)

@@ -302,9 +302,10 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
         raise ValueError(f"the Gluon decode kernel is for compute capability 9.0 (wgmma), not {arch}")
     fn = glk._latent_attn_gluon
     nrep = spec.num_heads // spec.num_kv_heads
+    rv_p = glk.acc_rows(spec.rv)
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
                  M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
-                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel)
+                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "
@@ -320,7 +321,7 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
         raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
     meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
-            f"rv_p={glk.RANK} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg=0 "
+            f"rv_p={rv_p} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg=0 "
             f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
     return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
 

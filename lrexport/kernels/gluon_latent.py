@@ -300,8 +300,9 @@ if gluon is not None:
         NQ: gl.constexpr = 2 if REL else 1  # buffers of query rows
         KT: gl.constexpr = 0 if RANK_K <= R else (16 if RANK_K <= R + 16 else (32 if RANK_K <= R + 32 else R))
         VT: gl.constexpr = 0 if RANK_V <= R else R
-        kt_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // max(KT // 8, 1), max(KT // 8, 1)], [4, 1], [1, 0])
-        kt_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, max(KT, 16)], gl.float16)
+        KTC: gl.constexpr = KT // 8 if KT > 0 else 1  # threads of a warp across the key tail's channels
+        kt_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // KTC, KTC], [4, 1], [1, 0])
+        kt_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, 8 * KTC], gl.float16)
         NKG: gl.constexpr = 4 if KT > 0 else 2  # wgmma groups of a tile's key rebuild
         NVG: gl.constexpr = 2 if VT > 0 else 1  # of its P @ V
 
@@ -447,6 +448,12 @@ def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, n
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
+def acc_rows(rv: int) -> int:
+    """The values per accumulator row of the partials the kernel writes for value rank ``rv``: the rank's power of
+    two, at least 16 (``triton_latent``'s ``RV_P``, which its combine kernel reads)."""
+    return max(16, 1 << (rv - 1).bit_length())
+
+
 def preferred(rk: int, rv: int) -> bool:
     """Whether decode steps at these ranks run the kernel by default (where :func:`supported`): the ranks it was
     timed faster than the Triton kernel at (:data:`DEFAULT_RANKS`). Others run it on request (``gluon=True``)."""
@@ -469,5 +476,4 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv,
         HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
-        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=max(16, 1 << (rv - 1).bit_length()),
-        num_warps=4)
+        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv), num_warps=4)
