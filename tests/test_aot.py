@@ -93,7 +93,8 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
     assert info == {"arch": 90, "nodes": 2, "kernels": 1, "skipped": {},
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": None, "min_split": 512,
                                "swap": True, "maxnreg": None, "split_ranks": "auto", "stage_tables": True,
-                               "gluon": True, "gluon_narrow": True, "gluon_rel": False}}
+                               "gluon": True, "gluon_narrow": True, "gluon_rel": False,
+                               "gluon_ranks": False}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -125,7 +126,8 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
                             "block_n=32,num_warps=8,waves=6,min_split=512,swap=0,maxnreg=96")
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
                                  "swap": False, "maxnreg": 96, "split_ranks": "auto", "stage_tables": True,
-                                 "gluon": True, "gluon_narrow": True, "gluon_rel": False}
+                                 "gluon": True, "gluon_narrow": True, "gluon_rel": False,
+                                 "gluon_ranks": False}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -438,6 +440,12 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
     meta = aot.parse_meta(aot.compile_decode(spec, 90, narrow).meta)
     assert meta["kernel"] == "gluon" and int(meta["shared"]) < int(wide["shared"]) and meta["waves"] == "6"
     assert aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning()).meta)["waves"] == "2"  # float M-LRD's default
+    # other ranks on request (gluon_ranks=1): rank 80 as a tile and a tail, partials in rows of 128 as the combine
+    # reads them, still two blocks per multiprocessor
+    spec80 = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=80, rv=80)
+    assert aot.gluon_spec(spec80, all_ranks=True) and not aot.gluon_spec(spec80)
+    m80 = aot.parse_meta(aot.compile_decode(spec80, 90, aot.Tuning.parse("gluon_ranks=1")).meta)
+    assert m80["kernel"] == "gluon" and m80["rv_p"] == "128" and int(m80["shared"]) <= aot.SMEM_LIMIT[90] // 2 - 1024
     # RoPE by relative position (gluon_rel=1): no table stages, three blocks per multiprocessor
     rel = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning.parse("gluon_rel=1")).meta)
     assert rel["kernel"] == "gluon" and int(rel["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024

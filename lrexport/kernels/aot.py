@@ -46,7 +46,7 @@ SPLIT_RANKS_CHOICES = ("auto", "k", "v", "kv", "none")
 
 
 # the tuning items that are switches (0 or 1)
-BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel")
+BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel", "gluon_ranks")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class Tuning:
     :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; 0: the Triton kernel for all),
     ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`) and
     ``gluon_rel`` (1: its RoPE by relative position, :data:`gluon_latent.RELATIVE_ROPE`; for tables of rotary
-    embeddings only). The defaults are the PyTorch path's.
+    embeddings only) and ``gluon_ranks`` (1: the Gluon kernel also for the ranks it takes but does not run by
+    default, :func:`gluon_latent.preferred`). The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
@@ -79,6 +80,7 @@ class Tuning:
     gluon: bool = True
     gluon_narrow: bool = True
     gluon_rel: bool = False
+    gluon_ranks: bool = False
 
     def waves_for(self, spec: DecodeSpec) -> int:
         """The split rule's programs per multiprocessor for the nodes of ``spec``: ``waves``, or the PyTorch path's
@@ -235,7 +237,8 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
         return _compile_in_child(spec, arch, tuning)
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
-    if tuning.gluon and arch == 90 and gluon_spec(spec):  # other nodes and architectures: the Triton kernel
+    # other nodes and architectures: the Triton kernel
+    if tuning.gluon and arch == 90 and gluon_spec(spec, tuning.gluon_ranks):
         return _compile_gluon(spec, arch, tuning)
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
@@ -279,14 +282,16 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
                        f"({'; '.join(tried)})")
 
 
-def gluon_spec(spec: DecodeSpec) -> bool:
-    """Whether the Gluon decode kernel (:mod:`gluon_latent`) takes the nodes of ``spec``: per-head latents of its
-    rank at its head dim, float caches laid out as the exporter lays them out, no key bias or window, at most
-    :data:`gluon_latent.ROWS` query heads per KV head."""
+def gluon_spec(spec: DecodeSpec, all_ranks: bool = False) -> bool:
+    """Whether the Gluon decode kernel (:mod:`gluon_latent`) takes the nodes of ``spec``: per-head latents at its
+    head dim, of the ranks it runs by default (:func:`gluon_latent.preferred`; ``all_ranks``: of any rank it takes,
+    :func:`gluon_latent.rank_ok`), float caches laid out as the exporter lays them out, no key bias or window, at
+    most :data:`gluon_latent.ROWS` query heads per KV head."""
     from lrexport.kernels import gluon_latent as glk
 
+    ranks = glk.rank_ok(spec.rk) and glk.rank_ok(spec.rv) and (all_ranks or glk.preferred(spec.rk, spec.rv))
     return (glk.gluon is not None and spec.group_size == 1 and spec.head_dim == glk.HEAD_DIM and spec.bits == 0
-            and spec.rk == spec.rv == glk.RANK and spec.k_width == spec.v_width == spec.num_kv_heads * glk.RANK
+            and ranks and spec.k_width == spec.num_kv_heads * spec.rk and spec.v_width == spec.num_kv_heads * spec.rv
             and not spec.has_k_bias and spec.window == 0 and spec.num_heads // spec.num_kv_heads <= glk.ROWS)
 
 
