@@ -324,9 +324,11 @@ GLRD_WARPS_CONFIGS = [{}, dict(num_warps=8), dict(num_warps=8, num_stages=2), di
 # the Triton decode kernel against the Gluon one (lrexport/kernels/gluon_latent.py; M-LRD at rank 64 only), with its
 # query rows padded to 16 or to 8 (gluon_latent.query_rows)
 GLUON_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=False), dict(gluon=True, gluon_narrow=True)]
-# the Gluon kernel's RoPE by table row per key against by relative position (gluon_latent.RELATIVE_ROPE)
+# the Gluon kernel's RoPE by table row per key against by relative position (gluon_latent.RELATIVE_ROPE); capped at
+# 168 registers the relative form fits three blocks per multiprocessor
 GLUON_REL_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=True), dict(gluon=True, gluon_narrow=True,
-                     gluon_rel=True), dict(gluon=True, gluon_narrow=False, gluon_rel=True)]
+                     gluon_rel=True), dict(gluon=True, gluon_narrow=False, gluon_rel=True),
+                     dict(gluon=True, gluon_narrow=True, gluon_rel=True, maxnreg=168)]
 
 # the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
 GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)

@@ -488,14 +488,16 @@ def test_gluon_kernel_refuses_what_it_does_not_take():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("narrow,rel", [(False, False), (True, False), (True, True), (False, True)],
-                         ids=["rows16", "rows8", "rows8-rel", "rows16-rel"])
+@pytest.mark.parametrize("narrow,rel,maxnreg", [(False, False, None), (True, False, None), (True, True, None),
+                                                (False, True, None), (True, True, 168)],
+                         ids=["rows16", "rows8", "rows8-rel", "rows16-rel", "rows8-rel-168regs"])
 @pytest.mark.parametrize("Hq,Hkv,splits", [(32, 8, None), (32, 32, 4), (16, 2, 1)])
-def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel):
+def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel, maxnreg):
     """The Gluon decode kernel (M-LRD, rank 64, float16) against the float64 reference and the Triton kernel on
     fresh random inputs: rows of different lengths (one shorter than a tile, one not a multiple of it), one or
     several splits, query rows padded to 16 or to 8 (where they fit: 8 query heads per KV head pad to 16), RoPE
-    by table row per key or by relative position (the tables are rotary embeddings').
+    by table row per key or by relative position (the tables are rotary embeddings'), with or without a register
+    cap.
     Tolerance: float16 rounding of the keys, their RoPE and the probabilities."""
     seed = int(torch.randint(0, 2 ** 31, ()))
     c = make_case(B=3, S=1, Hq=Hq, Hkv=Hkv, gs=1, D=128, rk=64, rv=64, P=2600, past=(2500, 37, 1473), bias=False,
@@ -508,7 +510,8 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel):
         ck, cv = h["ck"].clone(), h["cv"].clone()
         return tlk.latent_attention_(h["q"], h["lk"], h["lv"], ck, None, cv, None, c["past"].to(DEVICE),
                                      h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0, 128 ** -0.5, 0, 0,
-                                     num_splits=splits, gluon=gluon, gluon_narrow=narrow, gluon_rel=rel).cpu()
+                                     num_splits=splits, gluon=gluon, gluon_narrow=narrow, gluon_rel=rel,
+                                     maxnreg=maxnreg).cpu()
 
     got = run(True)
     assert tlk.last_kernel == "gluon"

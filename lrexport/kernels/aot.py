@@ -321,12 +321,12 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     d16 = [n for n in args if n in ints and n != "nsplit" and ints[n] % 16 == 0]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in args if sig[n].startswith("*") or n in d16}
     k = tl_k.triton.compile(GluonASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=4))
+                            options=dict(num_warps=4, **({"maxnreg": tuning.maxnreg} if tuning.maxnreg else {})))
     md = k.metadata
     if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
         raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
     meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
-            f"rv_p={rv_p} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg=0 "
+            f"rv_p={rv_p} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg={tuning.maxnreg or 0} "
             f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
     return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
 

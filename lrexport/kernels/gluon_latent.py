@@ -75,9 +75,12 @@ NARROW_ROWS = True
 # same theta and factor a for every row (Hugging Face's default, linear, dynamic, YaRN and Llama-3 RoPE all build
 # them so); a table of any other form gives other scores. It frees the tables' pipeline stages (70784 instead of
 # 85120 bytes of shared memory: three blocks per multiprocessor) and halves the bytes each tile reads, but the
-# per-tile query rotation adds 75 instructions per tile and warp (476 against 401) and a dependent load: on an H200
+# per-tile query rotation added 75 instructions per tile and warp (476 against 401) and a dependent load: on an H200
 # at 64K tokens it took 379.3 against 357.7 us (Llama-3-8B shapes, batch 8) and 76.1 against 55.6 us (batch 1)
-# (bench/results/gpu_kernels_gluon_rel.md). Off: the table reads are not what the kernel waits on.
+# (bench/results/gpu_kernels_gluon_rel.md). Off: the table reads are not what the kernel waits on. Since then the
+# query rows stay in registers, pre-scaled, and each tile's table row is loaded a tile ahead: 441 instructions
+# (177 registers, two blocks per multiprocessor), or 469 capped at 168 registers (no spills, three blocks); not
+# yet timed.
 RELATIVE_ROPE = False
 
 
@@ -152,19 +155,38 @@ if gluon is not None:
             async_copy.commit_group()
 
     @gluon.jit
-    def queries(Q, COS, SIN, ang, qk_scale, D: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
-                blk: gl.constexpr):
-        """The KV head's query rows (``Q`` at its first head; rows from ``NREP`` on zero) RoPE'd by table row
-        ``ang`` and pre-scaled for exp2, as float16 halves [M, D / 2]."""
+    def query_halves(Q, D: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr, blk: gl.constexpr):
+        """The KV head's query rows (``Q`` at its first head; rows from ``NREP`` on zero) as float32 halves
+        [M, D / 2]."""
         HALF: gl.constexpr = D // 2
         r = gl.arange(0, M, layout=gl.SliceLayout(1, blk))
         dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
         rvalid = (r < NREP)[:, None]
         q1 = gl.load(Q + r[:, None] * D + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
         q2 = gl.load(Q + r[:, None] * D + HALF + dq[None, :], mask=rvalid, other=0.0).to(gl.float32)
-        qc = gl.load(COS + ang * HALF + dq).to(gl.float32)[None, :]
-        qs = gl.load(SIN + ang * HALF + dq).to(gl.float32)[None, :]
-        return ((q1 * qc - q2 * qs) * qk_scale).to(gl.float16), ((q2 * qc + q1 * qs) * qk_scale).to(gl.float16)
+        return q1, q2
+
+    @gluon.jit
+    def table_row(COS, SIN, ang, HALF: gl.constexpr, blk: gl.constexpr):
+        """Row ``ang`` of the RoPE tables, as stored, [1, D / 2] each."""
+        dq = gl.arange(0, HALF, layout=gl.SliceLayout(0, blk))
+        return gl.load(COS + ang * HALF + dq)[None, :], gl.load(SIN + ang * HALF + dq)[None, :]
+
+    @gluon.jit
+    def rotated(q1, q2, qc, qs, qk_scale):
+        """Query halves (float32) RoPE'd by a table row and scaled by ``qk_scale``, as float16."""
+        c = qc.to(gl.float32)
+        s = qs.to(gl.float32)
+        return ((q1 * c - q2 * s) * qk_scale).to(gl.float16), ((q2 * c + q1 * s) * qk_scale).to(gl.float16)
+
+    @gluon.jit
+    def queries(Q, COS, SIN, ang, qk_scale, D: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr,
+                blk: gl.constexpr):
+        """The KV head's query rows (``Q`` at its first head; rows from ``NREP`` on zero) RoPE'd by table row
+        ``ang`` and pre-scaled for exp2, as float16 halves [M, D / 2]."""
+        q1, q2 = query_halves(Q, D, NREP, M, blk)
+        qc, qs = table_row(COS, SIN, ang, D // 2, blk)
+        return rotated(q1, q2, qc, qs, qk_scale)
 
     @gluon.jit
     def up_operands(KUP, j, D: gl.constexpr, R: gl.constexpr, blk: gl.constexpr, RANK: gl.constexpr = 0,
@@ -321,10 +343,15 @@ if gluon is not None:
         base_v = b * scv_b + j * RANK_V
         Qj = Q + b * sq_b + j * NREP * D
 
-        ang = qpos
-        if REL:
-            ang = gl.maximum(qpos - start, 0)
-        q_a, q_b = queries(Qj, COS, SIN, ang, qk_scale, D, NREP, M, blk)
+        if REL:  # the query rows stay in registers; each tile's table row is loaded a tile ahead
+            q1r, q2r = query_halves(Qj, D, NREP, M, blk)
+            q1r = q1r * qk_scale  # pre-scaled once (RoPE is linear)
+            q2r = q2r * qk_scale
+            qc, qs = table_row(COS, SIN, gl.maximum(qpos - start, 0), HALF, blk)
+            q_a, q_b = rotated(q1r, q2r, qc, qs, 1.0)
+            qc, qs = table_row(COS, SIN, gl.maximum(qpos - start - BLOCK, 0), HALF, blk)
+        else:
+            q_a, q_b = queries(Qj, COS, SIN, qpos, qk_scale, D, NREP, M, blk)
         q1_s = gl.allocate_shared_memory(gl.float16, [NQ, M, HALF], q_sl)
         q2_s = gl.allocate_shared_memory(gl.float16, [NQ, M, HALF], q_sl)
         q1_s.index(0).store(q_a)
@@ -390,8 +417,8 @@ if gluon is not None:
             s_tok = warpgroup_mma(a1, q1_s.index(it % NQ).permute((1, 0)), zs, use_acc=False, is_async=True)
             s_tok = warpgroup_mma(a2, q2_s.index(it % NQ).permute((1, 0)), s_tok, is_async=True)
             if REL:  # the next tile's queries, into the buffer the scores of tile it - 1 read (waited for)
-                q_a, q_b = queries(Qj, COS, SIN, gl.maximum(qpos - start - (it + 1) * BLOCK, 0), qk_scale, D, NREP,
-                                   M, blk)
+                q_a, q_b = rotated(q1r, q2r, qc, qs, 1.0)
+                qc, qs = table_row(COS, SIN, gl.maximum(qpos - start - (it + 2) * BLOCK, 0), HALF, blk)
                 q1_s.index(nx).store(q_a)
                 q2_s.index(nx).store(q_b)
             async_copy.wait_group(3)  # K(it + 1); V(it), K(it + 2), V(it + 1) may be in flight
@@ -462,12 +489,13 @@ def preferred(rk: int, rv: int) -> bool:
 
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
-                    narrow: bool | None = None, rel: bool | None = None) -> None:
+                    narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, RV_P)]``, the
     layout of ``triton_latent._combine``; ``RV_P`` 64 for value ranks up to 64, else 128). ``q`` [B, 1, Hq * D];
     caches [B, P, Hkv * rank] with unit stride last; ``k_up`` [Hkv, rk, D]; ``split_len`` a multiple of
     :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison); ``narrow``: query rows padded
-    to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`)."""
+    to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`);
+    ``maxnreg``: a register cap per thread (none by default)."""
     B = q.shape[0]
     rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
@@ -476,4 +504,5 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv,
         HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
-        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv), num_warps=4)
+        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv), num_warps=4,
+        **({"maxnreg": maxnreg} if maxnreg else {}))

@@ -900,6 +900,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``; ``gluon_narrow``: its query rows
     padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`); ``gluon_rel``: its
     RoPE by relative position (None: :data:`gluon_latent.RELATIVE_ROPE`; only for tables of rotary embeddings).
+    ``maxnreg`` applies to the Gluon kernel too when given (none by default).
     """
     global last_kernel
     B, S, Q = query_BSQ.shape
@@ -964,7 +965,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
                                              num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
                                              split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow,
-                                             rel=gluon_rel)
+                                             rel=gluon_rel, maxnreg=maxnreg)
             except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
                 if gluon:
                     raise
