@@ -436,7 +436,7 @@ def save(args, argv, rows, tuning, t_start) -> None:
 
 
 def main(argv=None) -> int:
-    from lrexport.kernels.triton_latent import DECODE_REL_ROPE
+    from lrexport.kernels import triton_latent as tlk
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama2-7b,llama3-8b")
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", choices=list(GRIDS),
                     default="full",
                     help="kernel settings to tune over")
-    ap.add_argument("--rel-rope", default=str(DECODE_REL_ROPE),
+    ap.add_argument("--rel-rope", default=str(tlk.DECODE_REL_ROPE),
                     help="RoPE modes to tune over, comma separated (0: a table row per key, 1/2: angle addition)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's GroupQueryAttention rows")
     ap.add_argument("--lib", default=None,
@@ -510,9 +510,7 @@ def main(argv=None) -> int:
                         print(f"  lrexport {gname} -{red:.0%} bits={bits}: no kernel config fits", flush=True)
                         continue
                     tl_us, call_l = bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg)
-                    from lrexport.kernels import triton_latent as tlk  # which kernel ran it
-
-                    kernel = tlk.last_kernel
+                    kernel = tlk.last_kernel  # which kernel ran it
                     nb, fl, cache = latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz)
                     row = dict(shape=shape, batch=B, context=L, variant="lrexport", kv_removed=1 - rk / (s * D),
                                grouping=gname, bits=bits or None, quant_group=qg if bits else None, rank_k=rk,
