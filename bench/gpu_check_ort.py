@@ -730,6 +730,14 @@ def triton_grid(ck: Checker, quick: bool):
         # the device-lengths op: splits from the capacity, each row splitting its own length in the kernel
         ck.chain("triton large, device lengths", Shape(bits=bits, **big), np.float16, steps=(40, 1, 1),
                  past_len=(0, 200), seed=16, triton=True, device_lengths=True)
+    if not ck.emulated and ck.arch == 90:  # M-LRD float16 at head dim 128, no key bias: the Gluon decode kernel
+        from lrexport.kernels import aot
+        for i, (rk, rv) in enumerate(((64, 64), (80, 80), (48, 96), (128, 32))):
+            gl = dict(B=2, Hq=32, Hkv=8, D=128, s=1, rk=rk, rv=rv, P=2048, Prope=2048, k_bias=False, v_up=i % 2 == 0)
+            assert aot.gluon_spec(aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128,
+                                                            rk=rk, rv=rv)), "the Gluon kernel should take this node"
+            ck.chain(f"gluon rk={rk} rv={rv}", Shape(bits=0, **gl), np.float16, steps=(40, 1, 1), past_len=(0, 1500),
+                     seed=18 + i, triton=True, device_lengths=i == 1)
     if not ck.emulated:  # groups of 4 at rank 256: float and 4-bit latents keep the 64 KB k_up slice on chip
         g4 = dict(B=2, Hq=32, Hkv=8, D=128, s=4, rk=256, rv=256, P=2048, Prope=2048, qg=32)
         for bits in (0, 4):

@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cuda-tuning", default=None, metavar="SETTINGS",
                    help="decode kernel settings, e.g. 'waves=8,min_split=512,num_warps=4,block_n=64,swap=1,"
                         "split_ranks=auto'; 'gluon=0': the Triton decode kernel also where the Gluon one applies "
-                        "(M-LRD rank 64, sm_90); 'gluon_narrow=0': the Gluon kernel's query rows padded to 16; "
-                        "'gluon_ranks=1': the Gluon kernel also at per-head ranks 16-128 other than 64 "
+                        "(M-LRD ranks 16-128, sm_90); 'gluon_narrow=0': the Gluon kernel's query rows padded to 16; "
+                        "'gluon_ranks=0': the Gluon kernel at per-head rank 64 only "
                         "(default: the tuned ones, or LREXPORT_CUDA_TUNING)")
     x.add_argument("--no-fused-norms", action="store_true",
                    help="keep residual Adds and RMSNorms as standard ONNX ops instead of ONNX Runtime's "

@@ -94,7 +94,7 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": None, "min_split": 512,
                                "swap": True, "maxnreg": None, "split_ranks": "auto", "stage_tables": True,
                                "gluon": True, "gluon_narrow": True, "gluon_rel": False,
-                               "gluon_ranks": False}}
+                               "gluon_ranks": True}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -127,7 +127,7 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
                                  "swap": False, "maxnreg": 96, "split_ranks": "auto", "stage_tables": True,
                                  "gluon": True, "gluon_narrow": True, "gluon_rel": False,
-                                 "gluon_ranks": False}
+                                 "gluon_ranks": True}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -290,20 +290,22 @@ def test_grouped_latents_warn_at_a_gpu_export(caplog):
 
 
 def test_split_ranks_reach_the_compiled_kernel(tmp_path):
-    """``split_ranks`` and ``stage_tables`` in the kernel settings reach the ahead-of-time compile: at rank 80
+    """``split_ranks`` and ``stage_tables`` in the kernel settings reach the ahead-of-time compile of the Triton
+    kernel (``gluon=0``; rank 80 runs the Gluon one by default): at rank 80
     the split keys (64 + 16 channels) stage less shared memory than the keys padded to 128, and RoPE tables read
     outside the pipeline less again; bench/kernel_resources.py reads registers and shared memory from the cubins,
     and the instructions of their loop over tiles (no GPU)."""
     res = _bench("kernel_resources")
     out = tmp_path / "res.json"
     assert res.main(["--rk", "80", "--rv", "80", "--settings",
-                     "split_ranks=none;split_ranks=k;split_ranks=k,stage_tables=0", "--out", str(out)]) == 0
+                     "gluon=0,split_ranks=none;gluon=0,split_ranks=k;gluon=0,split_ranks=k,stage_tables=0",
+                     "--out", str(out)]) == 0
     padded, split, unstaged = json.loads(out.read_text())["rows"]
     assert split["shared_bytes"] < padded["shared_bytes"] <= aot.SMEM_LIMIT[90]
     # the RoPE table rows read outside the pipeline: no shared memory for them in every stage
     assert unstaged["shared_bytes"] < split["shared_bytes"]
     assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in (padded, split, unstaged))
-    assert "| split_ranks=k | 64 | 4 |" in out.with_suffix(".md").read_text()
+    assert "| gluon=0,split_ranks=k | 64 | 4 |" in out.with_suffix(".md").read_text()
     # the SASS of the loop over tiles: the key rebuild, scores and P @ V are Hopper wgmma (HGMMA) instructions, its
     # copies asynchronous (LDGSTS), and the pipeline's stages are joined by barriers
     for r in (padded, split, unstaged):
@@ -410,7 +412,7 @@ def test_gluon_decode_loop_compiles_with_its_products_overlapped():
 def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
     """By default (``--cuda-tuning gluon=0`` turns it off) the export compiles the Gluon decode kernel
     (lrexport/kernels/gluon_latent.py) for the nodes it takes, with the Triton kernel's launcher arguments
-    (aot.ABI_ARGS) and metadata, so the library launches it unchanged; other nodes (here rank 80, groups of 4,
+    (aot.ABI_ARGS) and metadata, so the library launches it unchanged; other nodes (here rank 144, groups of 4,
     4-bit latents) and other architectures keep the Triton kernel. Its numerics through the library are checked
     on an sm_90 GPU (bench/gpu_check_ort.py), those of its PyTorch path by test_triton_kernels.py
     (test_gluon_decode_*)."""
@@ -426,7 +428,7 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
         assert meta["row_splits"] == str(int(row_splits))
         assert int(meta["shared"]) <= aot.SMEM_LIMIT[90] // 2  # two blocks per multiprocessor
         assert (meta["block_n"], meta["rv_p"], meta["warps"], meta["abi"]) == ("64", "64", "4", str(aot.ABI))
-    others = [dict(rk=80, rv=80), dict(group_size=4, rk=256, rv=256), dict(rk=64, rv=64, bits=4, quant_group=32)]
+    others = [dict(rk=144, rv=144), dict(group_size=4, rk=256, rv=256), dict(rk=64, rv=64, bits=4, quant_group=32)]
     for kw in others:
         spec = aot.DecodeSpec.for_caches(**{**dict(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128), **kw})
         assert not aot.gluon_spec(spec)
@@ -440,12 +442,24 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
     meta = aot.parse_meta(aot.compile_decode(spec, 90, narrow).meta)
     assert meta["kernel"] == "gluon" and int(meta["shared"]) < int(wide["shared"]) and meta["waves"] == "6"
     assert aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning()).meta)["waves"] == "2"  # float M-LRD's default
-    # other ranks on request (gluon_ranks=1): rank 80 as a tile and a tail, partials in rows of 128 as the combine
-    # reads them, still two blocks per multiprocessor
+    # other ranks (by default; gluon_ranks=0: rank 64 only): rank 80 as a tile and a tail, partials in rows of 128
+    # as the combine reads them, still two blocks per multiprocessor
     spec80 = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=80, rv=80)
-    assert aot.gluon_spec(spec80, all_ranks=True) and not aot.gluon_spec(spec80)
-    m80 = aot.parse_meta(aot.compile_decode(spec80, 90, aot.Tuning.parse("gluon_ranks=1")).meta)
+    assert aot.gluon_spec(spec80) and not aot.gluon_spec(spec80, all_ranks=False)
+    triton80 = aot.parse_meta(aot.compile_decode(spec80, 90, aot.Tuning.parse("gluon_ranks=0")).meta)
+    assert triton80["name"] == "_latent_attn_fwd"
+    m80 = aot.parse_meta(aot.compile_decode(spec80, 90, aot.Tuning()).meta)
     assert m80["kernel"] == "gluon" and m80["rv_p"] == "128" and int(m80["shared"]) <= aot.SMEM_LIMIT[90] // 2 - 1024
+    # 4-bit latents on request (gluon_bits=1): codes dequantized in registers into one float16 tile each, three
+    # blocks per multiprocessor at 168 registers; by default the Triton kernel's
+    spec4 = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=64, rv=64, bits=4,
+                                      quant_group=32)
+    assert aot.gluon_spec(spec4, all_bits=True) and not aot.gluon_spec(spec4)
+    assert not aot.gluon_spec(aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128,
+                                                        rk=80, rv=80, bits=4, quant_group=16), all_bits=True)
+    m4 = aot.parse_meta(aot.compile_decode(spec4, 90, aot.Tuning.parse("gluon_bits=1,maxnreg=168")).meta)
+    assert m4["kernel"] == "gluon" and int(m4["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024 and m4["waves"] == "2"
+    assert aot.parse_meta(aot.compile_decode(spec4, 90, aot.Tuning()).meta)["name"] == "_latent_attn_fwd"
     # RoPE by relative position (gluon_rel=1): no table stages, three blocks per multiprocessor
     rel = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning.parse("gluon_rel=1")).meta)
     assert rel["kernel"] == "gluon" and int(rel["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024
