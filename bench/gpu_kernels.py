@@ -330,12 +330,6 @@ GLUON_REL_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=True), dic
                      gluon_rel=True), dict(gluon=True, gluon_narrow=False, gluon_rel=True),
                      dict(gluon=True, gluon_narrow=True, gluon_rel=True, maxnreg=168)]
 
-# 4-bit latents in the Gluon kernel (gluon_latent: codes dequantized in registers into its float16 tiles) against
-# the Triton kernel: as compiled (two blocks per multiprocessor), capped at 168 registers (three blocks, no spills),
-# and the split rule's programs per multiprocessor for each
-GLUON_BITS_CONFIGS = [dict(gluon=False), dict(gluon=True), dict(gluon=True, waves=8), dict(gluon=True, maxnreg=168),
-                      dict(gluon=True, maxnreg=168, waves=3)]
-
 # the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
 GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)
                                                                for n in (4, 8, 16, 32)]
@@ -353,8 +347,7 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
          "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
          "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
-         "gluon_rel": GLUON_REL_CONFIGS, "gluon_bits": GLUON_BITS_CONFIGS, "gluon_splits": GLUON_SPLIT_CONFIGS,
-         "waves": WAVES_CONFIGS,
+         "gluon_rel": GLUON_REL_CONFIGS, "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
 

@@ -450,16 +450,6 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
     assert triton80["name"] == "_latent_attn_fwd"
     m80 = aot.parse_meta(aot.compile_decode(spec80, 90, aot.Tuning()).meta)
     assert m80["kernel"] == "gluon" and m80["rv_p"] == "128" and int(m80["shared"]) <= aot.SMEM_LIMIT[90] // 2 - 1024
-    # 4-bit latents on request (gluon_bits=1): codes dequantized in registers into one float16 tile each, three
-    # blocks per multiprocessor at 168 registers; by default the Triton kernel's
-    spec4 = aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128, rk=64, rv=64, bits=4,
-                                      quant_group=32)
-    assert aot.gluon_spec(spec4, all_bits=True) and not aot.gluon_spec(spec4)
-    assert not aot.gluon_spec(aot.DecodeSpec.for_caches(num_heads=32, num_kv_heads=8, group_size=1, head_dim=128,
-                                                        rk=80, rv=80, bits=4, quant_group=16), all_bits=True)
-    m4 = aot.parse_meta(aot.compile_decode(spec4, 90, aot.Tuning.parse("gluon_bits=1,maxnreg=168")).meta)
-    assert m4["kernel"] == "gluon" and int(m4["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024 and m4["waves"] == "2"
-    assert aot.parse_meta(aot.compile_decode(spec4, 90, aot.Tuning()).meta)["name"] == "_latent_attn_fwd"
     # RoPE by relative position (gluon_rel=1): no table stages, three blocks per multiprocessor
     rel = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning.parse("gluon_rel=1")).meta)
     assert rel["kernel"] == "gluon" and int(rel["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024

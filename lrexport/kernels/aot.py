@@ -46,7 +46,7 @@ SPLIT_RANKS_CHOICES = ("auto", "k", "v", "kv", "none")
 
 
 # the tuning items that are switches (0 or 1)
-BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel", "gluon_ranks", "gluon_bits")
+BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel", "gluon_ranks")
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ class Tuning:
     ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`) and
     ``gluon_rel`` (1: its RoPE by relative position, :data:`gluon_latent.RELATIVE_ROPE`; for tables of rotary
     embeddings only) and ``gluon_ranks`` (1: the Gluon kernel at every rank the PyTorch path runs it at,
-    :func:`gluon_latent.preferred`; 0: at rank 64 only) and ``gluon_bits`` (1: also for 4-bit latents,
-    :func:`gluon_latent.bits_ok`). The defaults are the PyTorch path's.
+    :func:`gluon_latent.preferred`; 0: at rank 64 only). The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
@@ -82,12 +81,11 @@ class Tuning:
     gluon_narrow: bool = True
     gluon_rel: bool = False
     gluon_ranks: bool = True
-    gluon_bits: bool = False
 
-    def waves_for(self, spec: DecodeSpec, gluon: bool = False) -> int:
+    def waves_for(self, spec: DecodeSpec) -> int:
         """The split rule's programs per multiprocessor for the nodes of ``spec``: ``waves``, or the PyTorch path's
-        default for their cache kind and kernel (:func:`triton_latent.decode_waves`)."""
-        return self.waves or tl_k.decode_waves(spec.group_size, spec.bits, gluon)
+        default for their cache kind (:func:`triton_latent.decode_waves`)."""
+        return self.waves or tl_k.decode_waves(spec.group_size, spec.bits)
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
@@ -240,7 +238,7 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
     # other nodes and architectures: the Triton kernel
-    if tuning.gluon and arch == 90 and gluon_spec(spec, tuning.gluon_ranks, tuning.gluon_bits):
+    if tuning.gluon and arch == 90 and gluon_spec(spec, tuning.gluon_ranks):
         return _compile_gluon(spec, arch, tuning)
     fn = tl_k._latent_attn_fwd
     cfg = tl_k.kernel_config(S=1, D=spec.head_dim, nrep=spec.num_heads // spec.num_kv_heads, rk=spec.rk,
@@ -284,23 +282,17 @@ def compile_decode(spec: DecodeSpec, arch: int = DEFAULT_ARCH, tuning: Tuning | 
                        f"({'; '.join(tried)})")
 
 
-def gluon_spec(spec: DecodeSpec, all_ranks: bool = True, all_bits: bool = False) -> bool:
+def gluon_spec(spec: DecodeSpec, all_ranks: bool = True) -> bool:
     """Whether the Gluon decode kernel (:mod:`gluon_latent`) takes the nodes of ``spec``: per-head latents at its
-    head dim, of the ranks and code widths the PyTorch path runs it at (:func:`gluon_latent.preferred`; not
-    ``all_ranks``: rank 64 only; ``all_bits``: 4-bit codes too, :func:`gluon_latent.bits_ok`), caches laid out
-    as the exporter lays them out, no key bias or window, at most :data:`gluon_latent.ROWS` query heads per KV
-    head."""
+    head dim, of the ranks the PyTorch path runs it at (:func:`gluon_latent.preferred`; not ``all_ranks``: rank
+    64 only), float caches laid out as the exporter lays them out, no key bias or window, at
+    most :data:`gluon_latent.ROWS` query heads per KV head."""
     from lrexport.kernels import gluon_latent as glk
 
     ranks = (glk.rank_ok(spec.rk) and glk.rank_ok(spec.rv) and glk.preferred(spec.rk, spec.rv)
-             and (all_ranks or spec.rk == spec.rv == glk.RANK) and (all_bits or spec.bits in glk.DEFAULT_BITS))
-    layout = DecodeSpec.for_caches(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, group_size=1,
-                                   head_dim=spec.head_dim, rk=spec.rk, rv=spec.rv, bits=spec.bits,
-                                   quant_group=spec.quant_group)
-    widths = (spec.k_width, spec.v_width, spec.kp_width, spec.vp_width) == (layout.k_width, layout.v_width,
-                                                                            layout.kp_width, layout.vp_width)
-    return (glk.gluon is not None and spec.group_size == 1 and spec.head_dim == glk.HEAD_DIM
-            and glk.bits_ok(spec.bits, spec.quant_group, spec.rk, spec.rv) and ranks and widths
+             and (all_ranks or spec.rk == spec.rv == glk.RANK))
+    return (glk.gluon is not None and spec.group_size == 1 and spec.head_dim == glk.HEAD_DIM and spec.bits == 0
+            and ranks and spec.k_width == spec.num_kv_heads * spec.rk and spec.v_width == spec.num_kv_heads * spec.rv
             and not spec.has_k_bias and spec.window == 0 and spec.num_heads // spec.num_kv_heads <= glk.ROWS)
 
 
@@ -319,13 +311,12 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     rv_p = glk.acc_rows(spec.rv)
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
                  M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
-                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p,
-                 BITS=spec.bits, QG=spec.quant_group if spec.bits else 32)
+                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "
                            f"{ABI_ARGS}")
-    types = _arg_types(spec.bits)
+    types = _arg_types(0)
     ints = _int_args(spec)
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     d16 = [n for n in args if n in ints and n != "nsplit" and ints[n] % 16 == 0]
@@ -336,8 +327,8 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
         raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
     meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
-            f"rv_p={rv_p} waves={tuning.waves_for(spec, gluon=True)} min_split={tuning.min_split} "
-            f"maxnreg={tuning.maxnreg or 0} row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
+            f"rv_p={rv_p} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg={tuning.maxnreg or 0} "
+            f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
     return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
 
 

@@ -61,8 +61,6 @@ ROWS = 16
 # shapes: 1.11-1.38x at ranks 16, 32, 48, 96 and 128, bench/results/gpu_kernels_gluon_ranks.md; 1.47-1.73x at rank
 # 80, bench/results/gpu_kernels_gluon_rank80.md; rank 64: bench/results/gpu_kernels_gluon.md)
 DEFAULT_RANKS = tuple(range(16, 2 * RANK + 1, 16))
-# the latents' code widths whose decode steps run it by default: float (0); 4-bit codes run it on request
-DEFAULT_BITS = (0,)
 
 # query rows padded to 8 instead of 16 (the N of the score and P @ V products, wgmma n8) where a KV head has at most
 # 8 query heads: half the softmax work on padding rows. Compiled for sm_90 with Triton 3.6 (Llama-3-8B shapes) the
@@ -157,36 +155,6 @@ if gluon is not None:
                   mask=(offs < end)[:, None])
         if COMMIT:
             async_copy.commit_group()
-
-    @gluon.jit
-    def load_codes(C, Pp, base, pbase, stride, pstride, n0, end, NGROUPS, RANK: gl.constexpr, R: gl.constexpr,
-                   QG: gl.constexpr, BLOCK: gl.constexpr, l3: gl.constexpr):
-        """The 4-bit codes of the latents of the tile at ``n0`` ([BLOCK, R // QG, QG // 2] bytes: two channels a
-        byte, the low nibble first) and their groups' float16 scales and zero points ([BLOCK, R // QG] each), loaded
-        into registers a tile before they are used. Rows from ``end`` on, and groups from the rank ``RANK`` on,
-        are zero (scale and zero point too: they dequantize to 0)."""
-        NG: gl.constexpr = R // QG
-        HQ: gl.constexpr = QG // 2
-        pos = n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, gl.SliceLayout(2, l3)))
-        g = gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, l3)))
-        c = gl.arange(0, HQ, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))
-        m2 = (pos < end)[:, None] & (g < RANK // QG)[None, :]
-        codes = gl.load(C + base + pos.to(gl.int64)[:, None, None] * stride + (g * HQ)[None, :, None]
-                        + c[None, None, :], mask=m2[:, :, None], other=0)
-        prow = Pp + pbase + pos.to(gl.int64)[:, None] * pstride + g[None, :]
-        return codes, gl.load(prow, mask=m2, other=0.0), gl.load(prow + NGROUPS, mask=m2, other=0.0)
-
-    @gluon.jit
-    def dequantize(codes, sc, ze, BLOCK: gl.constexpr, R: gl.constexpr):
-        """Codes from :func:`load_codes` as float16 latents [BLOCK, R] in channel order: a code ``c`` or'ed into
-        the mantissa of 1024.0 is ``1024 + c`` exactly, then one fused multiply-add with the group's scale and zero
-        point (``triton_latent``'s float16 unpacking, rounded the same way)."""
-        b16 = codes.to(gl.int16)
-        lo = ((b16 & 15) | 0x6400).to(gl.float16, bitcast=True) - 1024.0
-        hi = ((b16 >> 4) | 0x6400).to(gl.float16, bitcast=True) - 1024.0
-        lo = lo * sc[:, :, None] + ze[:, :, None]
-        hi = hi * sc[:, :, None] + ze[:, :, None]
-        return gl.reshape(gl.join(lo, hi), [BLOCK, R])
 
     @gluon.jit
     def query_halves(Q, D: gl.constexpr, NREP: gl.constexpr, M: gl.constexpr, blk: gl.constexpr):
@@ -333,8 +301,7 @@ if gluon is not None:
                            RK, RV, HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
                            M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
                            ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False,
-                           RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64,
-                           BITS: gl.constexpr = 0, QG: gl.constexpr = 32):
+                           RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
@@ -345,11 +312,6 @@ if gluon is not None:
         # (those past the rank zero); larger ones a tile of R and a tail: keys a tail of 16, 32 or 64 channels (a
         # second product of the rebuild), values one of R channels (wgmma's M is 64: a second P @ V product).
         # RV_P: the accumulator rows' stride in ACC (triton_latent's RV_P: the value rank's power of two, >= 16).
-        # BITS = 4: the caches hold 4-bit codes (two channels a byte) and PK / PV a float16 scale and zero point
-        # per QG channels (triton_latent's packed layout; ranks up to R). Their codes are loaded into registers a
-        # tile ahead, dequantized there and stored as float16 into the same tiles of shared memory the float
-        # latents are copied to, so the products are unchanged. The table rows keep their asynchronous copies,
-        # and an empty copy group stands for the values' so that the groups' count is the float kernel's.
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -379,16 +341,8 @@ if gluon is not None:
             qpos = gl.load(PAST + b).to(gl.int32)  # the new token's position; keys 0 .. qpos
         start = sp * split_len
         end = gl.minimum(qpos + 1, start + split_len)
-        if BITS > 0:
-            base_k = b * sck_b + j * (RANK_K // 2)
-            base_v = b * scv_b + j * (RANK_V // 2)
-            pbase_k = b * spk_b + j * (RANK_K // QG)
-            pbase_v = b * spv_b + j * (RANK_V // QG)
-            NGQ: gl.constexpr = R // QG
-            l3: gl.constexpr = gl.BlockedLayout([1, 1, QG // 2], [32 // NGQ, NGQ, 1], [4, 1, 1], [2, 1, 0])
-        else:
-            base_k = b * sck_b + j * RANK_K
-            base_v = b * scv_b + j * RANK_V
+        base_k = b * sck_b + j * RANK_K
+        base_v = b * scv_b + j * RANK_V
         Qj = Q + b * sq_b + j * NREP * D
 
         if REL:  # the query rows stay in registers; each tile's table row is loaded a tile ahead
@@ -405,11 +359,8 @@ if gluon is not None:
         q1_s.index(0).store(q_a)
         q2_s.index(0).store(q_b)
         u1_s, u2_s = up_operands(KUP, j, D, R, blk, RANK_K)
-        # 4-bit latents: one tile each, written a step before the product that reads it, after the previous
-        # product on it was waited for (a third block per multiprocessor where the registers allow)
-        NL: gl.constexpr = 1 if BITS > 0 else 2
-        lat_s = gl.allocate_shared_memory(gl.float16, [NL, BLOCK, R], tile_sl)
-        v_s = gl.allocate_shared_memory(gl.float16, [NL, BLOCK, R], tile_sl)
+        lat_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
+        v_s = gl.allocate_shared_memory(gl.float16, [2, BLOCK, R], tile_sl)
         c_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         s_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         p_s = gl.allocate_shared_memory(gl.float16, [BLOCK, M], p_sl)
@@ -427,21 +378,11 @@ if gluon is not None:
                        LATENTS=False)
         for i in gl.static_range(2):
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + i * BLOCK, end, i, R, HALF, BLOCK, blk,
-                       COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K, LATENTS=BITS == 0)
+                       COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K)
             if KT > 0:
                 copy_rows(lat_t.index(i), CK, base_k, sck_p, start + i * BLOCK, end, R, KT, RANK_K, BLOCK, kt_blk)
                 async_copy.commit_group()
-        if BITS > 0:  # K0 dequantized into its tile; the codes of K1 and V0 into registers
-            async_copy.commit_group()
-            kq, ks, kz = load_codes(CK, PK, base_k, pbase_k, sck_p, spk_p, start, end, HKV * RANK_K // QG, RANK_K,
-                                    R, QG, BLOCK, l3)
-            lat_s.index(0).store(dequantize(kq, ks, kz, BLOCK, R))
-            kq, ks, kz = load_codes(CK, PK, base_k, pbase_k, sck_p, spk_p, start + BLOCK, end, HKV * RANK_K // QG,
-                                    RANK_K, R, QG, BLOCK, l3)
-            vq, vs, vz = load_codes(CV, PV, base_v, pbase_v, scv_p, spv_p, start, end, HKV * RANK_V // QG, RANK_V,
-                                    R, QG, BLOCK, l3)
-        else:
-            issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk, RANK_V, COMMIT=VT == 0)
+        issue_values(CV, scv_p, v_s, base_v, start, end, 0, R, BLOCK, blk, RANK_V, COMMIT=VT == 0)
         if VT > 0:
             copy_rows(v_t.index(0), CV, base_v, scv_p, start, end, R, R, RANK_V, BLOCK, blk)
             async_copy.commit_group()
@@ -465,16 +406,13 @@ if gluon is not None:
             st = it % 2
             nx = (it + 1) % 2
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + (it + 2) * BLOCK, end, st, R, HALF,
-                       BLOCK, blk, COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K, LATENTS=BITS == 0)
+                       BLOCK, blk, COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K)
             if KT > 0:
                 copy_rows(lat_t.index(st), CK, base_k, sck_p, start + (it + 2) * BLOCK, end, R, KT, RANK_K, BLOCK,
                           kt_blk)
                 async_copy.commit_group()
-            if BITS > 0:
-                async_copy.commit_group()
-            else:
-                issue_values(CV, scv_p, v_s, base_v, start + (it + 1) * BLOCK, end, nx, R, BLOCK, blk, RANK_V,
-                             COMMIT=VT == 0)
+            issue_values(CV, scv_p, v_s, base_v, start + (it + 1) * BLOCK, end, nx, R, BLOCK, blk, RANK_V,
+                         COMMIT=VT == 0)
             if VT > 0:
                 copy_rows(v_t.index(nx), CV, base_v, scv_p, start + (it + 1) * BLOCK, end, R, R, RANK_V, BLOCK, blk)
                 async_copy.commit_group()
@@ -485,20 +423,13 @@ if gluon is not None:
                 qc, qs = table_row(COS, SIN, gl.maximum(qpos - start - (it + 2) * BLOCK, 0), HALF, blk)
                 q1_s.index(nx).store(q_a)
                 q2_s.index(nx).store(q_b)
-            if BITS > 0:  # K(it + 1) and V(it) into their tiles (read by products waited for a tile ago)
-                lat_s.index(0).store(dequantize(kq, ks, kz, BLOCK, R))
-                kq, ks, kz = load_codes(CK, PK, base_k, pbase_k, sck_p, spk_p, start + (it + 2) * BLOCK, end,
-                                        HKV * RANK_K // QG, RANK_K, R, QG, BLOCK, l3)
-                v_s.index(0).store(dequantize(vq, vs, vz, BLOCK, R))
-                vq, vs, vz = load_codes(CV, PV, base_v, pbase_v, scv_p, spv_p, start + (it + 1) * BLOCK, end,
-                                        HKV * RANK_V // QG, RANK_V, R, QG, BLOCK, l3)
             async_copy.wait_group(3)  # K(it + 1); V(it), K(it + 2), V(it + 1) may be in flight
             fence_async_shared()
             _barrier()
-            k1_tok = warpgroup_mma(lat_s.index(nx % NL), u1_s, zk, use_acc=False, is_async=True)
+            k1_tok = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False, is_async=True)
             if KT > 0:
                 k1_tok = warpgroup_mma(lat_t.index(nx), u1_t, k1_tok, is_async=True)
-            k2_tok = warpgroup_mma(lat_s.index(nx % NL), u2_s, zk, use_acc=False, is_async=True)
+            k2_tok = warpgroup_mma(lat_s.index(nx), u2_s, zk, use_acc=False, is_async=True)
             if KT > 0:
                 k2_tok = warpgroup_mma(lat_t.index(nx), u2_t, k2_tok, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=NKG, deps=(s_tok, ))
@@ -513,7 +444,7 @@ if gluon is not None:
             async_copy.wait_group(2)  # V(it)
             fence_async_shared()
             _barrier()
-            pv_tok = warpgroup_mma(v_s.index(st % NL).permute((1, 0)), p_s, acc, is_async=True)
+            pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
             if VT > 0:
                 pvt_tok = warpgroup_mma(v_t.index(st).permute((1, 0)), p_s, acc_t, is_async=True)
             k1, k2 = warpgroup_mma_wait(num_outstanding=NVG, deps=(k1_tok, k2_tok))
@@ -536,23 +467,13 @@ def rank_ok(rank: int) -> bool:
     return 16 <= rank <= 2 * RANK and rank % 16 == 0
 
 
-def bits_ok(bits: int, quant_group: int, rk: int, rv: int) -> bool:
-    """Whether the kernel takes latents of ``bits`` bits (0: float) in quantization groups of ``quant_group``
-    channels at these ranks: float latents, or 4-bit codes in groups of 16 or 32 channels at ranks up to
-    :data:`RANK` (whole groups)."""
-    if bits == 0:
-        return True
-    return (bits == 4 and quant_group in (16, 32) and rk <= RANK and rv <= RANK and rk % quant_group == 0
-            and rv % quant_group == 0)
-
-
 def supported(*, S: int, D: int, rk: int, rv: int, bits: int, group_size: int, nrep: int, dtype: torch.dtype,
-              has_bias: bool, window: int, device: torch.device, quant_group: int = 0) -> bool:
+              has_bias: bool, window: int, device: torch.device) -> bool:
     """Whether :func:`decode_partials` takes this decode step (else the Triton kernel runs it)."""
     if gluon is None or device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return (S == 1 and D == HEAD_DIM and rank_ok(rk) and rank_ok(rv) and bits_ok(bits, quant_group, rk, rv)
-            and group_size == 1 and nrep <= ROWS and dtype == torch.float16 and not has_bias and window == 0
+    return (S == 1 and D == HEAD_DIM and rank_ok(rk) and rank_ok(rv) and bits == 0 and group_size == 1
+            and nrep <= ROWS and dtype == torch.float16 and not has_bias and window == 0
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
@@ -562,34 +483,29 @@ def acc_rows(rv: int) -> int:
     return max(16, 1 << (rv - 1).bit_length())
 
 
-def preferred(rk: int, rv: int, bits: int = 0) -> bool:
-    """Whether decode steps at these ranks and code width run the kernel by default (where :func:`supported`):
-    where it was timed faster than the Triton kernel (:data:`DEFAULT_RANKS`: all of them; :data:`DEFAULT_BITS`).
-    Others run it on request (``gluon=True``)."""
-    return rk in DEFAULT_RANKS and rv in DEFAULT_RANKS and bits in DEFAULT_BITS
+def preferred(rk: int, rv: int) -> bool:
+    """Whether decode steps at these ranks run the kernel by default (where :func:`supported`): the ranks it was
+    timed faster than the Triton kernel at (:data:`DEFAULT_RANKS`: all of them). Others run it on request
+    (``gluon=True``)."""
+    return rk in DEFAULT_RANKS and rv in DEFAULT_RANKS
 
 
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
-                    narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None,
-                    bits: int = 0, quant_group: int = 0, k_params=None, v_params=None) -> None:
+                    narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, RV_P)]``, the
     layout of ``triton_latent._combine``; ``RV_P`` 64 for value ranks up to 64, else 128). ``q`` [B, 1, Hq * D];
     caches [B, P, Hkv * rank] with unit stride last; ``k_up`` [Hkv, rk, D]; ``split_len`` a multiple of
     :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison); ``narrow``: query rows padded
     to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`);
-    ``maxnreg``: a register cap per thread (none by default). ``bits`` = 4: the caches hold packed codes
-    ([B, P, Hkv * rank / 2] bytes) and ``k_params`` / ``v_params`` [B, P, 2 * Hkv * rank / quant_group] their
-    float16 scales, then zero points (``triton_latent``'s layout)."""
+    ``maxnreg``: a register cap per thread (none by default)."""
     B = q.shape[0]
-    rk, rv = k_up.shape[1], cache_v.shape[-1] * (8 // bits if bits else 1) // num_kv_heads
+    rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
     cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
-    pk = k_params if bits else cache_k
-    pv = v_params if bits else cache_v
     _latent_attn_gluon[(B * num_kv_heads, 1, num_splits)](
-        q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, pk, pk.stride(0), pk.stride(1), cache_v, cv_b, cv_p, pv,
-        pv.stride(0), pv.stride(1), k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits,
-        qk_scale, rk, rv, HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N,
-        ROPE16=rope16, REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv),
-        BITS=bits, QG=quant_group if bits else 32, num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
+        q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
+        cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv,
+        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
+        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv), num_warps=4,
+        **({"maxnreg": maxnreg} if maxnreg else {}))

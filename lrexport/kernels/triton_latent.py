@@ -733,11 +733,9 @@ DECODE_WAVES = 8
 DECODE_MIN_SPLIT = 512
 
 
-def decode_waves(group_size: int, bits: int, gluon: bool = False) -> int:
-    """The split rule's programs per multiprocessor for a cache kind (see :data:`DECODE_WAVES_FLOAT`), and for the
-    Gluon kernel (``gluon``), which takes per-head latents only: float ones and 4-bit ones alike, two blocks per
-    multiprocessor."""
-    return DECODE_WAVES_FLOAT if group_size == 1 and (not bits or gluon) else DECODE_WAVES
+def decode_waves(group_size: int, bits: int) -> int:
+    """The split rule's programs per multiprocessor for a cache kind (see :data:`DECODE_WAVES_FLOAT`)."""
+    return DECODE_WAVES_FLOAT if group_size == 1 and not bits else DECODE_WAVES
 
 # decode steps the Gluon kernel takes (gluon_latent.supported: M-LRD at ranks 16-128, float16, head dim 128,
 # sm_90) run on it in the PyTorch path: its products overlap on the tensor and CUDA cores; with its query rows
@@ -936,25 +934,9 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
-    ok = False  # whether the Gluon kernel takes this step
-    if gluon is not False and not row_splits:
-        from lrexport.kernels import gluon_latent
-
-        ok = gluon_latent.supported(S=S, D=D, rk=rk, rv=rv, bits=bits, group_size=group_size, nrep=nrep, dtype=cdt,
-                                    has_bias=k_bias is not None, window=window, device=dev,
-                                    quant_group=quant_group) and (
-            cos.dtype == sin.dtype == torch.float16 and cache_k.stride(-1) == cache_v.stride(-1) == 1
-            and block_n == gluon_latent.BLOCK_N)
-        if gluon and not ok:
-            raise ValueError("gluon=True: the Gluon decode kernel takes one new token per row, float16 caches, "
-                             "tables and k_up, per-head latents of ranks 16-128 (multiples of 16) at head dim 128, "
-                             "float or 4-bit latents (quantization groups of 16 or 32, ranks up to 64), no k_bias "
-                             "or window, on compute capability 9.0")
-        ok = ok and (gluon or gluon_latent.preferred(rk, rv, bits)) and (
-            gluon or (DECODE_GLUON and gluon_latent.failure is None))
     num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
                                        num_sms=_num_sms(dev), num_splits=num_splits,
-                                       waves=decode_waves(group_size, bits, ok) if waves is None else waves,
+                                       waves=decode_waves(group_size, bits) if waves is None else waves,
                                        min_split=min_split)
     if num_splits > 1:
         acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
@@ -964,28 +946,39 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         acc = mx = sm = out
     grid = (B * num_kv_heads, n_tblocks, num_splits)
 
-    if ok:  # the Gluon kernel
-        if num_splits == 1:  # the Gluon kernel always writes partials
-            acc = torch.empty(B * num_heads * rv_p, dtype=torch.float32, device=dev)
-            mx = torch.empty(B * num_heads, dtype=torch.float32, device=dev)
-            sm = torch.empty_like(mx)
-        try:
-            gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
-                                         num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
-                                         split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow,
-                                         rel=gluon_rel, maxnreg=maxnreg, bits=bits, quant_group=quant_group,
-                                         k_params=ck_params, v_params=cv_params)
-        except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
-            if gluon:
-                raise
-            gluon_latent.fail(e)  # says so once; from now on the Triton kernel runs these steps
-            ok = False
-    if ok:
-        last_kernel = "gluon"
-        nsplit_p = max(2, _next_pow2(num_splits))
-        _combine[(B * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
-                                   num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
-        return _values_up(out, v_up_GrE, G, rv, group_size, D, nrep) if v_up_GrE is not None else out
+    if gluon is not False and not row_splits:
+        from lrexport.kernels import gluon_latent
+
+        ok = gluon_latent.supported(S=S, D=D, rk=rk, rv=rv, bits=bits, group_size=group_size, nrep=nrep, dtype=cdt,
+                                    has_bias=k_bias is not None, window=window, device=dev) and (
+            cos.dtype == sin.dtype == torch.float16 and cache_k.stride(-1) == cache_v.stride(-1) == 1
+            and block_n == gluon_latent.BLOCK_N)
+        if gluon and not ok:
+            raise ValueError("gluon=True: the Gluon decode kernel takes one new token per row, float16 caches, "
+                             "tables and k_up, per-head latents of ranks 16-128 (multiples of 16) at head dim 128, "
+                             "no k_bias or window, on compute capability 9.0")
+        ok = ok and (gluon or gluon_latent.preferred(rk, rv))
+        if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
+            if num_splits == 1:  # the Gluon kernel always writes partials
+                acc = torch.empty(B * num_heads * rv_p, dtype=torch.float32, device=dev)
+                mx = torch.empty(B * num_heads, dtype=torch.float32, device=dev)
+                sm = torch.empty_like(mx)
+            try:
+                gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
+                                             num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
+                                             split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow,
+                                             rel=gluon_rel, maxnreg=maxnreg)
+            except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
+                if gluon:
+                    raise
+                gluon_latent.fail(e)  # says so once; from now on the Triton kernel runs these steps
+                ok = False
+        if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
+            last_kernel = "gluon"
+            nsplit_p = max(2, _next_pow2(num_splits))
+            _combine[(B * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
+                                       num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
+            return _values_up(out, v_up_GrE, G, rv, group_size, D, nrep) if v_up_GrE is not None else out
 
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels_tuned_per_batch.json)
