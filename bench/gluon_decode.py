@@ -167,9 +167,9 @@ def compile_report(arch: int = 90) -> dict:
     forms = {"sync": (_gl_decode, dict(tile, BLOCK_N=64, NS=3, OVERLAP=False)),
              "overlap": (_gl_decode, dict(tile, BLOCK_N=64, NS=3, OVERLAP=True)),
              "rings": (glk._latent_attn_gluon, dict(tile, BLOCK=64, ROPE16=False, ROW_SPLITS=False, REL=False,
-                                                       RANK_K=64, RANK_V=64, RV_P=64)),
+                                                       RANK_K=64, RANK_V=64, RV_P=64, LAZY=False)),
              "rings16": (glk._latent_attn_gluon, dict(tile, BLOCK=64, ROPE16=True, ROW_SPLITS=False, REL=False,
-                                                         RANK_K=64, RANK_V=64, RV_P=64))}
+                                                         RANK_K=64, RANK_V=64, RV_P=64, LAZY=False))}
     out = {}
     for name, (fn, const) in forms.items():
         pointers = {n: "*fp16" for n in ("Q", "CK", "CV", "KUP", "COS", "SIN", "PK", "PV", "KBIAS", "OUT")}

@@ -330,6 +330,11 @@ GLUON_REL_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=True), dic
                      gluon_rel=True), dict(gluon=True, gluon_narrow=False, gluon_rel=True),
                      dict(gluon=True, gluon_narrow=True, gluon_rel=True, maxnreg=168)]
 
+# the Gluon kernel's softmax maximum per tile (a reduction across its warps, two barriers) against a tile late
+# (gluon_latent.LAZY_MAX), with query rows padded to 8 and to 16
+GLUON_LAZY_CONFIGS = [dict(gluon=False), dict(gluon=True), dict(gluon=True, gluon_lazy=True),
+                      dict(gluon=True, gluon_narrow=False), dict(gluon=True, gluon_narrow=False, gluon_lazy=True)]
+
 # the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
 GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)
                                                                for n in (4, 8, 16, 32)]
@@ -347,7 +352,8 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "splitranks": SPLIT_RANKS_CONFIGS, "splitranks_tiles": SPLIT_RANKS_TILE_CONFIGS, "tables": TABLES_CONFIGS,
          "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
          "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
-         "gluon_rel": GLUON_REL_CONFIGS, "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
+         "gluon_rel": GLUON_REL_CONFIGS, "gluon_lazy": GLUON_LAZY_CONFIGS,
+         "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
 

@@ -548,6 +548,44 @@ def test_gluon_decode_other_ranks(rk, rv):
     assert rel_err(got, triton_out) < 5e-3, f"seed {seed}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("narrow", [True, False], ids=["rows8", "rows16"])
+@pytest.mark.parametrize("Hq,Hkv,rk,rv,spike", [(32, 8, 64, 64, 0.0), (32, 8, 64, 64, 8.0), (16, 2, 80, 128, 8.0),
+                                                (32, 32, 48, 64, 8.0)])
+def test_gluon_decode_lazy_max(Hq, Hkv, rk, rv, spike, narrow):
+    """The Gluon decode kernel with its softmax maximum a tile late (``gluon_lazy``; probabilities against the
+    maximum of the tiles before, a new reference only where a score exceeds it by more than 2^15) against the
+    float64 reference and the kernel's per-tile maximum, on fresh random inputs: rows of different lengths over
+    several splits, and (``spike``) the key latents of each row's second half scaled up, so that their scores
+    (in base 2, about 5 at most in the first half, about 40 in the second) exceed the maximum so far by more
+    than the limit, which takes the new-reference path mid-split; value ranks above 64 (the second value
+    product). Tolerance: against the kernel's per-tile maximum (the same float16 keys) as
+    test_gluon_decode_matches_reference; against the float64 reference too, or, with scores near 40, 3e-2
+    (float16 keys shift such scores by about 40 * 2^-11, probabilities by a few percent)."""
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    c = make_case(B=3, S=1, Hq=Hq, Hkv=Hkv, gs=1, D=128, rk=rk, rv=rv, P=2600, past=(2500, 37, 1473), bias=False,
+                  seed=seed)
+    if spike:
+        for b, n in enumerate((2500, 37, 1473)):
+            c["ck"][b, n // 2:n] *= spike
+    ref = reference(c)
+
+    def run(lazy):
+        h = {k: (v.to(DEVICE, torch.float16) if torch.is_tensor(v) and v.dtype == torch.float64 else v)
+             for k, v in c.items()}
+        return tlk.latent_attention_(h["q"], h["lk"], h["lv"], h["ck"].clone(), None, h["cv"].clone(), None,
+                                     c["past"].to(DEVICE), h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0,
+                                     128 ** -0.5, 0, 0, num_splits=3, gluon=True, gluon_narrow=narrow,
+                                     gluon_lazy=lazy).cpu()
+
+    got = run(True)
+    assert tlk.last_kernel == "gluon"
+    per_tile = run(False)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ref[0]) < (3e-2 if spike else 5e-3), f"seed {seed}"
+    assert rel_err(got, per_tile) < 5e-3, f"seed {seed}"
+
+
 def test_gluon_kernel_failure_falls_back_to_triton(monkeypatch, caplog):
     """Gluon is an experimental Triton API: where the Gluon kernel fails to build or launch, a decode step it would
     take runs the Triton kernel (same result as asking for Triton) with one warning naming the error, and later

@@ -46,7 +46,7 @@ SPLIT_RANKS_CHOICES = ("auto", "k", "v", "kv", "none")
 
 
 # the tuning items that are switches (0 or 1)
-BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel", "gluon_ranks")
+BOOL_TUNINGS = ("swap", "stage_tables", "gluon", "gluon_narrow", "gluon_rel", "gluon_ranks", "gluon_lazy")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class Tuning:
     ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`) and
     ``gluon_rel`` (1: its RoPE by relative position, :data:`gluon_latent.RELATIVE_ROPE`; for tables of rotary
     embeddings only) and ``gluon_ranks`` (1: the Gluon kernel at every rank the PyTorch path runs it at,
-    :func:`gluon_latent.preferred`; 0: at rank 64 only). The defaults are the PyTorch path's.
+    :func:`gluon_latent.preferred`; 0: at rank 64 only) and ``gluon_lazy`` (1: its softmax maximum a tile late,
+    :data:`gluon_latent.LAZY_MAX`). The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
@@ -81,6 +82,7 @@ class Tuning:
     gluon_narrow: bool = True
     gluon_rel: bool = False
     gluon_ranks: bool = True
+    gluon_lazy: bool = False
 
     def waves_for(self, spec: DecodeSpec) -> int:
         """The split rule's programs per multiprocessor for the nodes of ``spec``: ``waves``, or the PyTorch path's
@@ -311,7 +313,8 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     rv_p = glk.acc_rows(spec.rv)
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
                  M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
-                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p)
+                 ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p,
+                 LAZY=tuning.gluon_lazy)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "

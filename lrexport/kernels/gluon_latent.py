@@ -85,6 +85,15 @@ NARROW_ROWS = True
 # 7-13% slower, and slower again with the third block (bench/results/gpu_kernels_gluon_rel2.md).
 RELATIVE_ROPE = False
 
+# the softmax maximum a tile late: probabilities are taken against the maximum of the tiles before (the reference
+# the accumulators are kept in), and each warp's maximum of the tile goes to shared memory ahead of the barrier
+# the value product waits at anyway. Only where a score exceeds the reference by more than LAZY_LIMIT (in base-2
+# exponent: probabilities up to 2^15 fit float16), and at a row's first scores, does the tile take a new
+# reference, rescale the accumulators and write its probabilities again. This replaces the cross-warp reduction
+# of every tile (two barriers) with none in the common case. Exact: the reference cancels in the combine.
+LAZY_MAX = False
+LAZY_LIMIT = gl.constexpr(15.0) if gluon is not None else 15.0
+
 
 def query_rows(nrep: int, narrow: bool | None = None) -> int:
     """The query-row padding ``M`` of the kernel for ``nrep`` query heads per KV head: 8 with ``narrow`` (default
@@ -301,7 +310,8 @@ if gluon is not None:
                            RK, RV, HKV: gl.constexpr, D: gl.constexpr, R: gl.constexpr, NREP: gl.constexpr,
                            M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
                            ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False,
-                           RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64):
+                           RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64,
+                           LAZY: gl.constexpr = False):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
@@ -312,6 +322,7 @@ if gluon is not None:
         # (those past the rank zero); larger ones a tile of R and a tail: keys a tail of 16, 32 or 64 channels (a
         # second product of the rebuild), values one of R channels (wgmma's M is 64: a second P @ V product).
         # RV_P: the accumulator rows' stride in ACC (triton_latent's RV_P: the value rank's power of two, >= 16).
+        # LAZY: the softmax maximum a tile late (see LAZY_MAX).
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -364,6 +375,8 @@ if gluon is not None:
         c_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         s_s = gl.allocate_shared_memory(gl.float16, [NT, BLOCK, HALF], tile_sl)
         p_s = gl.allocate_shared_memory(gl.float16, [BLOCK, M], p_sl)
+        if LAZY:  # the four warps' maxima of a tile's scores
+            red_s = gl.allocate_shared_memory(gl.float32, [4, M], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         if KT > 0:  # the keys' rank tail: its k_up rows and a ring of latent tiles
             u1_t, u2_t = up_operands(KUP, j, D, KT, blk, RANK_K, R)
             lat_t = gl.allocate_shared_memory(gl.float16, [2, BLOCK, KT], kt_sl)
@@ -434,16 +447,40 @@ if gluon is not None:
                 k2_tok = warpgroup_mma(lat_t.index(nx), u2_t, k2_tok, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=NKG, deps=(s_tok, ))
             ok = ((start + it * BLOCK + pos) < end)[:, None] & (rows < NREP)[None, :]
-            if VT > 0:
+            if LAZY:  # probabilities against the maximum so far; this tile's, per warp, to shared memory
+                s = gl.where(ok, s, float("-inf"))
+                red_s.store(gl.max(gl.reshape(s, [4, BLOCK // 4, M]), 1))
+                m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
+                p = gl.exp2(s - m_safe[None, :])
+                p_s.store(p.to(gl.float16))
+            elif VT > 0:
                 p, m_i, l_t, alpha = softmax_alpha(gl.where(ok, s, float("-inf")), m_i, l_t)
                 acc = acc * alpha[None, :]
                 acc_t = acc_t * alpha[None, :]
+                p_s.store(p.to(gl.float16))
             else:
                 p, m_i, l_t, acc = softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
-            p_s.store(p.to(gl.float16))
+                p_s.store(p.to(gl.float16))
             async_copy.wait_group(2)  # V(it)
             fence_async_shared()
             _barrier()
+            if LAZY:  # the tile's maximum from the four warps' (after the barrier the products need anyway)
+                m_tile = gl.max(red_s.load(mma_s), 0)
+                grow = (m_tile > m_safe + LAZY_LIMIT) | ((m_i == float("-inf")) & (m_tile > float("-inf")))
+                if gl.max(grow.to(gl.int32), 0) > 0:  # the same on every thread: a new reference, then again
+                    m_new = gl.maximum(m_i, m_tile)
+                    m_ns = gl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = gl.exp2(m_i - m_ns)
+                    acc = acc * alpha[None, :]
+                    if VT > 0:
+                        acc_t = acc_t * alpha[None, :]
+                    l_t = l_t * alpha[None, :]
+                    m_i = m_new
+                    p = gl.exp2(s - m_ns[None, :])
+                    p_s.store(p.to(gl.float16))
+                    fence_async_shared()
+                    _barrier()
+                l_t = l_t + p
             pv_tok = warpgroup_mma(v_s.index(st).permute((1, 0)), p_s, acc, is_async=True)
             if VT > 0:
                 pvt_tok = warpgroup_mma(v_t.index(st).permute((1, 0)), p_s, acc_t, is_async=True)
@@ -492,13 +529,15 @@ def preferred(rk: int, rv: int) -> bool:
 
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
-                    narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None) -> None:
+                    narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None,
+                    lazy: bool | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, RV_P)]``, the
     layout of ``triton_latent._combine``; ``RV_P`` 64 for value ranks up to 64, else 128). ``q`` [B, 1, Hq * D];
     caches [B, P, Hkv * rank] with unit stride last; ``k_up`` [Hkv, rk, D]; ``split_len`` a multiple of
     :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison); ``narrow``: query rows padded
     to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`);
-    ``maxnreg``: a register cap per thread (none by default)."""
+    ``maxnreg``: a register cap per thread (none by default); ``lazy``: the softmax maximum a tile late (default
+    :data:`LAZY_MAX`)."""
     B = q.shape[0]
     rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
@@ -507,5 +546,6 @@ def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, n
         q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
         cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv,
         HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
-        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv), num_warps=4,
+        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv),
+        LAZY=LAZY_MAX if lazy is None else lazy, num_warps=4,
         **({"maxnreg": maxnreg} if maxnreg else {}))

@@ -875,7 +875,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
             stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None,
             gluon: bool | None = None, gluon_narrow: bool | None = None,
-            gluon_rel: bool | None = None) -> torch.Tensor:
+            gluon_rel: bool | None = None, gluon_lazy: bool | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -901,7 +901,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     and :data:`DECODE_GLUON` (True: required, an error otherwise; False: never); the Triton kernel's settings
     above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``; ``gluon_narrow``: its query rows
     padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`); ``gluon_rel``: its
-    RoPE by relative position (None: :data:`gluon_latent.RELATIVE_ROPE`; only for tables of rotary embeddings).
+    RoPE by relative position (None: :data:`gluon_latent.RELATIVE_ROPE`; only for tables of rotary embeddings);
+    ``gluon_lazy``: its softmax maximum a tile late (None: :data:`gluon_latent.LAZY_MAX`).
     ``maxnreg`` applies to the Gluon kernel too when given (none by default).
     """
     global last_kernel
@@ -967,7 +968,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
                                              num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
                                              split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow,
-                                             rel=gluon_rel, maxnreg=maxnreg)
+                                             rel=gluon_rel, maxnreg=maxnreg, lazy=gluon_lazy)
             except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
                 if gluon:
                     raise
