@@ -166,10 +166,13 @@ def latent_bytes_flops(B, L, Hq, Hkv, D, s, rk, rv, bits, qg, esz):
 
 
 def bench_latent(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, cfg, call: bool = True):
-    """(GPU time, call time) in µs; the call time only with ``call`` (else None)."""
+    """(GPU time, call time) in µs; the call time only with ``call`` (else None). ``cfg``: attend_'s settings
+    (``rep`` only tells repeats of one setting apart)."""
     from gputime import gpu_time_us
 
     from lrexport.kernels.triton_latent import attend_
+
+    cfg = {k: v for k, v in cfg.items() if k != "rep"}
 
     def fn():
         return attend_(c["q"], c["ck"], c["pk"], c["cv"], c["pv"], c["past"], c["k_up"], None, None, c["cos"],
@@ -334,6 +337,8 @@ GLUON_REL_CONFIGS = [dict(gluon=False), dict(gluon=True, gluon_narrow=True), dic
 # (gluon_latent.LAZY_MAX), with query rows padded to 8 and to 16
 GLUON_LAZY_CONFIGS = [dict(gluon=False), dict(gluon=True), dict(gluon=True, gluon_lazy=True),
                       dict(gluon=True, gluon_narrow=False), dict(gluon=True, gluon_narrow=False, gluon_lazy=True)]
+# the same two, alternated three times (the spread of one setting's times against the difference between them)
+GLUON_LAZY_AB_CONFIGS = [dict(gluon=True, gluon_lazy=lazy, rep=i) for i in range(3) for lazy in (True, False)]
 
 # the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
 GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)
@@ -353,6 +358,7 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
          "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
          "gluon_rel": GLUON_REL_CONFIGS, "gluon_lazy": GLUON_LAZY_CONFIGS,
+         "gluon_lazy_ab": GLUON_LAZY_AB_CONFIGS,
          "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
