@@ -94,7 +94,7 @@ def test_export_attaches_compiled_kernels(exported, variant, bits):
                     "tuning": {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": None, "min_split": 512,
                                "swap": True, "maxnreg": None, "split_ranks": "auto", "stage_tables": True,
                                "gluon": True, "gluon_narrow": True, "gluon_rel": False,
-                               "gluon_ranks": True}}
+                               "gluon_ranks": True, "gluon_lazy": False}}
 
 
 def test_cuda_graph_exports_compile_row_split_kernels(exported):
@@ -127,7 +127,7 @@ def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     assert summary["tuning"] == {"block_n": 32, "num_warps": 8, "num_stages": None, "waves": 6, "min_split": 512,
                                  "swap": False, "maxnreg": 96, "split_ranks": "auto", "stage_tables": True,
                                  "gluon": True, "gluon_narrow": True, "gluon_rel": False,
-                                 "gluon_ranks": True}
+                                 "gluon_ranks": True, "gluon_lazy": False}
     (_, before), (_, after) = _lowrank_nodes(exported["lrexport"]), _lowrank_nodes(dst)
     a0 = {a.name: onnx.helper.get_attribute_value(a) for a in before[0].attribute}
     a1 = {a.name: onnx.helper.get_attribute_value(a) for a in after[0].attribute}
@@ -450,6 +450,9 @@ def test_gluon_decode_kernel_compiles_ahead_of_time_for_the_launcher():
     assert triton80["name"] == "_latent_attn_fwd"
     m80 = aot.parse_meta(aot.compile_decode(spec80, 90, aot.Tuning()).meta)
     assert m80["kernel"] == "gluon" and m80["rv_p"] == "128" and int(m80["shared"]) <= aot.SMEM_LIMIT[90] // 2 - 1024
+    # the softmax maximum a tile late (gluon_lazy=1): still two blocks per multiprocessor
+    lazy = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning.parse("gluon_lazy=1")).meta)
+    assert lazy["kernel"] == "gluon" and int(lazy["shared"]) <= aot.SMEM_LIMIT[90] // 2 - 1024
     # RoPE by relative position (gluon_rel=1): no table stages, three blocks per multiprocessor
     rel = aot.parse_meta(aot.compile_decode(spec, 90, aot.Tuning.parse("gluon_rel=1")).meta)
     assert rel["kernel"] == "gluon" and int(rel["shared"]) <= aot.SMEM_LIMIT[90] // 3 - 1024
