@@ -62,9 +62,9 @@ class Tuning:
     (:data:`triton_latent.SPLIT_RANKS`: ``auto``, ``k``, ``v``, ``kv`` or ``none``), ``stage_tables``
     (:data:`triton_latent.DECODE_STAGE_TABLES`) and ``gluon`` (1: compile the Gluon decode kernel of
     :mod:`gluon_latent` for the nodes it takes, with the same launcher arguments; 0: the Triton kernel for all),
-    ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`) and
+    ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`),
     ``gluon_rel`` (1: its RoPE by relative position, :data:`gluon_latent.RELATIVE_ROPE`; for tables of rotary
-    embeddings only) and ``gluon_ranks`` (1: the Gluon kernel at every rank the PyTorch path runs it at,
+    embeddings only), ``gluon_ranks`` (1: the Gluon kernel at every rank the PyTorch path runs it at,
     :func:`gluon_latent.preferred`; 0: at rank 64 only) and ``gluon_lazy`` (1: its softmax maximum a tile late,
     :data:`gluon_latent.LAZY_MAX`). The defaults are the PyTorch path's.
     """

@@ -447,20 +447,17 @@ if gluon is not None:
                 k2_tok = warpgroup_mma(lat_t.index(nx), u2_t, k2_tok, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=NKG, deps=(s_tok, ))
             ok = ((start + it * BLOCK + pos) < end)[:, None] & (rows < NREP)[None, :]
+            s = gl.where(ok, s, float("-inf"))
             if LAZY:  # probabilities against the maximum so far; this tile's, per warp, to shared memory
-                s = gl.where(ok, s, float("-inf"))
                 red_s.store(gl.max(gl.reshape(s, [4, BLOCK // 4, M]), 1))
                 m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
                 p = gl.exp2(s - m_safe[None, :])
-                p_s.store(p.to(gl.float16))
-            elif VT > 0:
-                p, m_i, l_t, alpha = softmax_alpha(gl.where(ok, s, float("-inf")), m_i, l_t)
-                acc = acc * alpha[None, :]
-                acc_t = acc_t * alpha[None, :]
-                p_s.store(p.to(gl.float16))
             else:
-                p, m_i, l_t, acc = softmax_step(gl.where(ok, s, float("-inf")), m_i, l_t, acc)
-                p_s.store(p.to(gl.float16))
+                p, m_i, l_t, alpha = softmax_alpha(s, m_i, l_t)
+                acc = acc * alpha[None, :]
+                if VT > 0:
+                    acc_t = acc_t * alpha[None, :]
+            p_s.store(p.to(gl.float16))
             async_copy.wait_group(2)  # V(it)
             fence_async_shared()
             _barrier()
