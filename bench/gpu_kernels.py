@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ort_gqa, kernel_resources
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ort_gqa
 PEAK_BW = 4.3e12
 PEAK_FLOPS = 7.9e14
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
@@ -340,6 +340,12 @@ GLUON_LAZY_CONFIGS = [dict(gluon=False), dict(gluon=True), dict(gluon=True, gluo
 # the same two, alternated three times (the spread of one setting's times against the difference between them)
 GLUON_LAZY_AB_CONFIGS = [dict(gluon=True, gluon_lazy=lazy, rep=i) for i in range(3) for lazy in (True, False)]
 
+# the Gluon kernel's table rows in two stages (copied with the key latents two tiles ahead; two blocks per
+# multiprocessor) against one (a tile ahead; three blocks fit), with the split rule's 2, 3, 4 or 6 programs per
+# multiprocessor, alternated twice
+GLUON_TABLES_CONFIGS = [dict(gluon=True, gluon_table_stages=t, waves=w, rep=i) for i in range(2)
+                        for t, w in ((2, 2), (1, 2), (1, 3), (2, 4), (1, 6))]
+
 # the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
 GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)
                                                                for n in (4, 8, 16, 32)]
@@ -358,7 +364,7 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "bits4": BITS4_CONFIGS, "rankchunk": RANK_CHUNK_CONFIGS, "hoist": HOIST_CONFIGS,
          "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
          "gluon_rel": GLUON_REL_CONFIGS, "gluon_lazy": GLUON_LAZY_CONFIGS,
-         "gluon_lazy_ab": GLUON_LAZY_AB_CONFIGS,
+         "gluon_lazy_ab": GLUON_LAZY_AB_CONFIGS, "gluon_tables": GLUON_TABLES_CONFIGS,
          "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
          "default": DEFAULT_CONFIGS}
 
@@ -380,8 +386,9 @@ def _resources(kernels: list) -> dict:
     """Registers, spills, shared memory and blocks per multiprocessor of a newly compiled attention kernel."""
     if not kernels:
         return {}
-    from kernel_resources import blocks_per_sm
     from triton.runtime.errors import OutOfResources
+
+    from lrexport.kernels.gluon_latent import blocks_per_sm
 
     for k in reversed(kernels):  # the newest one that launches (a setting too large was compiled, then retried)
         try:
@@ -394,7 +401,7 @@ def _resources(kernels: list) -> dict:
     props = torch.cuda.get_device_properties(0)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
     return dict(n_regs=k.n_regs, n_spills=k.n_spills, shared=k.metadata.shared,
-                blocks_per_sm=blocks_per_sm(k.n_regs, k.metadata.num_warps, k.metadata.shared, smem_sm))
+                blocks_per_sm=blocks_per_sm(k.n_regs, k.metadata.shared, k.metadata.num_warps, smem_sm))
 
 
 def tune(c, B, L, Hq, Hkv, D, s, rk, rv, bits, qg, configs=None, try_hoist=True):

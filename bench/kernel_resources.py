@@ -21,9 +21,7 @@ import json
 import platform
 import re
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,36 +30,11 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # Hq, Hkv, D
 SMEM_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}  # bytes per multiprocessor
 
 
-def cuobjdump() -> str:
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        raise SystemExit(f"kernel_resources: Triton's cuobjdump is missing ({tool})")
-    return str(tool)
-
-
-def dump(cubin: bytes, flag: str) -> str:
-    """``cuobjdump FLAG`` of the cubin (e.g. ``-sass``, ``--dump-resource-usage``)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
-
-
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local (spill) bytes of the cubin's kernel, as cuobjdump reports them."""
-    out = dump(cubin, "--dump-resource-usage")
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if not m:
-        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-500:]}")
-    reg, stack, _, local = map(int, m.groups())
-    return dict(registers=reg, stack_bytes=stack, local_bytes=local)
-
-
 def sass(cubin: bytes) -> str:
     """The cubin's SASS, as ``cuobjdump -sass`` prints it."""
-    return dump(cubin, "-sass")
+    from lrexport.kernels import aot
+
+    return aot.cubin_dump(cubin, "-sass")
 
 
 def main_loop(text: str) -> list[str]:
@@ -96,17 +69,9 @@ def loop_stats(cubin: bytes, top: int = 12) -> dict:
                 loop_shared=ops["STS"] + ops["LDS"] + ops["LDSM"], loop_top=dict(ops.most_common(top)))
 
 
-def blocks_per_sm(registers: int, warps: int, shared: int, smem_per_sm: int) -> int:
-    """Blocks of ``warps`` warps that fit one multiprocessor: 64K registers (allocated per warp in units of 256),
-    ``smem_per_sm`` bytes of shared memory with 1 KB reserved per block, at most 64 warps."""
-    regs_per_warp = -(-registers * 32 // 256) * 256
-    by_regs = 65536 // (regs_per_warp * warps)
-    by_smem = smem_per_sm // (shared + 1024) if shared else 32
-    return min(by_regs, by_smem, 64 // warps)
-
-
 def main(argv=None) -> int:
     from lrexport.kernels import aot
+    from lrexport.kernels.gluon_latent import blocks_per_sm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -134,11 +99,10 @@ def main(argv=None) -> int:
             print(f"{text}: {e}", flush=True)
             continue
         meta = aot.parse_meta(c.meta)
-        use = resource_usage(c.cubin)
+        use = aot.cubin_resources(c.cubin)
         shared, warps = int(meta["shared"]), int(meta["warps"])
         row = dict(settings=text, block_n=int(meta["block_n"]), warps=warps, shared_bytes=shared, **use,
-                   blocks_per_sm=blocks_per_sm(use["registers"], warps, shared,
-                                               SMEM_PER_SM.get(args.arch, 102400)),
+                   blocks_per_sm=blocks_per_sm(use["registers"], shared, warps, SMEM_PER_SM.get(args.arch, 102400)),
                    **loop_stats(c.cubin), compile_s=round(time.perf_counter() - t0, 2))
         rows.append(row)
         print(f"{text}: {row['registers']} registers, {row['local_bytes']} B spilled, {shared} B shared, "

@@ -441,13 +441,17 @@ def _gluon_ready() -> bool:
 def test_decode_splits_fill_whole_waves():
     """The decode split rule (the C++ launcher's plan_triton computes the same): at most ``waves`` programs per
     multiprocessor, rounded down, splits of whole tiles and at least ``min_split`` positions, at least one split per
-    row; float per-head latents default to 2 per multiprocessor (one wave of two resident blocks), packed and
-    grouped latents to 8."""
+    row, unless that leaves the wave less than 3/4 full: then up to four waves, as full as they come; float
+    per-head latents default to 2 per multiprocessor (one wave of two resident blocks), packed and grouped latents
+    to 8."""
     plan = functools.partial(tlk.split_plan, S=1, kv_max=65536, block_n=64, num_sms=132)
     assert plan(batch=8, num_kv_heads=8, waves=2) == (4, 16384)  # 256 programs: one wave of 264
     assert plan(batch=1, num_kv_heads=8, waves=2) == (32, 2048)  # 33 rounded to whole tiles
     assert plan(batch=8, num_kv_heads=8, waves=8) == (16, 4096)
-    assert plan(batch=8, num_kv_heads=32, waves=2) == (1, 65536)  # more rows than a wave holds: no split
+    assert plan(batch=8, num_kv_heads=32, waves=2) == (1, 65536)  # 256 programs: one wave of 264, 97% full
+    # 256 rows and three resident blocks (396 slots): one split leaves the wave 65% full, three fill two waves 97%
+    assert plan(batch=8, num_kv_heads=32, waves=3) == (3, 21888)
+    assert plan(batch=8, num_kv_heads=8, waves=3) == (6, 10944)  # 384 programs of 396
     assert plan(batch=1, num_kv_heads=8, waves=2, kv_max=16384) == (32, 512)  # the shortest split
     assert plan(batch=1, num_kv_heads=8, waves=2, kv_max=16384, min_split=1024) == (16, 1024)
     for _ in range(200):
@@ -455,7 +459,12 @@ def test_decode_splits_fill_whole_waves():
         kv, waves = int(torch.randint(1, 200000, ())), int(torch.randint(1, 17, ()))
         n, length = plan(batch=B, num_kv_heads=Hkv, waves=waves, kv_max=kv, min_split=512)
         assert length % 64 == 0 and (n - 1) * length < kv <= n * length
-        assert n == 1 or B * Hkv * n <= waves * 132
+        rows, slots = B * Hkv, waves * 132
+        one_wave = max(1, min(slots // rows, -(-kv // 512)))
+        full = 4 * rows * one_wave >= 3 * -(-rows * one_wave // slots) * slots
+        assert n == 1 or (rows * n <= slots if full else rows * n <= 4 * slots)
+        if not full:  # the waves the plan fills are at least as full as with one split per row's wave
+            assert rows * n * -(-rows * one_wave // slots) >= rows * one_wave * -(-rows * n // slots)
     assert (tlk.decode_waves(1, 0), tlk.decode_waves(1, 4), tlk.decode_waves(4, 0)) == (2, 8, 8)
     assert tlk.split_plan(S=7, batch=1, num_kv_heads=8, kv_max=65536, block_n=32, num_sms=132) == (1, 65536)
 
@@ -488,16 +497,19 @@ def test_gluon_kernel_refuses_what_it_does_not_take():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("narrow,rel,maxnreg", [(False, False, None), (True, False, None), (True, True, None),
-                                                (False, True, None), (True, True, 168)],
-                         ids=["rows16", "rows8", "rows8-rel", "rows16-rel", "rows8-rel-168regs"])
+@pytest.mark.parametrize("narrow,rel,maxnreg,tables", [(False, False, None, 2), (True, False, None, 2),
+                                                       (True, False, None, 1), (False, False, None, 1),
+                                                       (True, True, None, None), (False, True, None, None),
+                                                       (True, True, 168, None)],
+                         ids=["rows16", "rows8", "rows8-tables1", "rows16-tables1", "rows8-rel", "rows16-rel",
+                              "rows8-rel-168regs"])
 @pytest.mark.parametrize("Hq,Hkv,splits", [(32, 8, None), (32, 32, 4), (16, 2, 1)])
-def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel, maxnreg):
+def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel, maxnreg, tables):
     """The Gluon decode kernel (M-LRD, rank 64, float16) against the float64 reference and the Triton kernel on
     fresh random inputs: rows of different lengths (one shorter than a tile, one not a multiple of it), one or
     several splits, query rows padded to 16 or to 8 (where they fit: 8 query heads per KV head pad to 16), RoPE
-    by table row per key or by relative position (the tables are rotary embeddings'), with or without a register
-    cap.
+    by table row per key (copied with the key latents two tiles ahead, or into one stage a tile ahead) or by
+    relative position (the tables are rotary embeddings'), with or without a register cap.
     Tolerance: float16 rounding of the keys, their RoPE and the probabilities."""
     seed = int(torch.randint(0, 2 ** 31, ()))
     c = make_case(B=3, S=1, Hq=Hq, Hkv=Hkv, gs=1, D=128, rk=64, rv=64, P=2600, past=(2500, 37, 1473), bias=False,
@@ -511,7 +523,7 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel, maxnreg):
         return tlk.latent_attention_(h["q"], h["lk"], h["lv"], ck, None, cv, None, c["past"].to(DEVICE),
                                      h["k_up"], None, None, h["cos"], h["sin"], Hq, Hkv, 1, 0, 128 ** -0.5, 0, 0,
                                      num_splits=splits, gluon=gluon, gluon_narrow=narrow, gluon_rel=rel,
-                                     maxnreg=maxnreg).cpu()
+                                     maxnreg=maxnreg, gluon_table_stages=tables).cpu()
 
     got = run(True)
     assert tlk.last_kernel == "gluon"
@@ -522,13 +534,31 @@ def test_gluon_decode_matches_reference(Hq, Hkv, splits, narrow, rel, maxnreg):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+def test_gluon_resident_blocks():
+    """The blocks of the Gluon kernel that fit a multiprocessor, which the split rule plans its programs per
+    multiprocessor from: three at rank 64 with one stage of table rows and query rows padded to 8 (the default),
+    two with two stages, as the registers and shared memory of the compiled kernel give them."""
+    from lrexport.kernels import gluon_latent
+
+    c = make_case(B=2, S=1, Hq=32, Hkv=8, gs=1, D=128, rk=64, rv=64, P=256, past=(200, 100), bias=False)
+    h = {k: (v.to(DEVICE, torch.float16) if torch.is_tensor(v) and v.dtype == torch.float64 else v)
+         for k, v in c.items()}
+    args = (h["q"], h["ck"], h["cv"], h["k_up"], h["cos"], h["sin"], c["past"].to(DEVICE, torch.int32))
+    opts = dict(num_kv_heads=8, nrep=4, qk_scale=1.0)
+    assert gluon_latent.TABLE_STAGES == 1 and gluon_latent.resident_blocks(*args, **opts) == 3
+    assert gluon_latent.resident_blocks(*args, table_stages=2, **opts) == 2
+    assert gluon_latent.blocks_per_sm(154, 68736) == 3 and gluon_latent.blocks_per_sm(164, 85120) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("tables", [1, 2], ids=["tables1", "tables2"])
 @pytest.mark.parametrize("rk,rv", [(80, 80), (48, 48), (128, 128), (80, 64), (64, 96), (32, 16)])
-def test_gluon_decode_other_ranks(rk, rv):
+def test_gluon_decode_other_ranks(rk, rv, tables):
     """The Gluon decode kernel at key / value ranks other than 64 (by default, as rank 64): ranks below 64 as
     zero-padded tiles of 64 channels, ranks above as a tile and a tail (keys: a second rebuild product of 16, 32
-    or 64 channels; values: a second P @ V product), against the float64 reference and the Triton kernel on fresh
-    random inputs, rows of different lengths over several splits. Tolerance as
-    test_gluon_decode_matches_reference."""
+    or 64 channels; values: a second P @ V product), with one or two stages of table rows, against the float64
+    reference and the Triton kernel on fresh random inputs, rows of different lengths over several splits.
+    Tolerance as test_gluon_decode_matches_reference."""
     seed = int(torch.randint(0, 2 ** 31, ()))
     c = make_case(B=3, S=1, Hq=32, Hkv=8, gs=1, D=128, rk=rk, rv=rv, P=2600, past=(2500, 37, 1473), bias=False,
                   seed=seed)
@@ -539,7 +569,8 @@ def test_gluon_decode_other_ranks(rk, rv):
              for k, v in c.items()}
         return tlk.latent_attention_(h["q"], h["lk"], h["lv"], h["ck"].clone(), None, h["cv"].clone(), None,
                                      c["past"].to(DEVICE), h["k_up"], None, None, h["cos"], h["sin"], 32, 8, 1, 0,
-                                     128 ** -0.5, 0, 0, num_splits=3, gluon=gluon).cpu()
+                                     128 ** -0.5, 0, 0, num_splits=3, gluon=gluon,
+                                     gluon_table_stages=tables).cpu()
 
     got = run(True)
     assert tlk.last_kernel == "gluon"

@@ -26,6 +26,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import onnx
@@ -65,8 +68,9 @@ class Tuning:
     ``gluon_narrow`` (1: its query rows padded to 8 where they fit, :func:`gluon_latent.query_rows`),
     ``gluon_rel`` (1: its RoPE by relative position, :data:`gluon_latent.RELATIVE_ROPE`; for tables of rotary
     embeddings only), ``gluon_ranks`` (1: the Gluon kernel at every rank the PyTorch path runs it at,
-    :func:`gluon_latent.preferred`; 0: at rank 64 only) and ``gluon_lazy`` (1: its softmax maximum a tile late,
-    :data:`gluon_latent.LAZY_MAX`). The defaults are the PyTorch path's.
+    :func:`gluon_latent.preferred`; 0: at rank 64 only), ``gluon_lazy`` (1: its softmax maximum a tile late,
+    :data:`gluon_latent.LAZY_MAX`) and ``gluon_tables`` (its stages of table rows, 1 or 2; None:
+    :data:`gluon_latent.TABLE_STAGES`). The defaults are the PyTorch path's.
     """
 
     block_n: int = 64
@@ -83,6 +87,7 @@ class Tuning:
     gluon_rel: bool = False
     gluon_ranks: bool = True
     gluon_lazy: bool = False
+    gluon_tables: int | None = None
 
     def waves_for(self, spec: DecodeSpec) -> int:
         """The split rule's programs per multiprocessor for the nodes of ``spec``: ``waves``, or the PyTorch path's
@@ -112,9 +117,10 @@ class Tuning:
         if t.block_n not in (16, 32, 64, 128) or t.num_warps not in (1, 2, 4, 8) or (t.waves or 1) < 1 or (
                 t.min_split < 1) or (
                 t.num_stages is not None and not 1 <= t.num_stages <= 5) or (
-                t.maxnreg is not None and t.maxnreg != 0 and not 24 <= t.maxnreg <= 255):
+                t.maxnreg is not None and t.maxnreg != 0 and not 24 <= t.maxnreg <= 255) or (
+                t.gluon_tables not in (None, 1, 2)):
             raise ValueError(f"kernel tuning out of range: {t} (block_n 16/32/64/128, num_warps 1/2/4/8, "
-                             "num_stages 1-5, waves >= 1, min_split >= 1, maxnreg 0 or 24-255)")
+                             "num_stages 1-5, waves >= 1, min_split >= 1, maxnreg 0 or 24-255, gluon_tables 1/2)")
         return t
 
     @classmethod
@@ -314,7 +320,7 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
                  M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
                  ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p,
-                 LAZY=tuning.gluon_lazy)
+                 LAZY=tuning.gluon_lazy, TABLE_STAGES=tuning.gluon_tables or glk.TABLE_STAGES)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "
@@ -329,10 +335,54 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     md = k.metadata
     if md.shared > SMEM_LIMIT[arch] or md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1:
         raise RuntimeError(f"the compiled Gluon decode kernel does not fit the launcher ({md})")
+    cubin = bytes(k.asm["cubin"])
+    waves = tuning.waves or gluon_waves(cubin, md.shared, tuning.waves_for(spec))
     meta = (f"abi={ABI} arch={arch} name={md.name} warps={md.num_warps} shared={md.shared} block_n={glk.BLOCK_N} "
-            f"rv_p={rv_p} waves={tuning.waves_for(spec)} min_split={tuning.min_split} maxnreg={tuning.maxnreg or 0} "
+            f"rv_p={rv_p} waves={waves} min_split={tuning.min_split} maxnreg={tuning.maxnreg or 0} "
             f"row_splits={int(spec.row_splits)} d16={','.join(d16)} kernel=gluon")
-    return CompiledDecode(cubin=bytes(k.asm["cubin"]), meta=meta)
+    return CompiledDecode(cubin=cubin, meta=meta)
+
+
+def gluon_waves(cubin: bytes, shared: int, default: int) -> int:
+    """The split rule's programs per multiprocessor for a compiled Gluon decode kernel: the blocks of it that fit a
+    multiprocessor of sm_90 (its registers as ``cuobjdump`` reports them, and its shared memory), as the PyTorch
+    path's :func:`gluon_latent.resident_blocks`; ``default`` where Triton's ``cuobjdump`` is missing."""
+    from lrexport.kernels import gluon_latent as glk
+
+    try:
+        registers = cubin_resources(cubin)["registers"]
+    except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as e:
+        log.info("no register count for the Gluon decode kernel (%s); %d programs per multiprocessor", e, default)
+        return default
+    return glk.blocks_per_sm(registers, shared)
+
+
+def cuobjdump() -> str:
+    """Triton's ``cuobjdump`` (it ships one with its CUDA tools)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        raise FileNotFoundError(f"Triton's cuobjdump is missing ({tool})")
+    return tool
+
+
+def cubin_dump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin (e.g. ``-sass``, ``--dump-resource-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers, stack and local (spill) bytes of a cubin's kernel, as ``cuobjdump`` reports them."""
+    out = cubin_dump(cubin, "--dump-resource-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-500:]}")
+    reg, stack, _, local = map(int, m.groups())
+    return dict(registers=reg, stack_bytes=stack, local_bytes=local)
 
 
 def parse_meta(meta: str) -> dict[str, str]:

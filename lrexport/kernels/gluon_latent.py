@@ -95,6 +95,31 @@ LAZY_MAX = False
 LAZY_LIMIT = gl.constexpr(15.0) if gluon is not None else 15.0
 
 
+# the stages of table rows: 2, each tile's rows copied with its key latents two tiles ahead; 1, one stage, each tile's
+# rows copied a tile ahead (at the start of the iteration before the one that rotates its keys, waited for with the
+# value latents). One stage frees 16 KB of shared memory: compiled for sm_90 with Triton 3.6 at rank 64 (Llama-3-8B
+# shapes, query rows padded to 8) 68736 instead of 85120 bytes and 154 instead of 164 registers, so three blocks fit
+# a multiprocessor instead of two, and 382 instead of 401 loop instructions. On an H200 at 64K tokens, with the split
+# rule's programs per multiprocessor at the blocks that fit (resident_blocks): 306.0-307.6 against 331.7-331.9 us
+# (Llama-3-8B shapes, batch 8), 157.6-157.7 against 170.6-172.3 us (Llama-2-7B, batch 1), 50.6-50.8 against
+# 50.7-51.0 us (Llama-3-8B, batch 1); at rank 80 (two blocks either way) 0.93-0.97x the time
+# (bench/results/gpu_kernels_gluon_tables.md).
+TABLE_STAGES = 1
+
+# shared memory per multiprocessor of compute capability 9.0 (CUDA programming guide), and the kernel's warps
+SMEM_PER_SM = 233472
+WARPS = 4
+
+
+def blocks_per_sm(registers: int, shared: int, warps: int = WARPS, smem_per_sm: int = SMEM_PER_SM) -> int:
+    """Blocks of ``warps`` warps that fit one multiprocessor: 64K registers (allocated per warp in units of 256),
+    ``smem_per_sm`` bytes of shared memory with 1 KB reserved per block, at most 64 warps."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps) if registers else 64
+    by_smem = smem_per_sm // (shared + 1024) if shared else 64
+    return max(1, min(by_regs, by_smem, 64 // warps))
+
+
 def query_rows(nrep: int, narrow: bool | None = None) -> int:
     """The query-row padding ``M`` of the kernel for ``nrep`` query heads per KV head: 8 with ``narrow`` (default
     :data:`NARROW_ROWS`) where they fit, else :data:`ROWS`."""
@@ -311,7 +336,7 @@ if gluon is not None:
                            M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
                            ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False,
                            RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64,
-                           LAZY: gl.constexpr = False):
+                           LAZY: gl.constexpr = False, TABLE_STAGES: gl.constexpr = 2):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
@@ -323,6 +348,8 @@ if gluon is not None:
         # second product of the rebuild), values one of R channels (wgmma's M is 64: a second P @ V product).
         # RV_P: the accumulator rows' stride in ACC (triton_latent's RV_P: the value rank's power of two, >= 16).
         # LAZY: the softmax maximum a tile late (see LAZY_MAX).
+        # TABLE_STAGES: 2, each tile's table rows copied with its key latents, two tiles ahead; 1, into one stage,
+        # a tile ahead, once the tile before was rotated (see TABLE_STAGES).
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -331,7 +358,8 @@ if gluon is not None:
         tile_sl: gl.constexpr = TILE_SL
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, M], gl.float16)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HALF], gl.float16)
-        NT: gl.constexpr = 1 if REL else 2  # stages of table rows
+        T1: gl.constexpr = TABLE_STAGES == 1 and not REL  # table rows copied a tile ahead, apart from the latents
+        NT: gl.constexpr = 1 if REL or T1 else 2  # stages of table rows
         NQ: gl.constexpr = 2 if REL else 1  # buffers of query rows
         KT: gl.constexpr = 0 if RANK_K <= R else (16 if RANK_K <= R + 16 else (32 if RANK_K <= R + 32 else R))
         VT: gl.constexpr = 0 if RANK_V <= R else R
@@ -385,13 +413,14 @@ if gluon is not None:
         fence_async_shared()
         _barrier()
 
-        # copy groups, in order: K0, K1, V0, then per iteration it: K(it + 2), V(it + 1)
+        # copy groups, in order: K0, K1, V0, then per iteration it: K(it + 2), V(it + 1); with T1, K0 takes tile 0's
+        # table rows and each iteration starts with T(it + 1), the next tile's
         if REL:  # the offset rows 0 .. BLOCK - 1 (those past qpos zero-filled), with K0
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, 0, qpos + 1, 0, R, HALF, BLOCK, blk, COMMIT=False,
                        LATENTS=False)
         for i in gl.static_range(2):
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + i * BLOCK, end, i, R, HALF, BLOCK, blk,
-                       COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K)
+                       COMMIT=KT == 0, TABLES=not REL and (i == 0 or not T1), RANK=RANK_K)
             if KT > 0:
                 copy_rows(lat_t.index(i), CK, base_k, sck_p, start + i * BLOCK, end, R, KT, RANK_K, BLOCK, kt_blk)
                 async_copy.commit_group()
@@ -418,8 +447,11 @@ if gluon is not None:
         for it in range(0, gl.cdiv(gl.maximum(end - start, 0), BLOCK)):
             st = it % 2
             nx = (it + 1) % 2
+            if T1:  # the next tile's table rows, into the stage whose rows the last tile's RoPE read
+                issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + (it + 1) * BLOCK, end, 0, R, HALF,
+                           BLOCK, blk, LATENTS=False)
             issue_keys(CK, sck_p, COS, SIN, lat_s, c_s, s_s, base_k, start + (it + 2) * BLOCK, end, st, R, HALF,
-                       BLOCK, blk, COMMIT=KT == 0, TABLES=not REL, RANK=RANK_K)
+                       BLOCK, blk, COMMIT=KT == 0, TABLES=not REL and not T1, RANK=RANK_K)
             if KT > 0:
                 copy_rows(lat_t.index(st), CK, base_k, sck_p, start + (it + 2) * BLOCK, end, R, KT, RANK_K, BLOCK,
                           kt_blk)
@@ -436,7 +468,7 @@ if gluon is not None:
                 qc, qs = table_row(COS, SIN, gl.maximum(qpos - start - (it + 2) * BLOCK, 0), HALF, blk)
                 q1_s.index(nx).store(q_a)
                 q2_s.index(nx).store(q_b)
-            async_copy.wait_group(3)  # K(it + 1); V(it), K(it + 2), V(it + 1) may be in flight
+            async_copy.wait_group(4 if T1 else 3)  # K(it + 1); V(it), (T(it + 1),) K(it + 2), V(it + 1) in flight
             fence_async_shared()
             _barrier()
             k1_tok = warpgroup_mma(lat_s.index(nx), u1_s, zk, use_acc=False, is_async=True)
@@ -458,7 +490,7 @@ if gluon is not None:
                 if VT > 0:
                     acc_t = acc_t * alpha[None, :]
             p_s.store(p.to(gl.float16))
-            async_copy.wait_group(2)  # V(it)
+            async_copy.wait_group(2)  # V(it) (and T(it + 1))
             fence_async_shared()
             _barrier()
             if LAZY:  # the tile's maximum from the four warps' (after the barrier the products need anyway)
@@ -524,25 +556,57 @@ def preferred(rk: int, rv: int) -> bool:
     return rk in DEFAULT_RANKS and rv in DEFAULT_RANKS
 
 
+def _launch(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int, num_splits: int,
+            split_len: int, qk_scale: float, rope16: bool = True, narrow: bool | None = None, rel: bool | None = None,
+            maxnreg: int | None = None, lazy: bool | None = None, table_stages: int | None = None):
+    """The grid, run-time arguments and constants of :func:`_latent_attn_gluon` for :func:`decode_partials`."""
+    B = q.shape[0]
+    rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
+    ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
+    cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
+    args = (q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
+            cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv)
+    kw = dict(HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
+              REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv),
+              LAZY=LAZY_MAX if lazy is None else lazy, TABLE_STAGES=table_stages or TABLE_STAGES, num_warps=WARPS,
+              **({"maxnreg": maxnreg} if maxnreg else {}))
+    return (B * num_kv_heads, 1, num_splits), args, kw
+
+
+# resident blocks per multiprocessor of the kernels compiled in this process, by their constants and device
+_resident: dict[tuple, int] = {}
+
+
+def resident_blocks(q, cache_k, cache_v, k_up, cos, sin, past, **opts) -> int:
+    """How many blocks of the kernel that :func:`decode_partials` runs with these arguments fit one multiprocessor:
+    it is compiled (not launched) and its registers and shared memory read. The split rule aims at that many
+    programs per multiprocessor (one wave): the kernel is latency-bound, so a third resident block pays where it
+    fits."""
+    f32 = torch.empty(1, dtype=torch.float32, device=q.device)
+    # two splits: Triton compiles integer arguments equal to 1 as constants, which decode steps' are not
+    grid, args, kw = _launch(q, cache_k, cache_v, k_up, cos, sin, past, f32, f32, f32, num_splits=2,
+                             split_len=BLOCK_N, **opts)
+    key = (q.device.index, tuple(sorted(kw.items())))
+    if key not in _resident:
+        k = _latent_attn_gluon.warmup(*args, grid=grid, **kw)
+        k._init_handles()
+        smem = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_multiprocessor", SMEM_PER_SM)
+        _resident[key] = blocks_per_sm(k.n_regs, k.metadata.shared, WARPS, smem)
+    return _resident[key]
+
+
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
                     narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None,
-                    lazy: bool | None = None) -> None:
+                    lazy: bool | None = None, table_stages: int | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, RV_P)]``, the
     layout of ``triton_latent._combine``; ``RV_P`` 64 for value ranks up to 64, else 128). ``q`` [B, 1, Hq * D];
     caches [B, P, Hkv * rank] with unit stride last; ``k_up`` [Hkv, rk, D]; ``split_len`` a multiple of
     :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison); ``narrow``: query rows padded
     to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`);
     ``maxnreg``: a register cap per thread (none by default); ``lazy``: the softmax maximum a tile late (default
-    :data:`LAZY_MAX`)."""
-    B = q.shape[0]
-    rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
-    ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
-    cv_b, cv_p = cache_v.stride(0), cache_v.stride(1)
-    _latent_attn_gluon[(B * num_kv_heads, 1, num_splits)](
-        q, q.stride(0), q.stride(1), cache_k, ck_b, ck_p, cache_k, ck_b, ck_p, cache_v, cv_b, cv_p, cache_v, cv_b,
-        cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv,
-        HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
-        REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv),
-        LAZY=LAZY_MAX if lazy is None else lazy, num_warps=4,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+    :data:`LAZY_MAX`); ``table_stages``: 1 or 2 (default :data:`TABLE_STAGES`)."""
+    grid, args, kw = _launch(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, num_kv_heads=num_kv_heads,
+                             nrep=nrep, num_splits=num_splits, split_len=split_len, qk_scale=qk_scale, rope16=rope16,
+                             narrow=narrow, rel=rel, maxnreg=maxnreg, lazy=lazy, table_stages=table_stages)
+    _latent_attn_gluon[grid](*args, **kw)

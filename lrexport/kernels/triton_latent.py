@@ -540,12 +540,24 @@ if triton is not None:
                     else:
                         ze = (lo + (span * (a + 0.0)) * INV_DENOM).to(tl.float16)
                     tq = tl.math.div_rn(x - ze.to(tl.float32), sc.to(tl.float32))
-                    cq = _round_half_even(tq, INTERP)
+                    if INTERP:  # _round_half_even inline: the interpreter takes milliseconds per jitted call
+                        cq = (tq + 12582912.0) - 12582912.0
+                    else:
+                        cq = _round_half_even(tq, INTERP)
                     cq = tl.where(cq != cq, 0.0, cq)
                     cq = tl.minimum(tl.maximum(cq, 0.0), LEVELS)
                     d = cq.to(tl.float64) - tq.to(tl.float64)
                     s64 = sc.to(tl.float32).to(tl.float64)
-                    err = _halving_sum(d * d, QG, QG_LOG2) * (s64 * s64)
+                    if INTERP:  # the same sums by tl.split: the interpreter runs each tl.sum's combine function
+                        # as a call of a jitted function, 1024 per program here
+                        d2 = d * d
+                        for h in tl.static_range(QG_LOG2 - 1):
+                            lo_h, hi_h = tl.split(tl.permute(tl.reshape(d2, (2, QG >> (h + 1))), (1, 0)))
+                            d2 = lo_h + hi_h
+                        lo_h, hi_h = tl.split(d2)
+                        err = (lo_h + hi_h) * (s64 * s64)
+                    else:
+                        err = _halving_sum(d * d, QG, QG_LOG2) * (s64 * s64)
                     if a == 0 and bb == 0:
                         best = err
                     else:
@@ -765,14 +777,36 @@ def split_plan(*, S: int, batch: int, num_kv_heads: int, kv_max: int, block_n: i
     """(splits, positions per split) of the cached positions: flash-decoding for decode.
 
     Decode aims at no more than ``waves`` programs per multiprocessor (at least one split per row) with splits of
-    at least ``min_split`` positions; prefill does not split. The C++ launcher of the ahead-of-time
-    kernels (``plan_triton`` in custom_ops/src/cuda/lowrank_kv_attention.cu) computes the same.
+    at least ``min_split`` positions, unless that leaves its waves of ``waves * num_sms`` programs less than 3/4
+    full: then the splits (up to four waves' worth) that fill them best (:func:`fill_waves`). Prefill does not
+    split. The C++ launcher of the ahead-of-time kernels (``plan_triton`` in
+    custom_ops/src/cuda/lowrank_kv_attention.cu) computes the same.
     """
-    if num_splits is None:
-        num_splits = (max(1, min(waves * num_sms // (batch * num_kv_heads), _cdiv(kv_max, min_split)))
-                      if S == 1 else 1)
+    if num_splits is None and S == 1:
+        rows, slots, cap = batch * num_kv_heads, waves * num_sms, _cdiv(kv_max, min_split)
+        num_splits = fill_waves(rows, slots, cap, max(1, min(slots // rows, cap)))
+    elif num_splits is None:
+        num_splits = 1
     split_len = _cdiv(_cdiv(kv_max, num_splits), block_n) * block_n
     return _cdiv(kv_max, split_len), split_len
+
+
+def fill_waves(rows: int, slots: int, cap: int, splits: int) -> int:
+    """``splits`` per row, or where ``rows * splits`` programs leave their waves of ``slots`` less than 3/4 full,
+    the splits up to ``cap`` and four waves' worth that fill them best (the fewest of equals). On an H200 the Gluon
+    kernel at rank 64 with Llama-2-7B shapes (256 rows, three resident blocks: 396 slots) took 1208.6-1209.7 us at
+    batch 8 and 64K tokens with three splits (two waves, 97% full) against 1253.3-1256.2 with one (65% full)
+    (bench/results/gpu_kernels_gluon_tables.md)."""
+    def waves(n: int) -> int:
+        return _cdiv(rows * n, slots)
+
+    if 4 * rows * splits >= 3 * waves(splits) * slots:
+        return splits
+    best = splits
+    for n in range(splits + 1, min(cap, 4 * slots // rows) + 1):
+        if n * waves(best) > best * waves(n):
+            best = n
+    return best
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -875,7 +909,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             row_splits: bool = False, split_ranks: str = SPLIT_RANKS,
             stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None,
             gluon: bool | None = None, gluon_narrow: bool | None = None,
-            gluon_rel: bool | None = None, gluon_lazy: bool | None = None) -> torch.Tensor:
+            gluon_rel: bool | None = None, gluon_lazy: bool | None = None,
+            gluon_table_stages: int | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -883,7 +918,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     each row divides its own length among them in the kernel (as the ahead-of-time kernels of
     ``LowRankKVAttentionDeviceLen`` do).
     Kernel settings: ``block_n`` positions per tile, ``num_warps``, ``num_stages``,
-    ``num_splits`` (or ``waves`` programs per multiprocessor, None: :func:`decode_waves`, and splits of at least
+    ``num_splits`` (or ``waves`` programs per multiprocessor, None: :func:`decode_waves`, or for the Gluon kernel
+    the blocks of it that fit a multiprocessor, :func:`gluon_latent.resident_blocks`; and splits of at least
     ``min_split`` positions), ``hoist`` (keep ``k_up`` on
     chip), ``vector_unpack`` (False: per-channel code gathers, for testing),
     ``cuda_core_scores`` (decode with at most 8 query rows per KV head: scores and ``P @ V`` as
@@ -902,7 +938,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     above then do not apply, except ``num_splits`` / ``waves`` / ``min_split``; ``gluon_narrow``: its query rows
     padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`); ``gluon_rel``: its
     RoPE by relative position (None: :data:`gluon_latent.RELATIVE_ROPE`; only for tables of rotary embeddings);
-    ``gluon_lazy``: its softmax maximum a tile late (None: :data:`gluon_latent.LAZY_MAX`).
+    ``gluon_lazy``: its softmax maximum a tile late (None: :data:`gluon_latent.LAZY_MAX`); ``gluon_table_stages``:
+    its stages of table rows (None: :data:`gluon_latent.TABLE_STAGES`).
     ``maxnreg`` applies to the Gluon kernel too when given (none by default).
     """
     global last_kernel
@@ -935,6 +972,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     block_n, block_t = cfg["BLOCK_N"], cfg["BLOCK_T"]
     rv_p = cfg["RV_P"]
     n_tblocks = triton.cdiv(S, block_t)
+    splits_arg = num_splits
     num_splits, split_len = split_plan(S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
                                        num_sms=_num_sms(dev), num_splits=num_splits,
                                        waves=decode_waves(group_size, bits) if waves is None else waves,
@@ -960,15 +998,21 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                              "no k_bias or window, on compute capability 9.0")
         ok = ok and (gluon or gluon_latent.preferred(rk, rv))
         if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
-            if num_splits == 1:  # the Gluon kernel always writes partials
-                acc = torch.empty(B * num_heads * rv_p, dtype=torch.float32, device=dev)
-                mx = torch.empty(B * num_heads, dtype=torch.float32, device=dev)
-                sm = torch.empty_like(mx)
+            opts = dict(num_kv_heads=num_kv_heads, nrep=nrep, qk_scale=scale * LOG2E, narrow=gluon_narrow,
+                        rel=gluon_rel, maxnreg=maxnreg, lazy=gluon_lazy, table_stages=gluon_table_stages)
             try:
-                gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm,
-                                             num_kv_heads=num_kv_heads, nrep=nrep, num_splits=num_splits,
-                                             split_len=split_len, qk_scale=scale * LOG2E, narrow=gluon_narrow,
-                                             rel=gluon_rel, maxnreg=maxnreg, lazy=gluon_lazy)
+                g_splits, g_len = num_splits, split_len
+                if waves is None and splits_arg is None:  # as many programs per multiprocessor as fit at once
+                    g_splits, g_len = split_plan(
+                        S=S, batch=B, num_kv_heads=num_kv_heads, kv_max=kv_max, block_n=block_n,
+                        num_sms=_num_sms(dev), min_split=min_split,
+                        waves=gluon_latent.resident_blocks(q, cache_k, cache_v, k_up, cos, sin, past, **opts))
+                # the Gluon kernel always writes partials
+                g_acc = torch.empty(B * num_heads * g_splits * rv_p, dtype=torch.float32, device=dev)
+                g_mx = torch.empty(B * num_heads * g_splits, dtype=torch.float32, device=dev)
+                g_sm = torch.empty_like(g_mx)
+                gluon_latent.decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, g_acc, g_mx, g_sm,
+                                             num_splits=g_splits, split_len=g_len, **opts)
             except Exception as e:  # noqa: BLE001 - an experimental Triton API: a version it does not build on
                 if gluon:
                     raise
@@ -976,8 +1020,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                 ok = False
         if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
             last_kernel = "gluon"
-            nsplit_p = max(2, _next_pow2(num_splits))
-            _combine[(B * num_heads,)](acc, mx, sm, out, num_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
+            nsplit_p = max(2, _next_pow2(g_splits))
+            _combine[(B * num_heads,)](g_acc, g_mx, g_sm, out, g_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
                                        num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
             return _values_up(out, v_up_GrE, G, rv, group_size, D, nrep) if v_up_GrE is not None else out
 

@@ -741,6 +741,18 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream,
   return "";
 }
 
+// Splits per row for `rows` rows and `slots` resident programs (waves x multiprocessors): `ns`, or where
+// rows * ns programs leave their waves less than 3/4 full, the splits up to `cap` and four waves' worth that
+// fill them best (the fewest of equals). As lrexport.kernels.triton_latent.fill_waves.
+int64_t fill_waves(int64_t rows, int64_t slots, int64_t cap, int64_t ns) {
+  auto waves = [&](int64_t n) { return (rows * n + slots - 1) / slots; };
+  if (4 * rows * ns >= 3 * waves(ns) * slots) return ns;
+  int64_t best = ns;
+  for (int64_t n = ns + 1; n <= std::min(cap, 4 * slots / rows); ++n)
+    if (n * waves(best) > best * waves(n)) best = n;
+  return best;
+}
+
 // The Triton decode kernel for this call, when its compiled assumptions hold: one new token per
 // row, float16, int32 arguments, 16-byte aligned tensors and the integer arguments it was compiled
 // as multiples of 16 for (TritonDecode::d16). Splits as lrexport.kernels.triton_latent.split_plan.
@@ -749,8 +761,8 @@ std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t
   if (p.S != 1) return "more than one new token per row (prefill)";
   if (!p.f16) return "float32 activations";
   const int64_t programs = p.B * p.Hkv;
-  int64_t ns = std::max<int64_t>(1, std::min(t.waves * static_cast<int64_t>(sms) / programs,
-                                             (kv_max + t.min_split - 1) / t.min_split));
+  const int64_t slots = t.waves * static_cast<int64_t>(sms), cap = (kv_max + t.min_split - 1) / t.min_split;
+  int64_t ns = fill_waves(programs, slots, cap, std::max<int64_t>(1, std::min(slots / programs, cap)));
   const int64_t split_len = ((kv_max + ns - 1) / ns + t.block_n - 1) / t.block_n * t.block_n;
   ns = (kv_max + split_len - 1) / split_len;
   int64_t ints[kTritonInts];
