@@ -21,7 +21,7 @@ demo: setup custom-ops
 	$(BIN)/lrexport demo
 
 test: setup custom-ops
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
