@@ -346,6 +346,10 @@ GLUON_LAZY_AB_CONFIGS = [dict(gluon=True, gluon_lazy=lazy, rep=i) for i in range
 GLUON_TABLES_CONFIGS = [dict(gluon=True, gluon_table_stages=t, waves=w, rep=i) for i in range(2)
                         for t, w in ((2, 2), (1, 2), (1, 3), (2, 4), (1, 6))]
 
+# the Gluon kernel with the caches' position strides compiled in (gluon_latent.CONST_STRIDES) or passed at run
+# time, alternated twice
+GLUON_STRIDES_CONFIGS = [dict(gluon=True, gluon_const_strides=c, rep=i) for i in range(2) for c in (True, False)]
+
 # the Gluon kernel's number of splits: the split rule's (None) against whole waves of resident blocks
 GLUON_SPLIT_CONFIGS = [dict(gluon=True, gluon_narrow=True)] + [dict(gluon=True, gluon_narrow=True, num_splits=n)
                                                                for n in (4, 8, 16, 32)]
@@ -365,6 +369,7 @@ GRIDS = {"full": CONFIGS, "small": SMALL_CONFIGS, "splits": SPLIT_CONFIGS, "occu
          "rank80": RANK80_CONFIGS, "glrd_warps": GLRD_WARPS_CONFIGS, "gluon": GLUON_CONFIGS,
          "gluon_rel": GLUON_REL_CONFIGS, "gluon_lazy": GLUON_LAZY_CONFIGS,
          "gluon_lazy_ab": GLUON_LAZY_AB_CONFIGS, "gluon_tables": GLUON_TABLES_CONFIGS,
+         "gluon_strides": GLUON_STRIDES_CONFIGS,
          "gluon_splits": GLUON_SPLIT_CONFIGS, "waves": WAVES_CONFIGS,
          "default": DEFAULT_CONFIGS}
 

@@ -551,6 +551,34 @@ def test_gluon_resident_blocks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("const", [True, False], ids=["const-strides", "runtime-strides"])
+def test_gluon_decode_strided_caches(const):
+    """The Gluon decode kernel on caches that are views into wider buffers (position strides 48 elements past their
+    widths), with the strides compiled in as constants (the default; each distinct stride its own kernel) or passed
+    at run time, against the float64 reference on fresh random inputs. Tolerance as
+    test_gluon_decode_matches_reference."""
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    c = make_case(B=3, S=1, Hq=32, Hkv=8, gs=1, D=128, rk=64, rv=80, P=2600, past=(2500, 37, 1473), bias=False,
+                  seed=seed)
+    ref = reference(c)
+    h = {k: (v.to(DEVICE, torch.float16) if torch.is_tensor(v) and v.dtype == torch.float64 else v)
+         for k, v in c.items()}
+
+    def wide(x):  # the same values in a buffer 48 elements wider per position
+        buf = torch.full((x.shape[0], x.shape[1], x.shape[2] + 48), float("nan"), dtype=x.dtype, device=x.device)
+        buf[..., :x.shape[2]] = x
+        return buf[..., :x.shape[2]]
+
+    ck, cv = wide(h["ck"]), wide(h["cv"])
+    assert ck.stride(1) == ck.shape[2] + 48 and not ck.is_contiguous()
+    got = tlk.latent_attention_(h["q"], h["lk"], h["lv"], ck, None, cv, None, c["past"].to(DEVICE), h["k_up"], None,
+                                None, h["cos"], h["sin"], 32, 8, 1, 0, 128 ** -0.5, 0, 0, num_splits=3, gluon=True,
+                                gluon_const_strides=const).cpu()
+    assert tlk.last_kernel == "gluon"
+    assert rel_err(got, ref[0]) < 5e-3, f"seed {seed}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _gluon_ready(), reason="the Gluon kernel needs an sm_90 GPU")
 @pytest.mark.parametrize("tables", [1, 2], ids=["tables1", "tables2"])
 @pytest.mark.parametrize("rk,rv", [(80, 80), (48, 48), (128, 128), (80, 64), (64, 96), (32, 16)])
 def test_gluon_decode_other_ranks(rk, rv, tables):

@@ -320,7 +320,8 @@ def _compile_gluon(spec: DecodeSpec, arch: int, tuning: Tuning) -> CompiledDecod
     const = dict(HKV=spec.num_kv_heads, D=glk.HEAD_DIM, R=glk.RANK, NREP=nrep,
                  M=glk.query_rows(nrep, tuning.gluon_narrow), BLOCK=glk.BLOCK_N, ROPE16=True,
                  ROW_SPLITS=spec.row_splits, REL=tuning.gluon_rel, RANK_K=spec.rk, RANK_V=spec.rv, RV_P=rv_p,
-                 LAZY=tuning.gluon_lazy, TABLE_STAGES=tuning.gluon_tables or glk.TABLE_STAGES)
+                 LAZY=tuning.gluon_lazy, TABLE_STAGES=tuning.gluon_tables or glk.TABLE_STAGES,
+                 SCK_P=spec.k_width if glk.CONST_STRIDES else 0, SCV_P=spec.v_width if glk.CONST_STRIDES else 0)
     args = [n for n in fn.arg_names if n not in const]
     if tuple(args) != ABI_ARGS:
         raise RuntimeError(f"gluon_latent._latent_attn_gluon's run-time arguments ({args}) are not the launcher's "

@@ -106,6 +106,10 @@ LAZY_LIMIT = gl.constexpr(15.0) if gluon is not None else 15.0
 # (bench/results/gpu_kernels_gluon_tables.md).
 TABLE_STAGES = 1
 
+# the caches' position strides compiled in as constants (each model's caches have one layout), so that the rows of a
+# tile's copies are constant offsets from one address instead of a 64-bit multiply-add each
+CONST_STRIDES = True
+
 # shared memory per multiprocessor of compute capability 9.0 (CUDA programming guide), and the kernel's warps
 SMEM_PER_SM = 233472
 WARPS = 4
@@ -336,7 +340,8 @@ if gluon is not None:
                            M: gl.constexpr, BLOCK: gl.constexpr, ROPE16: gl.constexpr,
                            ROW_SPLITS: gl.constexpr = False, REL: gl.constexpr = False,
                            RANK_K: gl.constexpr = 64, RANK_V: gl.constexpr = 64, RV_P: gl.constexpr = 64,
-                           LAZY: gl.constexpr = False, TABLE_STAGES: gl.constexpr = 2):
+                           LAZY: gl.constexpr = False, TABLE_STAGES: gl.constexpr = 2, SCK_P: gl.constexpr = 0,
+                           SCV_P: gl.constexpr = 0):
         # the run-time arguments of triton_latent._latent_attn_fwd (aot.ABI_ARGS), so that the ONNX Runtime
         # library's launcher of the ahead-of-time kernels launches this one as it is; the packed-latent parameters
         # (PK, PV and their strides), KBIAS, OUT and its strides, sq_s, RK and RV are not read (this kernel's
@@ -350,6 +355,12 @@ if gluon is not None:
         # LAZY: the softmax maximum a tile late (see LAZY_MAX).
         # TABLE_STAGES: 2, each tile's table rows copied with its key latents, two tiles ahead; 1, into one stage,
         # a tile ahead, once the tile before was rotated (see TABLE_STAGES).
+        # SCK_P, SCV_P: the caches' position strides as constants (0: the run-time sck_p, scv_p), so that each
+        # tile's rows are constant offsets from one address (see CONST_STRIDES).
+        if SCK_P > 0:
+            sck_p = SCK_P
+        if SCV_P > 0:
+            scv_p = SCV_P
         HALF: gl.constexpr = D // 2
         blk: gl.constexpr = BLK
         mma_k: gl.constexpr = MMA_K
@@ -558,8 +569,10 @@ def preferred(rk: int, rv: int) -> bool:
 
 def _launch(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int, num_splits: int,
             split_len: int, qk_scale: float, rope16: bool = True, narrow: bool | None = None, rel: bool | None = None,
-            maxnreg: int | None = None, lazy: bool | None = None, table_stages: int | None = None):
+            maxnreg: int | None = None, lazy: bool | None = None, table_stages: int | None = None,
+            const_strides: bool | None = None):
     """The grid, run-time arguments and constants of :func:`_latent_attn_gluon` for :func:`decode_partials`."""
+    const = CONST_STRIDES if const_strides is None else const_strides
     B = q.shape[0]
     rk, rv = k_up.shape[1], cache_v.shape[-1] // num_kv_heads
     ck_b, ck_p = cache_k.stride(0), cache_k.stride(1)
@@ -568,7 +581,8 @@ def _launch(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_he
             cv_p, k_up, k_up, cos, sin, past, q, 0, 0, acc, mx, sm, split_len, num_splits, qk_scale, rk, rv)
     kw = dict(HKV=num_kv_heads, D=HEAD_DIM, R=RANK, NREP=nrep, M=query_rows(nrep, narrow), BLOCK=BLOCK_N, ROPE16=rope16,
               REL=RELATIVE_ROPE if rel is None else rel, RANK_K=rk, RANK_V=rv, RV_P=acc_rows(rv),
-              LAZY=LAZY_MAX if lazy is None else lazy, TABLE_STAGES=table_stages or TABLE_STAGES, num_warps=WARPS,
+              LAZY=LAZY_MAX if lazy is None else lazy, TABLE_STAGES=table_stages or TABLE_STAGES,
+              SCK_P=ck_p if const else 0, SCV_P=cv_p if const else 0, num_warps=WARPS,
               **({"maxnreg": maxnreg} if maxnreg else {}))
     return (B * num_kv_heads, 1, num_splits), args, kw
 
@@ -598,15 +612,18 @@ def resident_blocks(q, cache_k, cache_v, k_up, cos, sin, past, **opts) -> int:
 def decode_partials(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, *, num_kv_heads: int, nrep: int,
                     num_splits: int, split_len: int, qk_scale: float, rope16: bool = True,
                     narrow: bool | None = None, rel: bool | None = None, maxnreg: int | None = None,
-                    lazy: bool | None = None, table_stages: int | None = None) -> None:
+                    lazy: bool | None = None, table_stages: int | None = None,
+                    const_strides: bool | None = None) -> None:
     """Per-split partials of one decode step into ``acc`` / ``mx`` / ``sm`` (``[B, Hq, splits(, RV_P)]``, the
     layout of ``triton_latent._combine``; ``RV_P`` 64 for value ranks up to 64, else 128). ``q`` [B, 1, Hq * D];
     caches [B, P, Hkv * rank] with unit stride last; ``k_up`` [Hkv, rk, D]; ``split_len`` a multiple of
     :data:`BLOCK_N`. ``rope16=False``: the keys' RoPE in float32 (for comparison); ``narrow``: query rows padded
     to 8 (see :func:`query_rows`); ``rel``: RoPE by relative position (default :data:`RELATIVE_ROPE`);
     ``maxnreg``: a register cap per thread (none by default); ``lazy``: the softmax maximum a tile late (default
-    :data:`LAZY_MAX`); ``table_stages``: 1 or 2 (default :data:`TABLE_STAGES`)."""
+    :data:`LAZY_MAX`); ``table_stages``: 1 or 2 (default :data:`TABLE_STAGES`); ``const_strides``: the caches'
+    position strides compiled in (default :data:`CONST_STRIDES`)."""
     grid, args, kw = _launch(q, cache_k, cache_v, k_up, cos, sin, past, acc, mx, sm, num_kv_heads=num_kv_heads,
                              nrep=nrep, num_splits=num_splits, split_len=split_len, qk_scale=qk_scale, rope16=rope16,
-                             narrow=narrow, rel=rel, maxnreg=maxnreg, lazy=lazy, table_stages=table_stages)
+                             narrow=narrow, rel=rel, maxnreg=maxnreg, lazy=lazy, table_stages=table_stages,
+                             const_strides=const_strides)
     _latent_attn_gluon[grid](*args, **kw)

@@ -910,7 +910,7 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             stage_tables: bool = DECODE_STAGE_TABLES, rank_chunk: int | None = None,
             gluon: bool | None = None, gluon_narrow: bool | None = None,
             gluon_rel: bool | None = None, gluon_lazy: bool | None = None,
-            gluon_table_stages: int | None = None) -> torch.Tensor:
+            gluon_table_stages: int | None = None, gluon_const_strides: bool | None = None) -> torch.Tensor:
     """Attention of the new tokens over caches that already hold them (no checks, no cache writes).
 
     ``kv_max`` (the longest row's ``past_len + S``) saves a device-to-host read when given.
@@ -939,7 +939,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
     padded to 8 (:func:`gluon_latent.query_rows`; None: :data:`gluon_latent.NARROW_ROWS`); ``gluon_rel``: its
     RoPE by relative position (None: :data:`gluon_latent.RELATIVE_ROPE`; only for tables of rotary embeddings);
     ``gluon_lazy``: its softmax maximum a tile late (None: :data:`gluon_latent.LAZY_MAX`); ``gluon_table_stages``:
-    its stages of table rows (None: :data:`gluon_latent.TABLE_STAGES`).
+    its stages of table rows (None: :data:`gluon_latent.TABLE_STAGES`); ``gluon_const_strides``: the caches' strides
+    compiled in (None: :data:`gluon_latent.CONST_STRIDES`).
     ``maxnreg`` applies to the Gluon kernel too when given (none by default).
     """
     global last_kernel
@@ -999,7 +1000,8 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
         ok = ok and (gluon or gluon_latent.preferred(rk, rv))
         if ok and (gluon or (DECODE_GLUON and gluon_latent.failure is None)):
             opts = dict(num_kv_heads=num_kv_heads, nrep=nrep, qk_scale=scale * LOG2E, narrow=gluon_narrow,
-                        rel=gluon_rel, maxnreg=maxnreg, lazy=gluon_lazy, table_stages=gluon_table_stages)
+                        rel=gluon_rel, maxnreg=maxnreg, lazy=gluon_lazy, table_stages=gluon_table_stages,
+                        const_strides=gluon_const_strides)
             try:
                 g_splits, g_len = num_splits, split_len
                 if waves is None and splits_arg is None:  # as many programs per multiprocessor as fit at once
