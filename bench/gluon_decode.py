@@ -164,12 +164,13 @@ def compile_report(arch: int = 90) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     tile = dict(HKV=8, D=128, R=64, NREP=4, M=16)
+    rings = dict(TABLE_STAGES=2, SCK_P=0, SCV_P=0)  # the two rings as they were first: table rows with the keys
     forms = {"sync": (_gl_decode, dict(tile, BLOCK_N=64, NS=3, OVERLAP=False)),
              "overlap": (_gl_decode, dict(tile, BLOCK_N=64, NS=3, OVERLAP=True)),
              "rings": (glk._latent_attn_gluon, dict(tile, BLOCK=64, ROPE16=False, ROW_SPLITS=False, REL=False,
-                                                       RANK_K=64, RANK_V=64, RV_P=64, LAZY=False)),
+                                                       RANK_K=64, RANK_V=64, RV_P=64, LAZY=False, **rings)),
              "rings16": (glk._latent_attn_gluon, dict(tile, BLOCK=64, ROPE16=True, ROW_SPLITS=False, REL=False,
-                                                         RANK_K=64, RANK_V=64, RV_P=64, LAZY=False))}
+                                                         RANK_K=64, RANK_V=64, RV_P=64, LAZY=False, **rings))}
     out = {}
     for name, (fn, const) in forms.items():
         pointers = {n: "*fp16" for n in ("Q", "CK", "CV", "KUP", "COS", "SIN", "PK", "PV", "KBIAS", "OUT")}
