@@ -110,7 +110,7 @@ TABLE_STAGES = 1
 # tile's copies are constant offsets from one address instead of a 64-bit multiply-add each. Compiled for sm_90 with
 # Triton 3.6: 338 instead of 382 loop instructions at rank 64 (Llama-3-8B shapes), 443 instead of 483 at rank 80. On
 # an H200 at 64K tokens: 290.4-291.4 against 303.7-304.3 us (Llama-3-8B shapes, batch 8), 1155.8-1155.9 against
-# 1193.2-1194.4 us (Llama-2-7B, batch 8); within 2% either way at batch 1 and at rank 80 elsewhere
+# 1193.2-1194.4 us (Llama-2-7B, batch 8); within 2.5% either way at batch 1 and at rank 80
 # (bench/results/gpu_kernels_gluon_strides.md).
 CONST_STRIDES = True
 
