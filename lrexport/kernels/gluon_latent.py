@@ -600,12 +600,14 @@ def resident_blocks(q, cache_k, cache_v, k_up, cos, sin, past, **opts) -> int:
     it is compiled (not launched) and its registers and shared memory read. The split rule aims at that many
     programs per multiprocessor (one wave): the kernel is latency-bound, so a third resident block pays where it
     fits."""
-    f32 = torch.empty(1, dtype=torch.float32, device=q.device)
-    # two splits: Triton compiles integer arguments equal to 1 as constants, which decode steps' are not
-    grid, args, kw = _launch(q, cache_k, cache_v, k_up, cos, sin, past, f32, f32, f32, num_splits=2,
-                             split_len=BLOCK_N, **opts)
-    key = (q.device.index, tuple(sorted(kw.items())))
+    # what the kernel's constants depend on (looked up every decode step: nothing is allocated or built for a hit)
+    key = (q.device.index, k_up.shape[1], cache_v.shape[-1], cache_k.stride(1), cache_v.stride(1),
+           tuple(sorted(opts.items())))
     if key not in _resident:
+        f32 = torch.empty(1, dtype=torch.float32, device=q.device)
+        # two splits: Triton compiles integer arguments equal to 1 as constants, which decode steps' are not
+        grid, args, kw = _launch(q, cache_k, cache_v, k_up, cos, sin, past, f32, f32, f32, num_splits=2,
+                                 split_len=BLOCK_N, **opts)
         k = _latent_attn_gluon.warmup(*args, grid=grid, **kw)
         k._init_handles()
         smem = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_multiprocessor", SMEM_PER_SM)
