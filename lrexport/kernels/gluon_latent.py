@@ -9,11 +9,16 @@ the RoPE arithmetic, the scores, the softmax and ``P @ V`` of a tile run one aft
 3. issues ``P @ V`` of tile ``i`` and RoPEs tile ``i + 1``'s keys while it runs (waiting for the rebuild only);
 4. waits for ``P @ V`` before the next tile rescales the accumulator.
 
-Key latents and RoPE table rows are copied (``cp.async``, masked at the split's end) two tiles ahead into a ring
-of two stages, since their stage frees once a tile's keys are rebuilt and rotated; value latents one tile ahead.
-88320 bytes of shared memory (85120 with query rows padded to 8): two blocks per multiprocessor on sm_90. The keys'
-RoPE runs in float16, the key halves rounded once, as Hugging Face's float16 RoPE. On an H200 it took 0.86-0.93x
-the Triton kernel's time for M-LRD at 50% and 64K tokens, query rows padded to 8 (bench/results/gpu_kernels_gluon.md).
+Key latents are copied (``cp.async``, masked at the split's end) two tiles ahead into a ring of two stages, since
+their stage frees once a tile's keys are rebuilt; value latents and RoPE table rows one tile ahead (the table rows
+into one stage: :data:`TABLE_STAGES`). The caches' strides are compiled in (:data:`CONST_STRIDES`). At ranks up to
+64 with query rows padded to 8: 68736 bytes of shared memory and about 150 registers, three blocks per
+multiprocessor on sm_90, and the split rule plans as many programs per multiprocessor (:func:`resident_blocks`).
+The keys' RoPE runs in float16, the key halves rounded once, as Hugging Face's float16 RoPE. On an H200, with two
+stages of table rows and the strides at run time, it took 0.86-0.93x the Triton kernel's time for M-LRD at 50% and
+64K tokens, query rows padded to 8 (bench/results/gpu_kernels_gluon.md); one table stage and constant strides took
+about 0.88-0.99x of that again (the products of the two changes' ratios, measured in two runs:
+gpu_kernels_gluon_tables.md, gpu_kernels_gluon_strides.md).
 
 Shape rules (:func:`supported`): one new token per row, float16, float latents, per-head latents (M-LRD), head dim
 128, key and value ranks of 16 to 128 in steps of 16, at most 16 query heads per KV head, no key bias, no window,
