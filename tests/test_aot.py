@@ -117,6 +117,26 @@ def test_cuda_graph_exports_compile_row_split_kernels(exported):
     assert not aot.node_spec(std, _lowrank_nodes(exported["lrexport_4bit"])[1][0]).row_splits
 
 
+def test_gluon_waves_from_the_cubins_registers(monkeypatch):
+    """An export's Gluon kernel plans as many programs per multiprocessor as blocks of it fit: its registers (read
+    from the cubin with Triton's cuobjdump) and shared memory; where cuobjdump is missing, the split rule's default
+    for the cache kind, not an error."""
+    from lrexport.kernels import gluon_latent
+
+    monkeypatch.setattr(aot, "cubin_resources", lambda cubin: dict(registers=154, stack_bytes=0, local_bytes=0))
+    assert aot.gluon_waves(b"", 68736, 2) == 3  # 154 registers, 67 KB: three blocks
+    assert aot.gluon_waves(b"", 85120, 2) == 2  # 83 KB: two
+    monkeypatch.setattr(aot, "cubin_resources", lambda cubin: dict(registers=200, stack_bytes=0, local_bytes=0))
+    assert aot.gluon_waves(b"", 68736, 2) == 2  # 200 registers: two blocks of 128 threads fit 64K
+    assert gluon_latent.blocks_per_sm(255, 1024) == 2 and gluon_latent.blocks_per_sm(32, 0) == 16
+
+    def missing(cubin):
+        raise FileNotFoundError("Triton's cuobjdump is missing")
+
+    monkeypatch.setattr(aot, "cubin_resources", missing)
+    assert aot.gluon_waves(b"", 68736, 2) == 2
+
+
 def test_kernel_tuning_settings(exported, tmp_path, monkeypatch):
     """Other kernel settings (bench/retune.py, LREXPORT_CUDA_TUNING) compile another kernel and
     reach the metadata the launcher reads; bad settings are refused by name."""
