@@ -978,13 +978,6 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
                                        num_sms=_num_sms(dev), num_splits=num_splits,
                                        waves=decode_waves(group_size, bits) if waves is None else waves,
                                        min_split=min_split)
-    if num_splits > 1:
-        acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
-        mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
-        sm = torch.empty_like(mx)
-    else:
-        acc = mx = sm = out
-    grid = (B * num_kv_heads, n_tblocks, num_splits)
 
     if gluon is not False and not row_splits:
         from lrexport.kernels import gluon_latent
@@ -1026,6 +1019,14 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
             _combine[(B * num_heads,)](g_acc, g_mx, g_sm, out, g_splits, RV=rv, RV_P=rv_p, NSPLIT_P=nsplit_p,
                                        num_warps=4 if nsplit_p * rv_p >= 2048 else 1)
             return _values_up(out, v_up_GrE, G, rv, group_size, D, nrep) if v_up_GrE is not None else out
+
+    if num_splits > 1:  # the Triton kernel's partials (the Gluon kernel above allocates its own)
+        acc = torch.empty(B * S * num_heads * num_splits * rv_p, dtype=torch.float32, device=dev)
+        mx = torch.empty(B * S * num_heads * num_splits, dtype=torch.float32, device=dev)
+        sm = torch.empty_like(mx)
+    else:
+        acc = mx = sm = out
+    grid = (B * num_kv_heads, n_tblocks, num_splits)
 
     # a setting whose shared memory does not fit: fewer pipeline stages, then smaller tiles
     if S == 1:  # decode defaults as tuned on an H200 (bench/results/gpu_kernels_tuned_per_batch.json)
