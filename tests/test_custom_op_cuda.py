@@ -110,6 +110,30 @@ def test_emulated_cuda_kernel_tensor_cores(tmp_path, monkeypatch):
     assert all("tensor cores" not in r["note"] for r in logged if r["dtype"] == "float32")
 
 
+@pytest.mark.parametrize("rv, v_up", [(40, True), (16, False), (160, True)])
+def test_emulated_combine_many_splits(monkeypatch, rv, v_up):
+    """Decode with more splits along the keys than the combination's block has threads (an emulated
+    device of 256 multiprocessors: 512 programs wanted for one row), for value ranks that leave threads
+    of its groups idle (40: three groups of 40), fill them (16: eight) or exceed the block (160), with and
+    without ``v_up``: float32 against the float64 reference on fresh random inputs (tolerance 1e-4)."""
+    monkeypatch.setenv("LREXPORT_CUDA_MMA", "0")
+    monkeypatch.setenv("LREXPORT_EMU_SMS", "256")
+    lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
+    g = _gpu_check()
+    rng = np.random.default_rng()
+    sh = g.Shape(B=1, Hq=2, Hkv=1, D=32, rk=24, rv=rv, P=10240, Prope=10240, v_up=v_up, k_bias=False)
+    past = 10239  # 10240 positions: min(512, 10240 // 64) = 160 splits of 64, none empty
+    feeds = dict(g.constants(rng, sh, np.float32), **g.initial_caches(rng, sh, np.float32),
+                 **g.new_tokens(rng, sh, 1, np.float32), past_len=np.asarray([past], np.int64))
+    attrs = g.attributes(sh)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(g.make_model(feeds, attrs), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {k: v for k, v in feeds.items() if v is not None})[0]
+    err = g.rel_err(out, g.reference(feeds, attrs)[0])
+    assert err < 1e-4, err
+
+
 def test_model_encoder_without_onnx():
     """bench/gpu_check_ort.py writes its one-node model without the onnx package when it is
     missing (the GPU machine may not have it): the same ModelProto as onnx.helper's."""

@@ -156,13 +156,30 @@ __device__ __forceinline__ float cache_value(const void* cache, const void* para
   return mul_add_unfused(static_cast<float>(get_code(codes, ch, bits)), sf, zf);
 }
 
+// Row b's past_len as int32 for the Triton kernel; for a kernel compiled with ROW_SPLITS,
+// (past_len, split_len), split_len the host's split rule (plan_triton) applied to the row's own
+// length over the planned number of splits.
+__device__ __forceinline__ void past32_row(const Args& a, int64_t b) {
+  const int64_t past = past_len_of(a, b);
+  if (a.row_block_n <= 0) {
+    a.past32[b] = static_cast<int32_t>(past);
+    return;
+  }
+  const int64_t kv = past + a.S, bn = a.row_block_n;
+  const int64_t split = ((kv + a.nsplit - 1) / a.nsplit + bn - 1) / bn * bn;
+  a.past32[2 * b] = static_cast<int32_t>(past);
+  a.past32[2 * b + 1] = static_cast<int32_t>(split);
+}
+
 // ---- A: write the new tokens ----------------------------------------------------------------
 
-// grid (B*S, 2): blockIdx.y 0 = keys, 1 = values.
+// grid (B*S, 2): blockIdx.y 0 = keys, 1 = values. With a.past32 set (the Triton decode kernel
+// follows), the block of each row's first token also writes its past_len as int32 (past32_row).
 template <class T>
 __global__ void __launch_bounds__(kThreads) write_tokens(Args a) {
   const int64_t row = blockIdx.x;  // b * S + t
   const int64_t b = row / a.S, t = row % a.S;
+  if (a.past32 && t == 0 && blockIdx.y == 0 && threadIdx.x == 0) past32_row(a, b);
   if (!len_ok(a, b)) return;  // a device length out of range: nothing written
   const int64_t pos = past_len_of(a, b) + t;
   const bool is_v = blockIdx.y == 1;
@@ -237,6 +254,15 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// The split combination's block: its threads, warps, groups of rv threads that sum the
+// accumulators of every ng-th split, and its shared memory (bytes).
+constexpr int kCombineThreads = 128;
+constexpr int kCombineWarps = kCombineThreads / 32;
+__host__ __device__ inline int64_t combine_groups(int64_t rv) { return rv < kCombineThreads ? kCombineThreads / rv : 1; }
+inline size_t combine_smem(int64_t rv, int64_t nsplit) {
+  return static_cast<size_t>(combine_groups(rv) * rv + rv + nsplit + 2 * kCombineWarps) * 4;
 }
 
 // ---- tensor cores (float16 only, opt-in: see the top of the file) ----------------------------
@@ -557,73 +583,90 @@ __global__ void __launch_bounds__(kThreads) attend_partial(Args a) {
 
 // ---- C: merge the splits, normalise, v_up ---------------------------------------------------
 
-// grid: B * S * Hq blocks; shared memory: rv + nsplit floats.
+// grid: B * S * Hq blocks of kCombineThreads threads; shared memory: combine_smem(rv, nsplit).
+// The splits' maxima, weights and sums are reduced across the block (a thread per split), and
+// the accumulators by groups of threads that take every ng-th split (ng = combine_groups(rv)), so
+// that no thread walks the splits alone: at batch 1 a row has tens of splits.
 template <class T>
-__global__ void __launch_bounds__(128) combine(Args a) {
+__global__ void __launch_bounds__(kCombineThreads) combine(Args a) {
   LRX_SHARED_FLOATS(sm);
-  float* o_s = sm;
-  float* w_s = sm + a.rv;
+  const int64_t ng = combine_groups(a.rv);
+  float* part = sm;                 // [ng, rv]: each group's weighted sum
+  float* o_s = part + ng * a.rv;    // [rv]: the merged, normalised row
+  float* w_s = o_s + a.rv;          // [nsplit]: the splits' weights
+  float* red = w_s + a.nsplit;      // [2, kCombineWarps]: the warps' maxima, then their sums
   const int64_t row = blockIdx.x;  // (b * S + t) * Hq + h
   const int64_t h = row % a.Hq, bt = row / a.Hq;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   if (!len_ok(a, bt / a.S)) {  // a device length out of range: NaN, as the caller's signal
     T* out = static_cast<T*>(a.out) + bt * a.out_w;
     const int64_t w = a.v_up ? a.D : a.rv;
     for (int64_t c = tid; c < w; c += blockDim.x) st(out, h * w + c, NAN);
     return;
   }
-  if (tid == 0) {
-    float M = -INFINITY;
-    for (int64_t sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, a.part_m[(row * a.nsplit + sp) * a.ml_step]);
-    float total = 0.0f;
-    for (int64_t sp = 0; sp < a.nsplit; ++sp) {
-      const float m = a.part_m[(row * a.nsplit + sp) * a.ml_step];
-      const float w = m == -INFINITY ? 0.0f : (a.max_log2 ? exp2f(m - M) : expf(m - M));
-      w_s[sp] = w;
-      total += w * a.part_l[(row * a.nsplit + sp) * a.ml_step];
+  const int64_t p0 = row * a.nsplit;  // the row's first partial row
+  float M = -INFINITY;
+  for (int64_t sp = tid; sp < a.nsplit; sp += kCombineThreads) M = fmaxf(M, a.part_m[(p0 + sp) * a.ml_step]);
+  M = warp_max(M);
+  if (lane == 0) red[warp] = M;
+  __syncthreads();
+  M = red[0];
+  for (int i = 1; i < kCombineWarps; ++i) M = fmaxf(M, red[i]);
+  float total = 0.0f;
+  for (int64_t sp = tid; sp < a.nsplit; sp += kCombineThreads) {
+    const float m = a.part_m[(p0 + sp) * a.ml_step];
+    const float w = m == -INFINITY ? 0.0f : (a.max_log2 ? exp2f(m - M) : expf(m - M));
+    w_s[sp] = w;
+    total += w * a.part_l[(p0 + sp) * a.ml_step];
+  }
+  total = warp_sum(total);
+  if (lane == 0) red[kCombineWarps + warp] = total;
+  __syncthreads();  // also: w_s complete
+  total = 0.0f;
+  for (int i = 0; i < kCombineWarps; ++i) total += red[kCombineWarps + i];
+  const float inv = 1.0f / total;  // > 0: every query sees at least its own position
+  for (int64_t i = tid; i < ng * a.rv; i += kCombineThreads) {
+    const int64_t g = i / a.rv, c = i % a.rv;
+    const float* acc = a.part_acc + p0 * a.acc_ld + c;
+    float o0 = 0.0f, o1 = 0.0f;  // two chains, so that loads of two splits are in flight at once
+    int64_t sp = g;
+    for (; sp + ng < a.nsplit; sp += 2 * ng) {
+      o0 += w_s[sp] * acc[sp * a.acc_ld];
+      o1 += w_s[sp + ng] * acc[(sp + ng) * a.acc_ld];
     }
-    const float inv = 1.0f / total;  // > 0: every query sees at least its own position
-    for (int64_t sp = 0; sp < a.nsplit; ++sp) w_s[sp] *= inv;
+    if (sp < a.nsplit) o0 += w_s[sp] * acc[sp * a.acc_ld];
+    part[i] = o0 + o1;
   }
   __syncthreads();
-  for (int64_t c = tid; c < a.rv; c += blockDim.x) {
+  for (int64_t c = tid; c < a.rv; c += kCombineThreads) {
     float o = 0.0f;
-    for (int64_t sp = 0; sp < a.nsplit; ++sp) o += w_s[sp] * a.part_acc[(row * a.nsplit + sp) * a.acc_ld + c];
-    o_s[c] = o;
+    for (int64_t g = 0; g < ng; ++g) o += part[g * a.rv + c];
+    o_s[c] = o * inv;
   }
   __syncthreads();
   T* out = static_cast<T*>(a.out) + bt * a.out_w;
   if (!a.v_up) {
-    for (int64_t c = tid; c < a.rv; c += blockDim.x) st(out, h * a.rv + c, o_s[c]);
+    for (int64_t c = tid; c < a.rv; c += kCombineThreads) st(out, h * a.rv + c, o_s[c]);
     return;
   }
   const T* vup = static_cast<const T*>(a.v_up);
   const int64_t kv = h / a.rep, g = kv / a.s, slot = kv % a.s, sD = a.s * a.D;
-  for (int64_t d = tid; d < a.D; d += blockDim.x) {
-    float y = 0.0f;
-    for (int64_t c = 0; c < a.rv; ++c) y += o_s[c] * ld(vup, (g * a.rv + c) * sD + slot * a.D + d);
-    st(out, h * a.D + d, y);
+  for (int64_t d = tid; d < a.D; d += kCombineThreads) {
+    const T* col = vup + g * a.rv * sD + slot * a.D + d;
+    float y0 = 0.0f, y1 = 0.0f, y2 = 0.0f, y3 = 0.0f;  // four chains of loads in flight
+    int64_t c = 0;
+    for (; c + 4 <= a.rv; c += 4) {
+      y0 += o_s[c] * ld(col, c * sD);
+      y1 += o_s[c + 1] * ld(col, (c + 1) * sD);
+      y2 += o_s[c + 2] * ld(col, (c + 2) * sD);
+      y3 += o_s[c + 3] * ld(col, (c + 3) * sD);
+    }
+    for (; c < a.rv; ++c) y0 += o_s[c] * ld(col, c * sD);
+    st(out, h * a.D + d, (y0 + y1) + (y2 + y3));
   }
 }
 
 // ---- the Triton decode kernel's inputs ------------------------------------------------------
-
-// past_len as int32 for the Triton kernel (one thread per row); for a kernel compiled with ROW_SPLITS,
-// (past_len, split_len) per row, split_len the host's split rule (plan_triton) applied to the row's
-// own length over the planned number of splits.
-__global__ void past_len_i32(Args a) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b >= a.B) return;
-  const int64_t past = past_len_of(a, b);
-  if (a.row_block_n <= 0) {
-    a.past32[b] = static_cast<int32_t>(past);
-    return;
-  }
-  const int64_t kv = past + a.S, bn = a.row_block_n;
-  const int64_t split = ((kv + a.nsplit - 1) / a.nsplit + bn - 1) / bn * bn;
-  a.past32[2 * b] = static_cast<int32_t>(past);
-  a.past32[2 * b + 1] = static_cast<int32_t>(split);
-}
 
 // ---- C': the decode kernel on tensor cores, one warp per stream of positions -------------------
 
@@ -651,11 +694,7 @@ void triton_ints(const Params& p, int64_t split_len, int64_t nsplit, int64_t out
 std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonDecode& t, char* base,
                           cudaStream_t stream) {
   cudaError_t e;
-  int32_t* past32 = reinterpret_cast<int32_t*>(base + pl.off_past32);
-  a.past32 = past32;
-  a.row_block_n = t.row_splits ? t.block_n : 0;
-  LRX_LAUNCH(past_len_i32, static_cast<unsigned>((p.B + 127) / 128), 128, 0, stream, a);
-  if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the past_len conversion", e);
+  int32_t* past32 = a.past32;  // written by write_tokens (launch)
   float* mx = reinterpret_cast<float*>(base + pl.off_max);
   float* sm = reinterpret_cast<float*>(base + pl.off_sum);
   // the argument values (plan() checked that they fit int32 and meet the d16 assumptions)
@@ -679,7 +718,7 @@ std::string launch_triton(const Params& p, const Plan& pl, Args a, const TritonD
       static_cast<unsigned>(32 * t.warps), 1, 1, static_cast<unsigned>(t.shared), stream, args, nullptr);
   if (r != 0) return "cuLaunchKernel of the Triton decode kernel failed (CUresult " + std::to_string(r) + ")";
   a.part_m = mx, a.part_l = sm, a.ml_step = 1, a.acc_ld = t.rv_p, a.max_log2 = true;
-  LRX_LAUNCH(combine<__half>, static_cast<unsigned>(p.B * p.Hq), 128, pl.smem_combine, stream, a);
+  LRX_LAUNCH(combine<__half>, static_cast<unsigned>(p.B * p.Hq), kCombineThreads, pl.smem_combine, stream, a);
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
   return "";
 }
@@ -707,7 +746,7 @@ std::string launch_warp(const Params& p, const Plan& pl, Args a, cudaStream_t st
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the warp decode kernel", e);
   a.nsplit = pl.nsplit * (kWarpBlock / 32);  // combine merges every warp's partial row
   a.max_log2 = true;
-  LRX_LAUNCH(combine<__half>, static_cast<unsigned>(p.B * p.Hq), 128, pl.smem_combine, stream, a);
+  LRX_LAUNCH(combine<__half>, static_cast<unsigned>(p.B * p.Hq), kCombineThreads, pl.smem_combine, stream, a);
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
   return "";
 }
@@ -718,6 +757,10 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream,
   cudaError_t e;
   const int64_t rows = p.B * p.S;
   if (rows > 0) {
+    if (pl.triton) {  // the Triton decode kernel's past_len (int32), written by write_tokens
+      a.past32 = reinterpret_cast<int32_t*>(base + pl.off_past32);
+      a.row_block_n = triton->row_splits ? triton->block_n : 0;
+    }
     LRX_LAUNCH(write_tokens<T>, dim3(static_cast<unsigned>(rows), 2), 128, 0, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the cache write", e);
     if (pl.triton) return launch_triton(p, pl, a, *triton, base, stream);
@@ -735,7 +778,7 @@ std::string launch(const Params& p, const Plan& pl, Args a, cudaStream_t stream,
     const int64_t blocks = p.B * pl.nqt * p.Hkv * pl.nsplit;
     LRX_LAUNCH(attend, static_cast<unsigned>(blocks), kThreads, pl.smem_attn, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the attention", e);
-    LRX_LAUNCH(combine<T>, static_cast<unsigned>(rows * p.Hq), 128, pl.smem_combine, stream, a);
+    LRX_LAUNCH(combine<T>, static_cast<unsigned>(rows * p.Hq), kCombineThreads, pl.smem_combine, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error("launch of the split combination", e);
   }
   return "";
@@ -779,7 +822,7 @@ std::string plan_triton(const Params& p, const TritonDecode& t, int sms, int64_t
   pl->triton = true;
   pl->split_len = split_len;
   pl->nsplit = ns;
-  pl->smem_combine = static_cast<size_t>(p.rv + ns) * 4;
+  pl->smem_combine = combine_smem(p.rv, ns);
   const size_t prows = static_cast<size_t>(p.B * p.Hq * ns);
   pl->off_past32 = align_up(static_cast<size_t>(p.B) * 8, 256);  // after the int64 past_len copy
   pl->off_max = pl->off_past32 + align_up(static_cast<size_t>(p.B) * (t.row_splits ? 8 : 4), 256);
@@ -820,7 +863,7 @@ std::string plan_warp(const Params& p, int sms, int cc_major, int64_t kv_max, Pl
   pl->nsplit = ns;
   const int64_t nsp = ns * (kWarpBlock / 32);
   pl->smem_attn = static_cast<size_t>(p.D * (p.rk + 8)) * 2;
-  pl->smem_combine = static_cast<size_t>(p.rv + nsp) * 4;
+  pl->smem_combine = combine_smem(p.rv, nsp);
   const size_t prows = static_cast<size_t>(p.B * p.Hq * nsp);
   pl->off_ml = align_up(static_cast<size_t>(p.B) * 8, 256);
   pl->off_acc = pl->off_ml + align_up(prows * 2 * 4, 256);
@@ -869,7 +912,7 @@ std::string plan(const Params& p, Plan* pl, const TritonDecode* triton) {
   int64_t nsplit = 1;
   if (blocks < target) nsplit = std::min((target + blocks - 1) / blocks, std::max<int64_t>(1, span / (2 * kTile)));
   pl->nsplit = std::max<int64_t>(1, nsplit);
-  pl->smem_combine = static_cast<size_t>(p.rv + pl->nsplit) * 4;
+  pl->smem_combine = combine_smem(p.rv, pl->nsplit);
   const int64_t kMaxGrid = 0x7fffffff;  // gridDim.x
   if (p.B * p.S * p.Hq > kMaxGrid || p.B * pl->nqt * p.Hkv * pl->nsplit > kMaxGrid)
     return "too many blocks for one launch (B*S*num_heads = " + std::to_string(p.B * p.S * p.Hq) + ")";
