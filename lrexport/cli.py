@@ -19,6 +19,7 @@ from lrexport.allocate import Flrc, PaluFisher, Strs, Uniform
 from lrexport.calib.data import SelfCalibration, TextCalibration
 from lrexport.errors import ConfigError, LrexportError
 from lrexport.factorize import Asvd, FisherWhitenSvd, PlainSvd, WhitenSvd
+from lrexport.models.spec import PROJECTIONS
 from lrexport.runtime.sampling import Sampling
 from lrexport.schedule import Constant, Cosine, Linear, Progressive, Schedule, Steps
 
@@ -68,6 +69,26 @@ def parse_progressive(text: str | None) -> Progressive | None:
     return Progressive(form=form, **kw)
 
 
+# --targets shorthands: the attention projections and the MLP's
+TARGET_GROUPS = {"all": PROJECTIONS, "attn": PROJECTIONS[:4], "mlp": PROJECTIONS[4:]}
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``--targets``: comma-separated projections (``q``, ``q_proj``, ...; ``attn``, ``mlp``, ``all``), in
+    :data:`PROJECTIONS` order."""
+    picked = set()
+    for item in (t.strip() for t in text.split(",")):
+        if item in TARGET_GROUPS:
+            picked.update(TARGET_GROUPS[item])
+        elif item in PROJECTIONS or f"{item}_proj" in PROJECTIONS:
+            picked.add(item if item in PROJECTIONS else f"{item}_proj")
+        else:
+            names = ", ".join(p.removesuffix("_proj") for p in PROJECTIONS)
+            raise ConfigError(f"--targets: unknown projection {item!r}; use names from {names} "
+                              f"or {', '.join(TARGET_GROUPS)}")
+    return tuple(p for p in PROJECTIONS if p in picked)
+
+
 def _calibration(args) -> SelfCalibration | TextCalibration:
     if args.calib == "self":
         return SelfCalibration(num_windows=args.calib_windows, window=args.calib_window)
@@ -94,7 +115,8 @@ def cmd_compress(args) -> int:
     weights = None
     if args.ratio is not None:
         alloc = ALLOCATORS[args.alloc](ratio=args.ratio, align=args.align)
-        weights = api.WeightCompression(allocation=alloc, factorization=METHODS[args.method]())
+        weights = api.WeightCompression(allocation=alloc, factorization=METHODS[args.method](),
+                                        targets=parse_targets(args.targets))
     res = api.compress(model=args.model, weights=weights, kv=_kv(args), calibration=_calibration(args),
                        schedule=parse_schedule(args.schedule, align=args.align),
                        progressive=parse_progressive(args.progressive), max_len=args.max_len,
@@ -208,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress weights (FLRC or a baseline) and/or the KV cache (Palu)")
     c.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     c.add_argument("--ratio", type=float, default=None,
-                   help="weights: fraction of projection parameters to remove, in (0,1)")
+                   help="weights: fraction of the --targets projections' parameters to remove, in (0,1)")
+    c.add_argument("--targets", default="all",
+                   help="projections --ratio compresses: comma-separated q,k,v,o,gate,up,down, or attn, mlp, all "
+                        "(default); with --kv-ratio, k and v belong to the KV pass (docs/gpu.md: at 20%% on an "
+                        "H200, low-rank q and o decode no faster than dense ones)")
     c.add_argument("--alloc", choices=sorted(ALLOCATORS), default="flrc")
     c.add_argument("--method", choices=sorted(METHODS), default="fwsvd")
     c.add_argument("--align", type=int, default=1, help="round ranks to a multiple of this (1, 8, 16, 32)")

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from lrexport import api
-from lrexport.cli import main, parse_schedule
+from lrexport.cli import main, parse_schedule, parse_targets
 from lrexport.errors import ConfigError
 from lrexport.schedule import Cosine, Steps
 from tests.tiny import tiny_folder
@@ -58,6 +58,28 @@ def test_cli_errors(folder, tmp_path, capsys):
         main(base + ["--ratio", "0.2", "--method", "magic"])
     assert "invalid choice: 'magic'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_targets(folder, tmp_path, capsys, monkeypatch):
+    """``--targets mlp`` factorizes only the MLP's projections, and ``--ratio`` removes that fraction of
+    their parameters; an unknown name is an error that lists the known ones and writes nothing."""
+    monkeypatch.setenv("LREXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mlp"
+    rc = main(["compress", "--model", str(folder), "--ratio", "0.3", "--alloc", "uniform", "--targets", "mlp",
+               "--calib-windows", "2", "--calib-window", "16", "--out", str(out)])
+    assert rc == 0
+    w = json.loads((out / "lrexport.json").read_text())["weights"]
+    kinds = {n.rsplit(".", 1)[1] for n in w["ranks"]}
+    assert kinds == {"gate_proj", "up_proj", "down_proj"}, kinds
+    assert 0.65 < w["params_kept"] / w["params_total"] <= 0.7  # whole ranks: 26 per projection here (0.677)
+    capsys.readouterr()
+    assert main(["compress", "--model", str(folder), "--ratio", "0.3", "--targets", "q,ffn", "--out",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown projection 'ffn'" in err and "gate" in err and "mlp" in err
+    assert not (tmp_path / "bad").exists()
+    assert parse_targets("o, q_proj,mlp") == ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert parse_targets("attn") == ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def test_parse_schedule():
