@@ -23,6 +23,8 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
 * ``lrexport_4bit``: the same with 4-bit latents;
 * ``lrexport_align1`` (not run by default): ranks not rounded (``--align 1``, the default of
   ``compress``), to show what unaligned float16 GEMMs cost;
+* a name with ``_mlp`` (e.g. ``lrexport_mlp_graph``): the same weight parameters removed (20% of q/o/gate/up/down),
+  all from gate/up/down (``compress --targets mlp``, here 23.8% of theirs); q and o stay dense;
 * a name with ``_unfused`` (e.g. ``lrexport_unfused``): exported without the residual Add + RMSNorm
   fusion (``--no-fused-norms``); with ``_separate``: without the shared-input MatMul fusion
   (``--no-fuse-matmuls``; the default fuses float16 models), with ``_fusedmm``: with it
@@ -122,6 +124,11 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
     max_len = int(cfg["max_position_embeddings"])
     compressed = variant != "uncompressed"
     targets = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ratio = 0.2
+    if "_mlp" in variant:  # the same parameters removed, all from the MLP (compress --targets mlp)
+        params = {t: spec.projection_shape(t)[0] * spec.projection_shape(t)[1] for t in targets}
+        ratio = 0.2 * sum(params.values()) / sum(params[t] for t in targets[2:])
+        targets = targets[2:]
     names = [n for n in spec.linear_names() if n.rsplit(".", 1)[1] in targets] if compressed else []
     t0 = time.perf_counter()
     sd = {"model.embed_tokens.weight": _randn((spec.vocab_size, spec.hidden_size), dtype, gen_device),
@@ -151,7 +158,7 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
         infos = [ProjectionInfo(name=n, m=m, n=k, sigma2=torch.ones(min(m, k), dtype=torch.float64))
                  for n, (m, k) in shapes.items()]
         align = 1 if "align1" in variant else 16  # tensor cores want float16 GEMM dimensions in multiples of 8
-        alloc = allocate(Uniform(0.2, align=align), AllocContext(infos=infos))
+        alloc = allocate(Uniform(ratio, align=align), AllocContext(infos=infos))
         for n, r in alloc.ranks.items():
             m, k = shapes[n]
             factors[n] = Factors(_randn((m, r), dtype, gen_device, scale=r ** -0.5),
@@ -159,7 +166,7 @@ def build_variant(variant: str, cfg: dict, dtype_name: str, out: Path, gen_devic
         if "_ranks" in variant:  # progressive decoding: the weight ranks are an input of the model
             from lrexport.schedule import Linear, Schedule
             plan.schedule = Schedule(form=Linear(1.0, 0.8, 8), min_rank=16, align=16)
-        plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(0.2, align=align), ranks=alloc.ranks,
+        plan.weights = WeightPlan(factorization=PlainSvd(), allocation=Uniform(ratio, align=align), ranks=alloc.ranks,
                                   params_kept=alloc.params_kept, params_total=alloc.total_dense)
         bits = 4 if "4bit" in variant else None
         kv = PaluKV(allocation=Uniform(0.5), group_size=1, bits=bits)
