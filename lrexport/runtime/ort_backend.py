@@ -40,13 +40,6 @@ log = logging.getLogger(__name__)
 
 _NP = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "bfloat16": None}
 
-# CUDA graphs: ONNX Runtime runs on a stream of the backend's own (``user_compute_stream``), ordered against
-# PyTorch's current stream by stream waits instead of host synchronizations. A decode step then launches its
-# input copy and its graph and returns; the caller's first read of the logits on the host is the step's only
-# synchronization (before: a wait for PyTorch's stream, a synchronous copy and ONNX Runtime's own wait at the end
-# of each run, three round trips to the host per step).
-STREAM_ORDERED = True
-
 
 def bind_gpu_output(binding: Any, name: str, shape: list[int], dtype: torch.dtype, device_id: int) -> torch.Tensor:
     """Bind a fresh PyTorch tensor in GPU memory as output ``name`` of an IO binding and return it.
@@ -94,7 +87,6 @@ class OrtBackend:
             raise LrexportError("the CUDA backend keeps the caches on the GPU and needs the custom-op library with "
                                 "in-place caches (use_library=True, in_place=True)")
         self.cuda_graph = bool(cuda_graph)
-        self._stream: torch.cuda.Stream | None = None  # ONNX Runtime's stream, when the backend owns it
         if self.cuda_graph:
             if self.device != "cuda":
                 raise LrexportError("cuda_graph=True needs CUDAExecutionProvider first among the providers")
@@ -104,11 +96,7 @@ class OrtBackend:
                 raise LrexportError("cuda_graph=True: the model has a rank input (a progressive schedule), which "
                                     "CUDA graphs cannot capture")
             opts0 = {} if isinstance(providers[0], str) else dict(providers[0][1])
-            opts0["enable_cuda_graph"] = "1"
-            if STREAM_ORDERED and "user_compute_stream" not in opts0:
-                self._stream = torch.cuda.Stream(device=self.device_id)
-                opts0["user_compute_stream"] = str(self._stream.cuda_stream)
-            providers[0] = ("CUDAExecutionProvider", opts0)
+            providers[0] = ("CUDAExecutionProvider", {**opts0, "enable_cuda_graph": "1"})
         self._no_graph = None  # run options of the steps that run without a graph (prefill)
         if self.cuda_graph:
             self._no_graph = ort.RunOptions()
@@ -202,8 +190,6 @@ class OrtBackend:
             logits = bind_gpu_output(binding, "logits", [*feeds["input_ids"].shape, vocab], dtype, self.device_id)
             self._graph_bound = None  # host inputs bound: a replay rebinds its buffers
             self.session.run_with_iobinding(binding, self._no_graph)
-            if self._stream is not None:  # PyTorch's reads of the logits after ONNX Runtime's writes
-                torch.cuda.current_stream(self.device_id).wait_stream(self._stream)
             return logits, caches
         binding.bind_output("logits", "cpu")  # rebound (same place): a fresh array, not last step's
         self.session.run_with_iobinding(binding)
@@ -251,8 +237,6 @@ class OrtBackend:
         if fits:
             return self._graph_sets[fits[0]]
         key = (batch, min(self.max_len, -(-capacity // 256) * 256))
-        if self._stream is not None:
-            self._stream.synchronize()  # an evicted set's buffers may go back to PyTorch's allocator
         while len(self._graph_sets) >= self._graph_cache_sets:  # the oldest set and its graphs go
             old_key = next(iter(self._graph_sets))
             old = self._graph_sets.pop(old_key)
@@ -269,8 +253,6 @@ class OrtBackend:
     def release_caches(self) -> None:
         """CUDA graphs: drop the cache sets the backend keeps (and their step buffers and graphs), so
         that their GPU memory can go once the caller holds no reference either."""
-        if self._stream is not None:
-            self._stream.synchronize()  # nothing of ONNX Runtime's still uses buffers PyTorch may hand out again
         self._graph_sets.clear()
         self._graph_bufs.clear()
         self._binding, self._binding_key, self._binding_refs = None, None, []
@@ -294,21 +276,10 @@ class OrtBackend:
                 "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graph_id": self._next_graph_id}
             self._next_graph_id += 1
         host = bufs["host"]
-        cur = torch.cuda.current_stream(self.device_id)
-        if self._stream is not None:  # stream-ordered (STREAM_ORDERED)
-            if "copied" in bufs:
-                bufs["copied"].synchronize()  # the last step's copy has read the pinned buffer (long done, as a rule)
-            host[:B] = input_ids.reshape(B)
-            host[B:] = past_len.reshape(B)
-            self._stream.wait_stream(cur)  # PyTorch's work so far (its reads of the last logits) before the replay
-            with torch.cuda.stream(self._stream):
-                bufs["step_in"].copy_(host, non_blocking=True)
-            bufs.setdefault("copied", torch.cuda.Event()).record(self._stream)
-        else:
-            host[:B] = input_ids.reshape(B)
-            host[B:] = past_len.reshape(B)
-            cur.synchronize()  # PyTorch's reads of the last logits
-            bufs["step_in"].copy_(host)  # pinned host memory, synchronous: the values are there when it returns
+        host[:B] = input_ids.reshape(B)
+        host[B:] = past_len.reshape(B)
+        torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's reads of the last logits
+        bufs["step_in"].copy_(host)  # pinned host memory, synchronous: the values are there when it returns
         out = bufs["logits"]
         if self._graph_bound != key:  # the step buffers bound (a prefill binds host inputs in between)
             ptr = bufs["step_in"].data_ptr()
@@ -319,11 +290,7 @@ class OrtBackend:
             self._graph_bound = key
         ro = ort.RunOptions()
         ro.add_run_config_entry("gpu_graph_id", str(bufs["graph_id"]))
-        if self._stream is not None:
-            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.session.run_with_iobinding(binding, ro)
-        if self._stream is not None:
-            cur.wait_stream(self._stream)  # the logits, for PyTorch's work on its current stream
         return out
 
     @staticmethod
