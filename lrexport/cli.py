@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights: fraction of the --targets projections' parameters to remove, in (0,1)")
     c.add_argument("--targets", default="all",
                    help="projections --ratio compresses: comma-separated q,k,v,o,gate,up,down, or attn, mlp, all "
-                        "(default); with --kv-ratio, k and v belong to the KV pass (docs/gpu.md: at 20%% on an "
-                        "H200, low-rank q and o decode no faster than dense ones)")
+                        "(default); with --kv-ratio, k and v belong to the KV pass (docs/gpu.md: on an H200 a "
+                        "decode step's low-rank o at 20%% took longer than the dense o)")
     c.add_argument("--alloc", choices=sorted(ALLOCATORS), default="flrc")
     c.add_argument("--method", choices=sorted(METHODS), default="fwsvd")
     c.add_argument("--align", type=int, default=1, help="round ranks to a multiple of this (1, 8, 16, 32)")
