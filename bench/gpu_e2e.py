@@ -43,7 +43,9 @@ budgets (decomposing random matrices would only cost time: speed depends on the 
 caches are filled as if ``context`` tokens had been prefilled; each step decodes one token per
 sequence: it runs the model, takes the argmax of the logits where they are (GPU memory with
 CUDA, for every variant) and brings the next ids to the host. Reported per (variant, context,
-batch): median step time over ``--steps`` decode steps (after warm-up), decode tokens/s (all
+batch): median step time over ``--steps`` decode steps (after warm-up; ``run_ms``: the part of a step the host
+spends in the model's call, ``wait_ms``: the rest, picking the next ids and bringing them to the host, which waits
+for the GPU), decode tokens/s (all
 sequences), cache bytes, and GPU memory in use by the process (weights + caches + ONNX
 Runtime's workspace). Each variant runs in its own
 process so that the memory figures do not mix.
@@ -212,14 +214,15 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
             kv_bytes = sum(c.nbytes // c.shape[1] * cap for c in caches)
             ids = torch.randint(10, 1000, (B, 1))
             pos = torch.full((B,), C, dtype=torch.int64)
-            times = []
+            times, run_times = [], []
             for _ in range(steps + 3):
                 t0 = time.perf_counter()
                 logits, caches = backend.step(ids, pos, caches, None)
+                run_times.append(time.perf_counter() - t0)
                 ids, pos = logits[:, -1:].argmax(-1).cpu(), pos + 1  # greedy, as lrexport's generation loop
                 times.append(time.perf_counter() - t0)
             rows.append(_gqa().decode_row(C, B, times[3:], kv_bytes, bool(torch.isfinite(logits).all()),
-                                          free0 if device == "cuda" else None))
+                                          free0 if device == "cuda" else None, run_times[3:]))
             if profile:
                 _gqa().profile_steps(rows[-1], functools.partial(backend.step, ids, pos, caches, None))
             del caches
@@ -331,7 +334,8 @@ def write_md(doc: dict, path: Path) -> str:
     """The results table (and, for ``--profile`` runs, the GPU work by kernel category) as markdown."""
     rows = doc["rows"]
     profiled = any("gpu_ms" in r for r in rows)
-    cols = ["setting", "context", "batch", "step_ms"] + (["gpu_ms", "kernels_per_step"] if profiled else []) + [
+    split = ["run_ms", "wait_ms"] if any("run_ms" in r for r in rows) else []
+    cols = ["setting", "context", "batch", "step_ms"] + split + (["gpu_ms", "kernels_per_step"] if profiled else []) + [
         "decode_tok_s", "speedup", "speedup_gqa_graph", "speedup_plain", "kv_bytes", "kv_smaller_x",
         "gpu_mem_bytes", "gpu_mem_smaller_x"]
     if any("graph_rel_err" in r for r in rows):

@@ -400,10 +400,12 @@ def profile_steps(row: dict, step, steps: int = 5) -> None:
 
 
 def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, finite: bool,
-               free0: int | None) -> dict:
+               free0: int | None, run_times: list[float] | None = None) -> dict:
     """One result row of the end-to-end benchmark (printed to stderr as it comes): the median of
     the timed steps ``times`` (seconds) and, when ``free0`` (free GPU memory before the session)
-    is given, the GPU memory taken since."""
+    is given, the GPU memory taken since. ``run_times``: the part of each step spent in the model's
+    call (the host's work up to the run's return); ``run_ms`` and ``wait_ms`` (the rest: picking the
+    next ids and bringing them to the host, which waits for the GPU) are their medians."""
     import torch
 
     step_s = float(np.median(times))
@@ -413,6 +415,9 @@ def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, fini
         mem = free0 - free
     row = {"context": context, "batch": batch, "step_ms": 1e3 * step_s, "decode_tok_s": batch / step_s,
            "kv_bytes": kv_bytes, "gpu_mem_bytes": mem, "finite": finite}
+    if run_times:
+        row["run_ms"] = 1e3 * float(np.median(run_times))
+        row["wait_ms"] = 1e3 * float(np.median([t - r for t, r in zip(times, run_times)]))
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -453,18 +458,19 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
                 for _ in range(4):  # ONNX Runtime's warm-up runs, the capture, a replay
                     got = bound.step(ids, lens, C + 1).double().cpu()
                 graph_err = float((got - ref).abs().max() / ref.abs().max())
-            times = []
+            times, run_times = [], []
             for t in range(steps + 3):
                 total = C + t + 1
                 t0 = time.perf_counter()
                 logits = bound.step(ids, np.full(B, total - 1, dtype=np.int32), total)
+                run_times.append(time.perf_counter() - t0)
                 ids = logits[:, -1:].argmax(-1)
                 if device == "cuda":  # the next ids to the host, as lrexport's generation loop does
                     ids = ids.cpu().numpy()
                 times.append(time.perf_counter() - t0)
             finite = bool(torch.isfinite(logits).all()) if device == "cuda" else bool(np.isfinite(logits).all())
             rows.append(decode_row(C, B, times[3:], kv_bytes, finite,
-                                   free0 if device == "cuda" else None))
+                                   free0 if device == "cuda" else None, run_times[3:]))
             if graph_err is not None:
                 rows[-1]["graph_rel_err"] = graph_err
             if profile:

@@ -36,14 +36,14 @@ def _gpu_check():
     return mod
 
 
-def _run_one_case(lib: Path) -> float:
-    """One decode call of a quantized-cache model through ONNX Runtime (CPU) with `lib`: relative
-    error against the float64 reference."""
+def _run_one_case(lib: Path, shape=None, past_len=(7, 30), seed: int | None = 0) -> float:
+    """One decode call through ONNX Runtime (CPU) with `lib`, by default of a quantized-cache model:
+    relative error against the float64 reference."""
     g = _gpu_check()
-    rng = np.random.default_rng(0)
-    sh = g.Shape(s=2, bits=4, rk=40, rv=24)
+    rng = np.random.default_rng(seed)
+    sh = shape or g.Shape(s=2, bits=4, rk=40, rv=24)
     feeds = dict(g.constants(rng, sh, np.float32), **g.initial_caches(rng, sh, np.float32),
-                 **g.new_tokens(rng, sh, 1, np.float32), past_len=np.asarray([7, 30], np.int64))
+                 **g.new_tokens(rng, sh, 1, np.float32), past_len=np.asarray(past_len, np.int64))
     attrs = g.attributes(sh)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(lib))
@@ -119,18 +119,9 @@ def test_emulated_combine_many_splits(monkeypatch, rv, v_up):
     monkeypatch.setenv("LREXPORT_CUDA_MMA", "0")
     monkeypatch.setenv("LREXPORT_EMU_SMS", "256")
     lib = ortops.build(build_dir=REPO / "build" / "custom_ops-cuda-emulated", extra_args=["-DLREXPORT_CUDA_EMULATE=ON"])
-    g = _gpu_check()
-    rng = np.random.default_rng()
-    sh = g.Shape(B=1, Hq=2, Hkv=1, D=32, rk=24, rv=rv, P=10240, Prope=10240, v_up=v_up, k_bias=False)
-    past = 10239  # 10240 positions: min(512, 10240 // 64) = 160 splits of 64, none empty
-    feeds = dict(g.constants(rng, sh, np.float32), **g.initial_caches(rng, sh, np.float32),
-                 **g.new_tokens(rng, sh, 1, np.float32), past_len=np.asarray([past], np.int64))
-    attrs = g.attributes(sh)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(lib))
-    sess = ort.InferenceSession(g.make_model(feeds, attrs), so, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {k: v for k, v in feeds.items() if v is not None})[0]
-    err = g.rel_err(out, g.reference(feeds, attrs)[0])
+    sh = _gpu_check().Shape(B=1, Hq=2, Hkv=1, D=32, rk=24, rv=rv, P=10240, Prope=10240, v_up=v_up, k_bias=False)
+    # 10240 positions: min(512, 10240 // 64) = 160 splits of 64, none empty
+    err = _run_one_case(lib, sh, past_len=[10239], seed=None)
     assert err < 1e-4, err
 
 

@@ -1065,12 +1065,15 @@ def attend_(query_BSQ: torch.Tensor, cache_k: torch.Tensor, cache_k_params: torc
 
 def _values_up(out: torch.Tensor, v_up_GrE: torch.Tensor, G: int, rv: int, group_size: int, D: int,
                nrep: int) -> torch.Tensor:
-    """The attention output [B, S, Hq * rv] in the value-latent space taken up to the heads' [B, S, Hq * D]."""
+    """The attention output [B, S, Hq * rv] in the value-latent space taken up to the heads' [B, S, Hq * D].
+
+    Head ``h`` reads KV head ``kv = h // nrep`` = ``g * group_size + j``, whose values come up by the columns
+    ``j * D .. (j + 1) * D`` of group ``g``'s ``v_up``: one batched product over (group, KV head of the group) on
+    views, with no per-head copy of ``v_up``."""
     B, S, _ = out.shape
-    num_heads = out.shape[-1] // rv
-    kv = torch.arange(num_heads, device=out.device) // nrep
-    up_HrD = v_up_GrE.view(G, rv, group_size, D)[kv // group_size, :, kv % group_size, :].to(out.dtype)
-    return torch.einsum("bshr,hrd->bshd", out.view(B, S, num_heads, rv), up_HrD).reshape(B, S, num_heads * D)
+    o = out.view(B, S, G, group_size, nrep, rv)
+    up = v_up_GrE.view(G, rv, group_size, D).to(out.dtype)
+    return torch.einsum("bsgjnr,grjd->bsgjnd", o, up).reshape(B, S, G * group_size * nrep * D)
 
 
 def latent_attention(query_BSQ, latent_k_BSR, latent_v_BSR, cache_k, cache_k_params, cache_v, cache_v_params,
