@@ -838,6 +838,8 @@ def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, n
                for a, b in zip(ra, rb))
     total = sum(len(r) for g in toks["cpu"] for r in g)
     graphs = " (decode steps as CUDA graphs)" if backends["cuda"].cuda_graph else ""
+    if backends["cuda"].cuda_graph:
+        _device_loop_pair(ck, variant, backends["cuda"], prompts, new_tokens)
     if schedule is not None:
         settings = {tuple(schedule.ranks(t, backends["cpu"].rank_max)) for t in range(new_tokens + 1)}
         graphs += f"; progressive schedule: {len(settings)} rank settings"
@@ -845,6 +847,35 @@ def _generation_pair(ck: Checker, variant: str, backends: dict, prompts: list, n
                out_vs_cpu=worst, ok=worst < 2e-2 and same == total,
                note=f"ONNX Runtime backend, logits on the GPU{graphs}; generate(): {same}/{total} tokens equal "
                     "to the CPU's (greedy and sampled)"))
+
+
+def _device_loop_pair(ck: Checker, variant: str, be, prompts: list, new_tokens: int):
+    """Greedy generate() on a CUDA-graph backend drives its decode steps on the GPU (``device_loop``,
+    ``greedy_on_device``: argmax into the next step's ids, one step launched ahead). Against the same
+    backend's step-by-step loop (the device loop switched off): the tokens and finish reasons, plain, with
+    a stop token met mid-way by one row, and with that stop token held back by ``min_new_tokens``."""
+    from lrexport.runtime.loop import generate
+
+    def run(device_loop: bool, **kw):
+        if not device_loop:
+            be.device_loop = lambda caches: None  # the instance's attribute hides the method
+        try:
+            r = generate(be, prompts, max_new_tokens=new_tokens, **kw)
+        finally:
+            be.__dict__.pop("device_loop", None)
+        return r.tokens, r.finish_reasons, r.live_rows
+
+    plain = run(False)
+    stop = plain[0][0][new_tokens // 2]  # row 0's token half-way
+    cases = {"plain": {}, "stop": {"stop_ids": [stop]}, "stop+min_new": {"stop_ids": [stop],
+                                                                          "min_new_tokens": new_tokens - 2}}
+    same = {name: run(True, **kw) == run(False, **kw) for name, kw in cases.items()}
+    stopped = run(True, stop_ids=[stop])[1]
+    ck.add(Row(f"generate {variant} device loop", "float16", 0, 1, f"{new_tokens} steps",
+               ok=all(same.values()) and "stop" in stopped,
+               note="greedy generate() on the GPU-driven loop against the step-by-step loop, same backend: "
+                    + ", ".join(f"{k} {'equal' if v else 'DIFFERENT'}" for k, v in same.items())
+                    + f"; finish reasons with the stop token {stopped}"))
 
 
 def environment(ort, emulated: bool) -> dict:

@@ -29,7 +29,11 @@ execution provider with the caches bound in place (IO binding, caches in GPU mem
   fusion (``--no-fused-norms``); with ``_separate``: without the shared-input MatMul fusion
   (``--no-fuse-matmuls``; the default fuses float16 models), with ``_fusedmm``: with it
   (``--fuse-matmuls``); with ``_graph``: exported with ``--cuda-graph`` and run with CUDA graphs
-  (each decode step one graph replay; ``OrtBackend(cuda_graph=True)``); with ``_ranks``: a progressive
+  (each decode step one graph replay; ``OrtBackend(cuda_graph=True)``), and each such variant (and
+  ``uncompressed_gqa_graph``) gets a second row, ``NAME+device_loop``: greedy decoding driven on the GPU
+  (``lrexport.runtime.loop.greedy_on_device``, what ``generate()`` runs on a CUDA-graph backend): each step's
+  argmax feeds the next step on the GPU and the next replay is launched before the host reads the ids;
+  with ``_ranks``: a progressive
   schedule (the weight ranks an input of the model, lowered linearly to 80% over 8 steps, in multiples of 16;
   not with ``_graph``: CUDA graphs cannot capture it);
 * ``NAME@SETTINGS`` (e.g. ``lrexport@waves=8+maxnreg=0``): ``NAME``'s export with its GPU decode kernels
@@ -225,6 +229,10 @@ def worker(folder: str, contexts: list[int], batches: list[int], steps: int, dev
                                           free0 if device == "cuda" else None, run_times[3:]))
             if profile:
                 _gqa().profile_steps(rows[-1], functools.partial(backend.step, ids, pos, caches, None))
+            dl = backend.device_loop(caches) if hasattr(backend, "device_loop") else None
+            if dl is not None:  # CUDA graphs: greedy decoding driven on the GPU, as generate() runs it
+                rows.append(_gqa().device_loop_row(dl, C, B, steps, kv_bytes, free0, profile))
+                del dl
             del caches
             if getattr(backend, "cuda_graph", False):
                 backend.release_caches()
@@ -291,13 +299,15 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             raise SystemExit(f"{v}: the worker failed (exit {proc.returncode})")
         for r in json.loads(proc.stdout.strip().splitlines()[-1]):
-            rows.append({"variant": "uncompressed" if v in BASELINES else "lrexport", "setting": v, **r})
+            setting = v + ("+device_loop" if r.get("loop") == "device" else "")
+            rows.append({"variant": "uncompressed" if v in BASELINES else "lrexport", "setting": setting, **r})
     if args.build_only:
         return 0
     ran = [b for b in BASELINES if any(r["setting"] == b for r in rows)]
     base = {(r["context"], r["batch"]): r for r in rows if ran and r["setting"] == ran[0]}
     plain = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed"}
     ggraph = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed_gqa_graph"}
+    gdevice = {(r["context"], r["batch"]): r for r in rows if r["setting"] == "uncompressed_gqa_graph+device_loop"}
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         if b and r is not b:
@@ -308,6 +318,9 @@ def main(argv=None) -> int:
         g = ggraph.get((r["context"], r["batch"]))
         if g and r is not g and r["setting"] not in BASELINES:
             r["speedup_gqa_graph"] = r["decode_tok_s"] / g["decode_tok_s"]
+        d = gdevice.get((r["context"], r["batch"]))
+        if d and r is not d and r["setting"].endswith("+device_loop"):
+            r["speedup_device_loops"] = r["decode_tok_s"] / d["decode_tok_s"]
         p = plain.get((r["context"], r["batch"]))
         if p and r is not p and not r["setting"].startswith("uncompressed_gqa"):
             r["speedup_plain"] = r["decode_tok_s"] / p["decode_tok_s"]
@@ -335,14 +348,18 @@ def write_md(doc: dict, path: Path) -> str:
     rows = doc["rows"]
     profiled = any("gpu_ms" in r for r in rows)
     split = ["run_ms", "wait_ms"] if any("run_ms" in r for r in rows) else []
-    cols = ["setting", "context", "batch", "step_ms"] + split + (["gpu_ms", "kernels_per_step"] if profiled else []) + [
-        "decode_tok_s", "speedup", "speedup_gqa_graph", "speedup_plain", "kv_bytes", "kv_smaller_x",
-        "gpu_mem_bytes", "gpu_mem_smaller_x"]
+    spans = ["span_ms", "gap_short_ms", "gap_long_ms"] if any("span_ms" in r for r in rows) else []
+    cols = ["setting", "context", "batch", "step_ms"] + split + (["gpu_ms", "kernels_per_step"] if profiled else []) + (
+        spans) + ["decode_tok_s", "speedup", "speedup_gqa_graph", "speedup_device_loops", "speedup_plain",
+                  "kv_bytes", "kv_smaller_x", "gpu_mem_bytes", "gpu_mem_smaller_x"]
     if any("graph_rel_err" in r for r in rows):
         cols.append("graph_rel_err")
     lines = [f"# GPU end to end ({doc['date']})", "", doc["machine"], "", f"`{doc['command']}`", "", doc["model"] + "; "
              + doc["settings"], "", f"speedup: decode tokens/s over {doc.get('baseline') or '-'} (same context and "
              "batch, same run); speedup_gqa_graph: over uncompressed_gqa_graph (the baseline with CUDA graphs); "
+             "speedup_device_loops: a +device_loop row over uncompressed_gqa_graph+device_loop (both driven on the "
+             "GPU); span_ms: a step's GPU time from first start to last end, gap_short_ms / gap_long_ms: the GPU idle "
+             "in it between events, under / over 20 us apart; "
              "speedup_plain: over the plain uncompressed export; *_smaller_x: that baseline's bytes / these", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+SHORT_GAP_US = 20.0  # a gap between two GPU events shorter than this: launch latency, not the host
 
 # kernel name fragments (lowercase) -> category, first match wins
 CATEGORIES = (
@@ -94,7 +95,10 @@ def step_breakdown(fn: Callable[[], object], steps: int) -> dict:
     """GPU work of ``steps`` calls of ``fn``: the busy time per call and its split by kernel category.
 
     Returns ``{"gpu_ms": mean summed duration per call, "kernels_per_step": ..., "by_category":
-    {category: ms per call}, "top": [(kernel name, ms per call), ...]}``.
+    {category: ms per call}, "top": [(kernel name, ms per call), ...], "span_ms": first start to last
+    end per call, "gap_ms": the GPU's idle time between its events within that span per call, split into
+    ``gap_short_ms`` (gaps under ``SHORT_GAP_US``: one launch after another, as inside a graph) and
+    ``gap_long_ms`` (longer: the GPU waiting for the host)}``.
     """
     def body():
         for _ in range(steps):
@@ -108,6 +112,19 @@ def step_breakdown(fn: Callable[[], object], steps: int) -> dict:
         by_cat[category(name)] += float(e["dur"])
         by_name[name] += float(e["dur"])
     total = sum(by_cat.values())
+    short = long = 0.0
+    end = None
+    for e in events:  # in start order; events may overlap (several streams)
+        start = float(e["ts"])
+        if end is not None and start > end:
+            if start - end < SHORT_GAP_US:
+                short += start - end
+            else:
+                long += start - end
+        end = max(end or start, start + float(e["dur"]))
+    span = (end - float(events[0]["ts"])) if events else 0.0
     return {"gpu_ms": total / steps / 1e3, "kernels_per_step": len(events) / steps,
+            "span_ms": span / steps / 1e3, "gap_ms": (short + long) / steps / 1e3,
+            "gap_short_ms": short / steps / 1e3, "gap_long_ms": long / steps / 1e3,
             "by_category": {k: v / steps / 1e3 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
             "top": [(n[:120], v / steps / 1e3) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]]}

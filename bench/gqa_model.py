@@ -243,10 +243,15 @@ class GqaSession:
         self.device = device
         self.np_dtype = _NP_DTYPES[self.meta["dtype"]]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.stream = None  # CUDA graphs: ONNX Runtime's stream, the session's own (BoundCaches.device_loop)
         if cuda_graph:
             if device != "cuda":
                 raise ValueError("cuda_graph needs device='cuda'")
-            providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+            import torch
+
+            self.stream = torch.cuda.Stream()
+            providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1",
+                                                      "user_compute_stream": str(self.stream.cuda_stream)})
         self.cuda_graph = cuda_graph
         self._graphs = 0  # graph ids handed out
         self.session = ort.InferenceSession(str(folder / self.meta["file"]), providers=providers)
@@ -356,7 +361,6 @@ class BoundCaches:
         """One token per row as a CUDA graph replay. A replay repeats the captured launches, so
         ``total_sequence_length`` (a host input of GroupQueryAttention) is held at the caches'
         capacity and the row lengths come from ``seqlens_k`` in GPU memory."""
-        import onnxruntime as ort
         import torch
 
         batch = ids.shape[0]
@@ -372,7 +376,15 @@ class BoundCaches:
         host[:8 * batch].view(torch.int64).copy_(torch.from_numpy(ids.reshape(batch)))
         host[8 * batch:].view(torch.int32).copy_(torch.from_numpy(lens))
         torch.cuda.current_stream().synchronize()
+        self.gqa.stream.synchronize()  # a device loop's last work
         raw.copy_(host)
+        return self._replay(sync=True)
+
+    def _replay(self, sync: bool):
+        import onnxruntime as ort
+
+        gid, raw, host, out, total = self._graph
+        batch = out.shape[0]
         if not self._graph_bound:  # bound once (a prompt binds host inputs in between)
             self.io.bind_input("input_ids", "cuda", 0, np.int64, [batch, 1], raw.data_ptr())
             self.io.bind_input("seqlens_k", "cuda", 0, np.int32, [batch], raw.data_ptr() + 8 * batch)
@@ -381,8 +393,25 @@ class BoundCaches:
             self._graph_bound = True
         ro = ort.RunOptions()
         ro.add_run_config_entry("gpu_graph_id", str(gid))
+        if not sync:
+            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.gqa.session.run_with_iobinding(self.io, ro)
         return out
+
+    def device_loop(self):
+        """Decode steps driven on the GPU (``lrexport.runtime.ort_backend.DeviceLoop``): the graph's token ids
+        and ``seqlens_k`` buffers on the session's stream. Needs a graph step first (the buffers exist then)."""
+        import torch
+
+        from lrexport.runtime.ort_backend import DeviceLoop
+
+        if self._graph is None:
+            raise RuntimeError("device_loop: run one graph step first")
+        gid, raw, host, out, total = self._graph
+        B = out.shape[0]
+        torch.cuda.synchronize()
+        return DeviceLoop(stream=self.gqa.stream, ids=raw[:8 * B].view(torch.int64).view(B, 1),
+                          past_len=raw[8 * B:].view(torch.int32), replay=lambda: self._replay(sync=False))
 
 
 def profile_steps(row: dict, step, steps: int = 5) -> None:
@@ -394,9 +423,45 @@ def profile_steps(row: dict, step, steps: int = 5) -> None:
 
     b = step_breakdown(step, steps)
     row.update(gpu_ms=b["gpu_ms"], gpu_busy=b["gpu_ms"] / row["step_ms"], kernels_per_step=b["kernels_per_step"],
+               span_ms=b["span_ms"], gap_short_ms=b["gap_short_ms"], gap_long_ms=b["gap_long_ms"],
                gpu_by_category=b["by_category"], gpu_top_kernels=b["top"])
-    print(json.dumps({k: row[k] for k in ("context", "batch", "step_ms", "gpu_ms", "kernels_per_step",
-                                          "gpu_by_category")}), file=sys.stderr, flush=True)
+    print(json.dumps({k: row[k] for k in ("context", "batch", "step_ms", "gpu_ms", "span_ms", "gap_short_ms",
+                                          "gap_long_ms", "kernels_per_step", "gpu_by_category")}),
+          file=sys.stderr, flush=True)
+
+
+def device_loop_row(dl, context: int, batch: int, steps: int, kv_bytes: int, free0: int | None,
+                    profile: bool = False) -> dict:
+    """A result row of greedy decoding driven on the GPU (``lrexport.runtime.loop.greedy_on_device`` over
+    the device loop ``dl``): ``steps + 3`` decode steps from position ``context`` (the first 3 not timed);
+    a step's time is the interval between two tokens reaching the host. ``profile``: the GPU work of 5
+    such steps as well (``profile_steps``; their span and idle gaps show whether the GPU ran back to back)."""
+    import torch
+
+    from lrexport.runtime.loop import greedy_on_device
+
+    first = torch.randint(10, 1000, (batch,), device=dl.ids.device)
+    pos = torch.full((batch,), context, dtype=torch.int64)
+    torch.cuda.synchronize()
+    times = []
+    t0 = time.perf_counter()
+    for _ in greedy_on_device(dl, first, pos, steps + 4):
+        t = time.perf_counter()
+        times.append(t - t0)
+        t0 = t
+    row = decode_row(context, batch, times[3:], kv_bytes, True, free0)
+    row["loop"] = "device"
+    if profile:
+        def five():
+            for _ in greedy_on_device(dl, first, pos, 6):
+                pass
+        profile_steps(row, five, steps=1)
+        for k in ("gpu_ms", "span_ms", "gap_short_ms", "gap_long_ms", "kernels_per_step"):  # 5 decode steps
+            row[k] /= 5
+        row["gpu_by_category"] = {c: v / 5 for c, v in row["gpu_by_category"].items()}
+        row["gpu_top_kernels"] = [(n, v / 5) for n, v in row["gpu_top_kernels"]]
+        row["gpu_busy"] = row["gpu_ms"] / row["step_ms"]
+    return row
 
 
 def decode_row(context: int, batch: int, times: list[float], kv_bytes: int, finite: bool,
@@ -476,6 +541,8 @@ def gqa_worker(folder: str, contexts: list[int], batches: list[int], steps: int,
             if profile:
                 lens = np.full(B, C + steps + 2, dtype=np.int32)
                 profile_steps(rows[-1], functools.partial(bound.step, ids, lens, C + steps + 3))
+            if cuda_graph:
+                rows.append(device_loop_row(bound.device_loop(), C, B, steps, kv_bytes, free0, profile))
             del bound, caches
             if device == "cuda":
                 torch.cuda.empty_cache()

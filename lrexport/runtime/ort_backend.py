@@ -23,11 +23,19 @@ which each step updates in place. One graph is captured per set of caches; prefi
 than one token) run without one. A model with a progressive rank schedule cannot be captured
 (ONNX Runtime runs its rank shape computations on the CPU), and ``lrexport export --cuda-graph``
 refuses it.
+
+A CUDA-graph backend runs ONNX Runtime on a stream of its own (``user_compute_stream``), and
+:meth:`OrtBackend.device_loop` hands out its step buffers on that stream: a greedy decode loop
+(:func:`lrexport.runtime.loop.greedy_on_device`) then writes each step's argmax straight into the
+next step's token ids, launches the next replay before the host has read the last ids, and so keeps
+the host off the GPU's critical path.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +67,20 @@ def first_provider(providers: list | None) -> str:
     return first if isinstance(first, str) else first[0]
 
 
+@dataclass
+class DeviceLoop:
+    """A CUDA-graph backend's decode step, driven from the GPU: ``replay()`` launches the step over
+    the current contents of ``ids`` (``[B, 1]`` int64) and ``past_len`` (``[B]`` int64) and returns its
+    logits buffer (``[B, 1, vocab]``, rewritten by the next replay) without waiting for the GPU. The
+    buffers are read and written on ``stream`` (run the loop's work under ``torch.cuda.stream(stream)``),
+    in the order it was launched."""
+
+    stream: torch.cuda.Stream
+    ids: torch.Tensor
+    past_len: torch.Tensor
+    replay: Callable[[], torch.Tensor]
+
+
 class OrtBackend:
     """A loop backend over an ONNX Runtime session (CPU by default).
 
@@ -87,6 +109,7 @@ class OrtBackend:
             raise LrexportError("the CUDA backend keeps the caches on the GPU and needs the custom-op library with "
                                 "in-place caches (use_library=True, in_place=True)")
         self.cuda_graph = bool(cuda_graph)
+        self._stream: torch.cuda.Stream | None = None  # ONNX Runtime's stream, when the backend owns it
         if self.cuda_graph:
             if self.device != "cuda":
                 raise LrexportError("cuda_graph=True needs CUDAExecutionProvider first among the providers")
@@ -96,7 +119,11 @@ class OrtBackend:
                 raise LrexportError("cuda_graph=True: the model has a rank input (a progressive schedule), which "
                                     "CUDA graphs cannot capture")
             opts0 = {} if isinstance(providers[0], str) else dict(providers[0][1])
-            providers[0] = ("CUDAExecutionProvider", {**opts0, "enable_cuda_graph": "1"})
+            opts0["enable_cuda_graph"] = "1"
+            if "user_compute_stream" not in opts0:  # ONNX Runtime on the backend's stream (device_loop)
+                self._stream = torch.cuda.Stream(device=self.device_id)
+                opts0["user_compute_stream"] = str(self._stream.cuda_stream)
+            providers[0] = ("CUDAExecutionProvider", opts0)
         self._no_graph = None  # run options of the steps that run without a graph (prefill)
         if self.cuda_graph:
             self._no_graph = ort.RunOptions()
@@ -182,7 +209,7 @@ class OrtBackend:
             return torch.from_numpy(named["logits"]), [named[p] for p in self.present]
         binding = self._cache_binding(caches)
         if self.cuda_graph and feeds["input_ids"].shape[1] == 1:
-            return self._graph_step(binding, caches, input_ids, past_len), caches
+            return self._graph_step(caches, input_ids, past_len), caches
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         if self.device == "cuda":
@@ -237,6 +264,7 @@ class OrtBackend:
         if fits:
             return self._graph_sets[fits[0]]
         key = (batch, min(self.max_len, -(-capacity // 256) * 256))
+        self._sync_stream()  # an evicted set's buffers may go back to PyTorch's allocator
         while len(self._graph_sets) >= self._graph_cache_sets:  # the oldest set and its graphs go
             old_key = next(iter(self._graph_sets))
             old = self._graph_sets.pop(old_key)
@@ -253,18 +281,20 @@ class OrtBackend:
     def release_caches(self) -> None:
         """CUDA graphs: drop the cache sets the backend keeps (and their step buffers and graphs), so
         that their GPU memory can go once the caller holds no reference either."""
+        self._sync_stream()  # nothing of ONNX Runtime's still uses buffers PyTorch may hand out again
         self._graph_sets.clear()
         self._graph_bufs.clear()
         self._binding, self._binding_key, self._binding_refs = None, None, []
         self._graph_bound = None
 
-    def _graph_step(self, binding: Any, caches: list[torch.Tensor], input_ids: torch.Tensor,
-                    past_len: torch.Tensor) -> torch.Tensor:
-        """A decode step of a CUDA-graph backend: the replay of its caches' graph (captured on first
-        use, after ONNX Runtime's warm-up runs)."""
-        import onnxruntime as ort
+    def _sync_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
 
-        B = input_ids.shape[0]
+    def _graph_buffers(self, caches: list[torch.Tensor]) -> dict[str, Any]:
+        """The fixed step buffers of a set of caches (token ids then lengths in one int64 buffer, the
+        logits), bound to the session for a replay of its graph."""
+        B = caches[0].shape[0]
         vocab, dtype = self._logits_info
         key = self._caches_key(caches)
         bufs = self._graph_bufs.get(key)
@@ -275,23 +305,56 @@ class OrtBackend:
                 "step_in": step_in, "host": torch.zeros(2 * B, dtype=torch.int64).pin_memory(),
                 "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graph_id": self._next_graph_id}
             self._next_graph_id += 1
-        host = bufs["host"]
-        host[:B] = input_ids.reshape(B)
-        host[B:] = past_len.reshape(B)
-        torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's reads of the last logits
-        bufs["step_in"].copy_(host)  # pinned host memory, synchronous: the values are there when it returns
-        out = bufs["logits"]
+            torch.cuda.synchronize(self.device_id)  # the zeros are there before another stream reads them
+        binding = self._cache_binding(caches)
         if self._graph_bound != key:  # the step buffers bound (a prefill binds host inputs in between)
             ptr = bufs["step_in"].data_ptr()
+            out = bufs["logits"]
             binding.bind_input("input_ids", "cuda", self.device_id, np.int64, [B, 1], ptr)
             binding.bind_input("past_len", "cuda", self.device_id, np.int64, [B], ptr + 8 * B)
             binding.bind_output("logits", "cuda", self.device_id, np.dtype(str(dtype).removeprefix("torch.")),
                                 list(out.shape), out.data_ptr())
             self._graph_bound = key
+        return bufs
+
+    def _replay(self, caches: list[torch.Tensor], sync: bool) -> torch.Tensor:
+        """Replay (or, on first use, run and capture) the graph of ``caches`` over its step buffers."""
+        import onnxruntime as ort
+
+        bufs = self._graph_buffers(caches)  # (re)bound if a prefill bound host inputs in between
         ro = ort.RunOptions()
         ro.add_run_config_entry("gpu_graph_id", str(bufs["graph_id"]))
-        self.session.run_with_iobinding(binding, ro)
-        return out
+        if not sync:  # the run returns once its work is launched
+            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.session.run_with_iobinding(self._binding, ro)
+        return bufs["logits"]
+
+    def _graph_step(self, caches: list[torch.Tensor], input_ids: torch.Tensor, past_len: torch.Tensor) -> torch.Tensor:
+        """A decode step of a CUDA-graph backend: the replay of its caches' graph (captured on first
+        use, after ONNX Runtime's warm-up runs)."""
+        B = input_ids.shape[0]
+        bufs = self._graph_buffers(caches)
+        host = bufs["host"]
+        host[:B] = input_ids.reshape(B)
+        host[B:] = past_len.reshape(B)
+        torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's reads of the last logits
+        self._sync_stream()  # and a device loop's last work
+        bufs["step_in"].copy_(host)  # pinned host memory, synchronous: the values are there when it returns
+        return self._replay(caches, sync=True)
+
+    def device_loop(self, caches: list[torch.Tensor]) -> DeviceLoop | None:
+        """Decode steps driven on the GPU over ``caches`` (this backend's, from :meth:`new_caches`), or
+        None where the backend cannot (no CUDA graphs, or no stream of its own)."""
+        if not self.cuda_graph or self._stream is None:
+            return None
+        if not isinstance(caches, list) or not caches or self._caches_key(caches) not in {
+                self._caches_key(c) for c in self._graph_sets.values()}:
+            raise LrexportError("device_loop needs caches from this backend's new_caches()")
+        torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's work on the caches (a prefill's reads)
+        bufs = self._graph_buffers(caches)
+        B = caches[0].shape[0]
+        return DeviceLoop(stream=self._stream, ids=bufs["step_in"][:B].view(B, 1), past_len=bufs["step_in"][B:],
+                          replay=lambda: self._replay(caches, sync=False))
 
     @staticmethod
     def _caches_key(caches: list) -> tuple:
