@@ -195,6 +195,8 @@ class OrtBackend:
         """One step; returns the logits ``[B, S, vocab]`` (a tensor on the GPU with CUDA, else on the CPU)
         and the caches (the same buffers when they are updated in place). With CUDA graphs, a decode
         step's logits are the backend's buffer, valid until the next step."""
+        if self.cuda_graph and input_ids.shape[1] == 1:  # a replay: no host inputs to bind
+            return self._graph_step(caches, input_ids, past_len), caches
         feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids.cpu().numpy(), dtype=np.int64),
                                  "past_len": np.ascontiguousarray(past_len.cpu().numpy(), dtype=np.int64)}
         if self.rank_max:
@@ -208,8 +210,6 @@ class OrtBackend:
             named = dict(zip(self.output_names, outs))
             return torch.from_numpy(named["logits"]), [named[p] for p in self.present]
         binding = self._cache_binding(caches)
-        if self.cuda_graph and feeds["input_ids"].shape[1] == 1:
-            return self._graph_step(caches, input_ids, past_len), caches
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         if self.device == "cuda":
@@ -223,14 +223,14 @@ class OrtBackend:
         logits = binding.get_outputs()[0].numpy()
         return torch.from_numpy(logits), caches
 
-    def _cache_binding(self, caches: list) -> Any:
+    def _cache_binding(self, caches: list, key: tuple | None = None) -> Any:
         """The session's IO binding with every cache bound as its ``past_*`` input and ``present_*``
         output (the same memory). Made once per set of cache buffers: binding 2 x layers x caches
         tensors costs host time on every step otherwise (several ms per step on a GPU, where the
         host sets the pace of a small batch)."""
         import onnxruntime as ort
 
-        key = self._caches_key(caches)
+        key = key or self._caches_key(caches)
         if self._binding is not None and key == self._binding_key:
             return self._binding
         binding = self.session.io_binding()
@@ -291,23 +291,34 @@ class OrtBackend:
         if self._stream is not None:
             self._stream.synchronize()
 
-    def _graph_buffers(self, caches: list[torch.Tensor]) -> dict[str, Any]:
+    def _graph_buffers(self, caches: list[torch.Tensor], key: tuple | None = None) -> dict[str, Any]:
         """The fixed step buffers of a set of caches (token ids then lengths in one int64 buffer, the
-        logits), bound to the session for a replay of its graph."""
+        logits, the run options of a replay), bound to the session for a replay of its graph. ``key``:
+        the caches' ``_caches_key``, when the caller has it."""
+        import onnxruntime as ort
+
+        key = key or self._caches_key(caches)
+        bufs = self._graph_bufs.get(key)
         B = caches[0].shape[0]
         vocab, dtype = self._logits_info
-        key = self._caches_key(caches)
-        bufs = self._graph_bufs.get(key)
         if bufs is None:
             dev = f"cuda:{self.device_id}"
             step_in = torch.zeros(2 * B, dtype=torch.int64, device=dev)  # token ids, then lengths: one copy
+            graph_id = self._next_graph_id
+            self._next_graph_id += 1
+            run_options = {}
+            for sync in (True, False):
+                ro = run_options[sync] = ort.RunOptions()
+                ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+                if not sync:  # the run returns once its work is launched
+                    ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
             bufs = self._graph_bufs[key] = {
                 "step_in": step_in, "host": torch.zeros(2 * B, dtype=torch.int64).pin_memory(),
-                "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graph_id": self._next_graph_id}
-            self._next_graph_id += 1
+                "logits": torch.empty(B, 1, vocab, dtype=dtype, device=dev), "graph_id": graph_id,
+                "run_options": run_options}
             torch.cuda.synchronize(self.device_id)  # the zeros are there before another stream reads them
-        binding = self._cache_binding(caches)
         if self._graph_bound != key:  # the step buffers bound (a prefill binds host inputs in between)
+            binding = self._cache_binding(caches, key)
             ptr = bufs["step_in"].data_ptr()
             out = bufs["logits"]
             binding.bind_input("input_ids", "cuda", self.device_id, np.int64, [B, 1], ptr)
@@ -317,44 +328,43 @@ class OrtBackend:
             self._graph_bound = key
         return bufs
 
-    def _replay(self, caches: list[torch.Tensor], sync: bool) -> torch.Tensor:
-        """Replay (or, on first use, run and capture) the graph of ``caches`` over its step buffers."""
-        import onnxruntime as ort
-
-        bufs = self._graph_buffers(caches)  # (re)bound if a prefill bound host inputs in between
-        ro = ort.RunOptions()
-        ro.add_run_config_entry("gpu_graph_id", str(bufs["graph_id"]))
-        if not sync:  # the run returns once its work is launched
-            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.session.run_with_iobinding(self._binding, ro)
+    def _replay(self, caches: list[torch.Tensor], sync: bool, key: tuple | None = None) -> torch.Tensor:
+        """Replay (or, on first use, run and capture) the graph of ``caches`` over its step buffers;
+        ``sync``: return once the GPU is done (else once the work is launched)."""
+        bufs = self._graph_buffers(caches, key)  # (re)bound if a prefill bound host inputs in between
+        self.session.run_with_iobinding(self._binding, bufs["run_options"][sync])
         return bufs["logits"]
 
     def _graph_step(self, caches: list[torch.Tensor], input_ids: torch.Tensor, past_len: torch.Tensor) -> torch.Tensor:
         """A decode step of a CUDA-graph backend: the replay of its caches' graph (captured on first
         use, after ONNX Runtime's warm-up runs)."""
         B = input_ids.shape[0]
-        bufs = self._graph_buffers(caches)
+        if not caches or caches[0].shape[0] != B or tuple(past_len.shape) != (B,):
+            raise ShapeError(f"a decode step of {B} rows (input_ids {tuple(input_ids.shape)}, past_len "
+                             f"{tuple(past_len.shape)}) over caches of {caches[0].shape[0] if caches else 0} rows")
+        key = self._caches_key(caches)
+        bufs = self._graph_buffers(caches, key)
         host = bufs["host"]
         host[:B] = input_ids.reshape(B)
         host[B:] = past_len.reshape(B)
         torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's reads of the last logits
         self._sync_stream()  # and a device loop's last work
         bufs["step_in"].copy_(host)  # pinned host memory, synchronous: the values are there when it returns
-        return self._replay(caches, sync=True)
+        return self._replay(caches, sync=True, key=key)
 
     def device_loop(self, caches: list[torch.Tensor]) -> DeviceLoop | None:
         """Decode steps driven on the GPU over ``caches`` (this backend's, from :meth:`new_caches`), or
         None where the backend cannot (no CUDA graphs, or no stream of its own)."""
         if not self.cuda_graph or self._stream is None:
             return None
-        if not isinstance(caches, list) or not caches or self._caches_key(caches) not in {
-                self._caches_key(c) for c in self._graph_sets.values()}:
+        key = self._caches_key(caches) if isinstance(caches, list) and caches else None
+        if key is None or key not in {self._caches_key(c) for c in self._graph_sets.values()}:
             raise LrexportError("device_loop needs caches from this backend's new_caches()")
         torch.cuda.current_stream(self.device_id).synchronize()  # PyTorch's work on the caches (a prefill's reads)
-        bufs = self._graph_buffers(caches)
+        bufs = self._graph_buffers(caches, key)
         B = caches[0].shape[0]
         return DeviceLoop(stream=self._stream, ids=bufs["step_in"][:B].view(B, 1), past_len=bufs["step_in"][B:],
-                          replay=lambda: self._replay(caches, sync=False))
+                          replay=lambda: self._replay(caches, sync=False, key=key))
 
     @staticmethod
     def _caches_key(caches: list) -> tuple:
