@@ -64,6 +64,10 @@ class Row:
     stored_ratio: float | None = None
     kv: PaluKV | KiviKV | None = None
     extra: dict = field(default_factory=dict)
+    targets: tuple[str, ...] | None = None  # the projections factorized (None: all); ``ratio`` stays of all
+
+
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def weight_rows(ratios: list[float], delta: float) -> list[Row]:
@@ -78,6 +82,10 @@ def weight_rows(ratios: list[float], delta: float) -> list[Row]:
             Row(f"flrc-{r:.0%}", FisherWhitenSvd(), Flrc, r),
             Row(f"flrc-progressive-linear-{r:.0%}", FisherWhitenSvd(), Flrc, r, "linear", r * (1 - delta)),
             Row(f"flrc-progressive-cosine-{r:.0%}", FisherWhitenSvd(), Flrc, r, "cosine", r * (1 - delta)),
+            # the same parameters removed, all from the MLP (``compress --targets mlp``; q/o/k/v stay dense,
+            # which decodes faster on a GPU: docs/gpu.md, "Which projections to factorize for decode speed")
+            Row(f"mlp-only-svdllm-uniform-{r:.0%}", WhitenSvd(), Uniform, r, targets=MLP, extra={"targets": "mlp"}),
+            Row(f"mlp-only-flrc-{r:.0%}", FisherWhitenSvd(), Flrc, r, targets=MLP, extra={"targets": "mlp"}),
         ]
     return rows
 
@@ -161,11 +169,18 @@ class Bench:
     def weight_plan(self, row: Row, plan: Plan, exclude_kv: bool = False):
         ds, factorize_s = self.decomps(row.method)
         names = [n for n in ds if not (exclude_kv and n.endswith(("k_proj", "v_proj")))]
+        scale = 1.0
+        if row.targets:  # the row's parameters, all removed from its targets
+            size = {n: ds[n].shape[0] * ds[n].shape[1] for n in names}
+            names = [n for n in names if n.rsplit(".", 1)[1] in row.targets]
+            scale = sum(size.values()) / sum(size[n] for n in names)
         infos = [ProjectionInfo(name=n, m=ds[n].shape[0], n=ds[n].shape[1], sigma2=ds[n].sigma2,
                                 loss_weight=ds[n].loss_weight, fisher_w=self.stats.fisher_w.get(n, 0.0))
                  for n in names]
         ctx = AllocContext(infos=infos)
-        stored = row.stored_ratio if row.stored_ratio is not None else row.ratio
+        stored = (row.stored_ratio if row.stored_ratio is not None else row.ratio) * scale
+        if not 0 < stored < 1:
+            raise ValueError(f"{row.name}: {row.ratio:.0%} of all projections is {stored:.0%} of its targets")
         if row.alloc is Strs:
             if self.strs is None:
                 windows = api.calibration_windows(self.lm, self.calib)[: self.args.strs_windows,
@@ -187,7 +202,8 @@ class Bench:
         if row.schedule:
             steps = self.base["steps"] if self.base else [32] * max(len(self.pairs), 1)
             plan.schedule = solve_schedule(row.schedule, 1.0 - row.ratio, alloc.ranks, self.lm.spec, steps)
-        return factors, alloc.params_kept / alloc.total_dense, alloc_s, factorize_s
+        kept = 1 - (1 - alloc.params_kept / alloc.total_dense) / scale  # of all the projections
+        return factors, kept, alloc_s, factorize_s
 
     def fisher_seconds(self) -> float:
         """Wall time of the Fisher (backward) pass, timed in this process like the STRS probes
