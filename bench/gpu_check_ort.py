@@ -853,7 +853,11 @@ def _device_loop_pair(ck: Checker, variant: str, be, prompts: list, new_tokens: 
     """Greedy generate() on a CUDA-graph backend drives its decode steps on the GPU (``device_loop``,
     ``greedy_on_device``: argmax into the next step's ids, one step launched ahead). Against the same
     backend's step-by-step loop (the device loop switched off): the tokens and finish reasons, plain, with
-    a stop token met mid-way by one row, and with that stop token held back by ``min_new_tokens``."""
+    a stop token met mid-way by one row, and with that stop token held back by ``min_new_tokens``; and a
+    graph step whose rows do not match its caches, refused with a ShapeError."""
+    import torch
+
+    from lrexport.errors import ShapeError
     from lrexport.runtime.loop import generate
 
     def run(device_loop: bool, **kw):
@@ -872,10 +876,6 @@ def _device_loop_pair(ck: Checker, variant: str, be, prompts: list, new_tokens: 
     same = {name: run(True, **kw) == run(False, **kw) for name, kw in cases.items()}
     stopped = run(True, stop_ids=[stop])[1]
     # a graph step of one row over caches of two: a ShapeError, and the backend still generates the same
-    import torch
-
-    from lrexport.errors import ShapeError
-
     try:
         be.step(torch.tensor([[5]]), torch.tensor([3]), be.new_caches(2, 32), None)
         mismatch = "no error"

@@ -38,6 +38,7 @@ from lrexport import api
 from lrexport.allocate import AllocContext, Flrc, PaluFisher, ProjectionInfo, Strs, Uniform, allocate
 from lrexport.allocate.strs_eval import LayerwisePerplexity
 from lrexport.calib.data import TextCalibration
+from lrexport.cli import TARGET_GROUPS
 from lrexport.compile import compile_model
 from lrexport.eval import perplexity, rouge_l, wikitext_test_text, xsum_pairs, xsum_rouge, zeroshot
 from lrexport.eval.data import default_data_dir
@@ -64,10 +65,7 @@ class Row:
     stored_ratio: float | None = None
     kv: PaluKV | KiviKV | None = None
     extra: dict = field(default_factory=dict)
-    targets: tuple[str, ...] | None = None  # the projections factorized (None: all); ``ratio`` stays of all
-
-
-MLP = ("gate_proj", "up_proj", "down_proj")
+    targets: str | None = None  # ``compress --targets`` group factorized (None: all); ``ratio`` stays of all
 
 
 def weight_rows(ratios: list[float], delta: float) -> list[Row]:
@@ -84,8 +82,8 @@ def weight_rows(ratios: list[float], delta: float) -> list[Row]:
             Row(f"flrc-progressive-cosine-{r:.0%}", FisherWhitenSvd(), Flrc, r, "cosine", r * (1 - delta)),
             # the same parameters removed, all from the MLP (``compress --targets mlp``; q/o/k/v stay dense,
             # which decodes faster on a GPU: docs/gpu.md, "Which projections to factorize for decode speed")
-            Row(f"mlp-only-svdllm-uniform-{r:.0%}", WhitenSvd(), Uniform, r, targets=MLP, extra={"targets": "mlp"}),
-            Row(f"mlp-only-flrc-{r:.0%}", FisherWhitenSvd(), Flrc, r, targets=MLP, extra={"targets": "mlp"}),
+            Row(f"mlp-only-svdllm-uniform-{r:.0%}", WhitenSvd(), Uniform, r, targets="mlp"),
+            Row(f"mlp-only-flrc-{r:.0%}", FisherWhitenSvd(), Flrc, r, targets="mlp"),
         ]
     return rows
 
@@ -172,7 +170,7 @@ class Bench:
         scale = 1.0
         if row.targets:  # the row's parameters, all removed from its targets
             size = {n: ds[n].shape[0] * ds[n].shape[1] for n in names}
-            names = [n for n in names if n.rsplit(".", 1)[1] in row.targets]
+            names = [n for n in names if n.rsplit(".", 1)[1] in TARGET_GROUPS[row.targets]]
             scale = sum(size.values()) / sum(size[n] for n in names)
         infos = [ProjectionInfo(name=n, m=ds[n].shape[0], n=ds[n].shape[1], sigma2=ds[n].sigma2,
                                 loss_weight=ds[n].loss_weight, fisher_w=self.stats.fisher_w.get(n, 0.0))
@@ -238,7 +236,8 @@ class Bench:
                "allocation": ALLOC_NAMES[row.alloc],
                "factorization": type(row.method).__name__ if row.method else None,
                "schedule": plan.schedule.describe() if plan.schedule else None,
-               "stored_weights_removed": row.stored_ratio, **kv_meta, "params_kept": kept, **row.extra}
+               "stored_weights_removed": row.stored_ratio, **kv_meta, "params_kept": kept,
+               **({"targets": row.targets} if row.targets else {}), **row.extra}
         backend = cm.backend(self.args.device)
         res["ppl"] = perplexity(backend, self.tok, self.text, window=512, num_windows=self.args.ppl_windows).ppl
         res.update(rougeL=None, rougeL_fidelity=None, avg_active_params=kept)
